@@ -1,0 +1,210 @@
+"""Library mode, compatible with BLoRA: ``load_loras`` + ``prepare_batch`` + ``model.generate``.
+
+```python
+model, lora_map = load_loras(model, ["path/a", "path/b"])
+batch = prepare_batch([(prompt, "path/a"), (prompt, None)], tokenizer, model, lora_map)
+for out in model.generate(**batch, max_length=200, stream_output=True): ...   # [B] tokens per step
+```
+``load_loras`` patches the model instance (not its class): ``forward`` and ``generate`` accept
+``adapter_ids`` (one slot per row, -1 = base) and ``generate`` accepts ``stream_output``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from blora.lora.context import current_batch, lora_batch
+from blora.lora.manager import LoraManager
+
+AdapterRef = str | Path | None
+
+
+def load_loras(
+    model: nn.Module, adapters: Iterable[str | Path] | dict[str, str | Path], *, max_rank: int | None = None
+) -> tuple[nn.Module, dict[str, int]]:
+    """Load PEFT adapters beside ``model``; returns ``(model, lora_map)`` with ``lora_map[name] = slot``.
+
+    ``adapters`` is a list of local directories / cached hub ids (each named by its path) or a
+    ``{name: path}`` dict. Can be called again to add adapters; a failed load changes nothing.
+    """
+    items = adapters.items() if isinstance(adapters, dict) else ((str(a), a) for a in adapters)
+    items = list(items)
+    names = [name for name, _ in items]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate adapter names {dupes}; each adapter needs its own name")
+    manager = LoraManager.attach(model, max_rank=max_rank)
+    loaded: list[str] = []
+    try:
+        for name, source in items:
+            manager.load(name, source)
+            loaded.append(name)
+    except Exception:
+        for name in loaded:
+            manager.unload(name)
+        raise
+    _patch(model)
+    return model, {name: info.slot for name, info in manager.adapters.items()}
+
+
+def unload_loras(model: nn.Module, names: Iterable[str]) -> None:
+    """Remove adapters from the model; their slots are freed for later loads."""
+    manager = LoraManager.attach(model)
+    for name in names:
+        manager.unload(str(name))
+
+
+def prepare_batch(
+    inputs: Sequence[tuple[str, AdapterRef]],
+    tokenizer,
+    model: nn.Module,
+    lora_map: dict[str, int],
+    **tokenizer_kwargs,
+) -> dict[str, torch.Tensor]:
+    """Tokenize ``(prompt, adapter)`` pairs into one left-padded batch with per-row ``adapter_ids``.
+
+    The caller's tokenizer is not modified; it may lack a pad token (eos, else 0, is used for padding).
+    """
+    if not inputs:
+        raise ValueError("prepare_batch needs at least one (prompt, adapter) pair")
+    slots = []
+    for i, (_, adapter) in enumerate(inputs):
+        if adapter is None:
+            slots.append(-1)
+        elif str(adapter) in lora_map:
+            slots.append(lora_map[str(adapter)])
+        else:
+            raise KeyError(
+                f"inputs[{i}] uses adapter {adapter!r}, which is not in lora_map {sorted(lora_map)}"
+            )
+    tokenizer_kwargs.setdefault("add_special_tokens", True)
+    rows = [tokenizer(prompt, **tokenizer_kwargs)["input_ids"] for prompt, _ in inputs]
+    pad = _pad_id(tokenizer)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    device = next(model.parameters()).device
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "adapter_ids": torch.tensor(slots, dtype=torch.long, device=device),
+    }
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            return candidate
+        if isinstance(candidate, list) and candidate:
+            return int(candidate[0])
+    return 0
+
+
+def _patch(model: nn.Module) -> None:
+    if getattr(model, "_blora_patched", False):
+        return
+    orig_forward, orig_generate = model.forward, model.generate
+
+    def forward(*args, adapter_ids: torch.Tensor | None = None, **kwargs):
+        _fill_position_ids(args, kwargs)
+        if adapter_ids is None and current_batch() is not None:
+            return orig_forward(*args, **kwargs)
+        with lora_batch(adapter_ids, per_row=True):
+            return orig_forward(*args, **kwargs)
+
+    def generate(*args, adapter_ids: torch.Tensor | None = None, stream_output: bool = False, **kwargs):
+        if stream_output:
+            return _stream(orig_generate, adapter_ids, args, kwargs)
+        with lora_batch(adapter_ids, per_row=True):
+            return orig_generate(*args, **kwargs)
+
+    forward.__doc__ = orig_forward.__doc__
+    generate.__doc__ = orig_generate.__doc__
+    object.__setattr__(model, "forward", forward)
+    object.__setattr__(model, "generate", generate)
+    object.__setattr__(model, "_blora_patched", True)
+
+
+def _fill_position_ids(args: tuple, kwargs: dict) -> None:
+    """Padded rows need positions counted from their first real token (models with absolute positions)."""
+    mask = kwargs.get("attention_mask")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if kwargs.get("position_ids") is not None or mask is None or ids is None or mask.dim() != 2:
+        return
+    if bool(mask.all()):
+        return
+    pos = mask.long().cumsum(-1) - 1
+    pos.masked_fill_(mask == 0, 1)
+    kwargs["position_ids"] = pos[:, -ids.shape[1] :]
+
+
+class _QueueStreamer(BaseStreamer):
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self._seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        self.queue.put(value.reshape(-1).clone())
+
+    def end(self) -> None:
+        pass
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
+_DONE = object()
+
+
+def _stream(orig_generate, adapter_ids, args, kwargs) -> Iterator[torch.Tensor]:
+    """Run ``generate`` in a worker thread and yield each step's new tokens ([B])."""
+    streamer = _QueueStreamer()
+    cancel = threading.Event()
+    criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+    criteria.append(_Cancelled(cancel))
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.inference_mode(), lora_batch(adapter_ids, per_row=True):
+                orig_generate(*args, streamer=streamer, stopping_criteria=criteria, **kwargs)
+        except BaseException as exc:  # surfaced in the consumer thread
+            errors.append(exc)
+        finally:
+            streamer.queue.put(_DONE)
+
+    def generator() -> Iterator[torch.Tensor]:
+        thread = threading.Thread(target=work, name="blora-generate", daemon=True)
+        thread.start()
+        try:
+            while (item := streamer.queue.get()) is not _DONE:
+                yield item
+        finally:
+            cancel.set()
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    return generator()

@@ -1,0 +1,159 @@
+"""LoRA-aware wrapper that replaces a targeted ``nn.Linear`` / GPT-2 ``Conv1D`` and holds adapter weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from blora.lora import ops
+from blora.lora.context import TokenGroups, current_batch
+
+# Cost model for picking an op (in multiply-adds): one extra kernel launch is worth about OP_COST MACs.
+OP_COST = {"cpu": 150_000, "cuda": 400_000}
+_PLAN_CACHE_SIZE = 8
+
+
+def base_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        rows, cols = module.weight.shape
+        return int(rows), int(cols)
+    raise TypeError(f"{type(module).__name__} is not a linear layer")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, LoraLinear)) or type(module).__name__ == "Conv1D"
+
+
+class _Plan:
+    """Per (active adapters, weights version) cache of stacked weights for the fast ops."""
+
+    def __init__(self, slots: tuple[int, ...], pairs: list[ops.Pair], positions: list[int]) -> None:
+        self.slots = slots
+        self.pairs = pairs
+        self.positions = positions  # index of each slot in TokenGroups.active
+        self.ranks = [int(a.shape[1]) for a, _ in pairs]
+        self._grouped: list[ops.RankGroup] | None = None
+        self._stacked: ops.Stacked | None = None
+
+    def grouped(self) -> list[ops.RankGroup]:
+        if self._grouped is None:
+            groups = ops.build_rank_groups(self.pairs)
+            pos = torch.tensor(self.positions, dtype=torch.long, device=self.pairs[0][0].device)
+            for g in groups:
+                g.members = pos.index_select(0, g.members)
+            self._grouped = groups
+        return self._grouped
+
+    def stacked(self) -> ops.Stacked:
+        if self._stacked is None:
+            self._stacked = ops.build_stacked(self.slots, self.pairs)
+        return self._stacked
+
+
+class LoraLinear(nn.Module):
+    """``y = base(x) + scale_a * B_a(A_a x)`` with ``a`` the slot of each token in the current ``lora_batch``.
+
+    Tokens with slot -1, or whose adapter does not target this module, get exactly ``base(x)``.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base_features(base)
+        self.pairs: dict[int, ops.Pair] = {}
+        self.version = 0
+        self._plans: dict[tuple[tuple[int, ...], int], _Plan] = {}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def set_lora(self, slot: int, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
+        """Install slot's weights: ``a_t`` [in, r], ``b_t`` [r, out] with the scaling folded in."""
+        self.pairs[slot] = (a_t, b_t)
+        self._invalidate()
+
+    def reset_lora(self, slot: int) -> None:
+        if self.pairs.pop(slot, None) is not None:
+            self._invalidate()
+
+    def _invalidate(self) -> None:
+        self.version += 1
+        self._plans.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = current_batch()
+        if batch is None or not self.pairs or not batch.any_adapter:
+            return y
+        x2 = x.reshape(-1, self.in_features)
+        groups = batch.groups(x2.shape[0])
+        plan = self._plan(groups)
+        if plan is None:
+            return y
+        y2 = y.view(-1, self.out_features)
+        w_dtype = plan.pairs[0][0].dtype
+        self._apply(y2, x2 if x2.dtype == w_dtype else x2.to(w_dtype), groups, plan)
+        return y
+
+    def _plan(self, groups: TokenGroups) -> _Plan | None:
+        key = (groups.active, self.version)
+        plan = self._plans.get(key)
+        if plan is None:
+            positions = [i for i, s in enumerate(groups.active) if s in self.pairs]
+            if not positions:
+                return None
+            slots = tuple(groups.active[i] for i in positions)
+            plan = _Plan(slots, [self.pairs[s] for s in slots], positions)
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
+
+    def _apply(self, y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, plan: _Plan) -> None:
+        if groups.full:
+            ops.add_single(y, x, plan.pairs[0])
+            return
+        method = choose_method(groups, plan, self.in_features + self.out_features, y.device.type)
+        if method == "stacked":
+            ops.add_stacked(y, x, groups, plan.stacked())
+        elif method == "grouped":
+            ops.add_grouped(y, x, groups, plan.grouped())
+        else:
+            sub = groups if len(plan.positions) == len(groups.active) else _subset(groups, plan.positions)
+            ops.add_segments(y, x, sub, plan.pairs)
+
+
+def _subset(groups: TokenGroups, positions: list[int]) -> TokenGroups:
+    return TokenGroups(
+        slots=groups.slots,
+        active=tuple(groups.active[i] for i in positions),
+        index=[groups.index[i] for i in positions],
+        counts=[groups.counts[i] for i in positions],
+        full=False,
+    )
+
+
+def choose_method(groups: TokenGroups, plan: _Plan, width: int, device_type: str) -> str:
+    """Pick segments / grouped / stacked by a launch + multiply-add cost model (see benchmarks/ops_bench.py)."""
+    op = OP_COST.get(device_type, OP_COST["cuda"])
+    n_tokens = groups.slots.numel()
+    counts = [groups.counts[i] for i in plan.positions]
+    seg = sum(c * r for c, r in zip(counts, plan.ranks, strict=True)) * width + 3 * op * len(counts)
+    stacked = n_tokens * sum(plan.ranks) * width + 4 * op
+    m = max(counts)
+    ranks = {}
+    for r in plan.ranks:
+        ranks[r] = ranks.get(r, 0) + 1
+    grouped = sum(n * m * r for r, n in ranks.items()) * width + (5 * op * len(ranks)) + 2 * op
+    best = min(seg, stacked, grouped)
+    if best == stacked:
+        return "stacked"
+    return "grouped" if best == grouped else "segments"

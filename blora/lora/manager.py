@@ -1,0 +1,205 @@
+"""Adapter slots on one model: validate, wrap targeted modules, install and remove adapter weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from blora.lora.config import AdapterError
+from blora.lora.layers import LoraLinear, base_features, is_linear
+from blora.lora.weights import AdapterFiles, read_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterInfo:
+    """A loaded adapter: its slot, where it came from, and what it touches."""
+
+    name: str
+    slot: int
+    source: str
+    modules: tuple[str, ...]
+    ranks: dict[str, int]
+    num_params: int
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks.values())
+
+
+# (module name, A^T [in, r], B^T * scale [r, out])
+_Prepared = list[tuple[str, torch.Tensor, torch.Tensor]]
+
+
+class LoraManager:
+    """Holds any number of adapters beside one base model, each in its own slot.
+
+    ``load`` validates everything before touching the model, so a failed load leaves the model and the
+    adapters already loaded untouched.
+    """
+
+    def __init__(self, model: nn.Module, *, max_rank: int | None = None) -> None:
+        self.model = model
+        self.max_rank = max_rank
+        self.adapters: dict[str, AdapterInfo] = {}
+        self._wrappers: dict[str, LoraLinear] = {}
+
+    @classmethod
+    def attach(cls, model: nn.Module, *, max_rank: int | None = None) -> LoraManager:
+        """The model's manager, created on first use."""
+        manager = getattr(model, "_blora_manager", None)
+        if manager is None:
+            manager = cls(model, max_rank=max_rank)
+            object.__setattr__(model, "_blora_manager", manager)
+        elif max_rank is not None:
+            manager.max_rank = max_rank
+        return manager
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.adapters
+
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def slot(self, name: str) -> int:
+        try:
+            return self.adapters[name].slot
+        except KeyError:
+            raise KeyError(f"adapter {name!r} is not loaded; loaded: {self.names()}") from None
+
+    def load(self, name: str, source: str | Path) -> int:
+        """Read, validate and install an adapter; returns its slot."""
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
+        if name in self.adapters:
+            raise AdapterError(
+                f"adapter {name!r} is already loaded (from {self.adapters[name].source}); "
+                "unload it first or pick another name"
+            )
+        files = read_adapter(name, source)
+        prepared = self._validate(files)
+        slot = self._free_slot()
+        for module_name, a_t, b_t in prepared:
+            self._wrap(module_name).set_lora(slot, a_t, b_t)
+        self.adapters[name] = AdapterInfo(
+            name=name,
+            slot=slot,
+            source=str(source),
+            modules=tuple(m for m, _, _ in prepared),
+            ranks={m: int(a.shape[1]) for m, a, _ in prepared},
+            num_params=sum(a.numel() + b.numel() for _, a, b in prepared),
+        )
+        return slot
+
+    def unload(self, name: str) -> None:
+        info = self.adapters.pop(name, None)
+        if info is None:
+            raise KeyError(f"adapter {name!r} is not loaded; loaded: {self.names()}")
+        for module_name in info.modules:
+            self._wrappers[module_name].reset_lora(info.slot)
+
+    def _free_slot(self) -> int:
+        used = {info.slot for info in self.adapters.values()}
+        slot = 0
+        while slot in used:
+            slot += 1
+        return slot
+
+    def _wrap(self, module_name: str) -> LoraLinear:
+        wrapper = self._wrappers.get(module_name)
+        if wrapper is None:
+            parent_name, _, child = module_name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            wrapper = LoraLinear(getattr(parent, child))
+            setattr(parent, child, wrapper)
+            self._wrappers[module_name] = wrapper
+        return wrapper
+
+    def _linear_modules(self) -> dict[str, nn.Module]:
+        """Linear layers PEFT's 'all-linear' would target: all but the output head and our inner layers."""
+        out = {}
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        for name, module in self.model.named_modules():
+            if name.endswith(".base") and isinstance(
+                self.model.get_submodule(name.rpartition(".")[0]), LoraLinear
+            ):
+                continue
+            if (
+                is_linear(module)
+                and module is not head
+                and not (isinstance(module, LoraLinear) and module.base is head)
+            ):
+                out[name] = module
+        return out
+
+    def _validate(self, files: AdapterFiles) -> _Prepared:
+        where = f"adapter {files.name!r} ({files.path})"
+        cfg = files.config
+        linear = self._linear_modules()
+        modules = dict(self.model.named_modules())
+        prepared: _Prepared = []
+        for module_name, pair in sorted(files.modules.items()):
+            module = modules.get(module_name)
+            if module is None:
+                raise AdapterError(
+                    f"{where}: weights for module {module_name!r}, which does not exist in the base model "
+                    f"({type(self.model).__name__}); was the adapter trained for another base model?"
+                )
+            if module_name not in linear:
+                raise AdapterError(
+                    f"{where}: module {module_name!r} is a {type(module).__name__}; only LoRA on linear "
+                    "layers (nn.Linear, Conv1D) is supported yet"
+                )
+            if not cfg.targets(module_name, set(linear)):
+                raise AdapterError(
+                    f"{where}: the file has weights for {module_name!r} but adapter_config.json's "
+                    "target_modules/exclude_modules/layers_to_transform do not select it; the config and "
+                    "weights disagree"
+                )
+            prepared.append((module_name, *self._prepare(where, module_name, module, pair, cfg)))
+        targeted = [m for m in linear if cfg.targets(m, set(linear))]
+        missing = sorted(set(targeted) - set(files.modules))
+        if missing:
+            log.warning(
+                "%s: config targets %d modules with no weights in the file, e.g. %s",
+                where,
+                len(missing),
+                missing[0],
+            )
+        return prepared
+
+    def _prepare(self, where, module_name, module, pair, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        in_f, out_f = base_features(module.base if isinstance(module, LoraLinear) else module)
+        a, b = pair.A, pair.B
+        key = f"{where}, module {module_name!r}"
+        if (
+            a.dim() != 2
+            or b.dim() != 2
+            or a.shape[1] != in_f
+            or b.shape[0] != out_f
+            or a.shape[0] != b.shape[1]
+        ):
+            raise AdapterError(
+                f"{key}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base layer "
+                f"({in_f} -> {out_f}); the adapter was trained for a different base model"
+            )
+        r = a.shape[0]
+        if r != cfg.rank_for(module_name):
+            raise AdapterError(
+                f"{key}: weights have rank {r} but the config says r={cfg.rank_for(module_name)}"
+            )
+        if self.max_rank is not None and r > self.max_rank:
+            raise AdapterError(f"{key}: rank {r} is above the configured maximum {self.max_rank}")
+        for label, t in (("lora_A", a), ("lora_B", b)):
+            if not torch.isfinite(t).all():
+                raise AdapterError(f"{key}: {label} holds NaN or Inf values; the adapter is corrupt")
+        weight = module.weight
+        scale = cfg.scale_for(module_name)
+        a_t = a.to(torch.float32).t().contiguous().to(device=weight.device, dtype=weight.dtype)
+        b_t = (b.to(torch.float32) * scale).t().contiguous().to(device=weight.device, dtype=weight.dtype)
+        return a_t, b_t

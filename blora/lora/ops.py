@@ -1,0 +1,110 @@
+"""Batched multi-LoRA ops: a plain reference and three fast paths, picked per shape.
+
+Every op adds, in place, ``delta[t] = x[t] @ A[s_t] @ B[s_t]`` to ``y[t]`` for each token ``t`` whose slot
+``s_t`` is >= 0 (scaling is folded into ``B``). Weights are stored transposed for right-multiplication:
+``A``: [in, r], ``B``: [r, out]; ranks may differ between adapters (no padding to a common rank).
+
+- ``segments`` (SGMV-like): one GEMM pair per adapter over that adapter's tokens. Best for prefill.
+- ``grouped`` (BGMV-like): adapters of equal rank in one ``bmm`` pair over tokens padded per adapter.
+  No loop over adapters, only over distinct ranks. Best for decode with many adapters.
+- ``stacked``: all active adapters' A's concatenated to [in, sum(r)], one GEMM, a mask keeps each token's
+  own block, one GEMM with the stacked B's. Two GEMMs in total; wastes U-times work. Best for few adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from blora.lora.context import TokenGroups
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def lora_reference(x: torch.Tensor, slots: torch.Tensor, weights: dict[int, Pair]) -> torch.Tensor:
+    """Reference: [N, in] tokens, [N] slots -> [N, out] LoRA deltas.
+
+    Semantics: ``delta[t] = x[t] @ weights[slots[t]][0] @ weights[slots[t]][1]`` if ``slots[t] >= 0`` else 0.
+    """
+    out_features = next(iter(weights.values()))[1].shape[1]
+    delta = x.new_zeros(x.shape[0], out_features)
+    for t in range(x.shape[0]):
+        s = int(slots[t])
+        if s >= 0:
+            a, b = weights[s]
+            delta[t] = x[t] @ a @ b
+    return delta
+
+
+def add_single(y: torch.Tensor, x: torch.Tensor, pair: Pair) -> None:
+    """All tokens use one adapter. Semantics: ``y += x @ A @ B``."""
+    a, b = pair
+    y.addmm_(x @ a, b)
+
+
+def add_segments(y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, pairs: list[Pair]) -> None:
+    """One GEMM pair per adapter segment. Semantics: ``y[idx_i] += x[idx_i] @ A_i @ B_i`` for each i."""
+    for idx, (a, b) in zip(groups.index, pairs, strict=True):
+        y.index_add_(0, idx, (x.index_select(0, idx) @ a) @ b)
+
+
+@dataclass
+class RankGroup:
+    """Adapters (rows ``members`` of ``TokenGroups.active``) sharing one rank, weights stacked for bmm."""
+
+    members: torch.Tensor  # [n] positions into TokenGroups.active
+    A: torch.Tensor  # [n, in, r]
+    B: torch.Tensor  # [n, r, out]
+
+
+def build_rank_groups(pairs: list[Pair]) -> list[RankGroup]:
+    by_rank: dict[int, list[int]] = {}
+    for i, (a, _) in enumerate(pairs):
+        by_rank.setdefault(int(a.shape[1]), []).append(i)
+    device = pairs[0][0].device
+    return [
+        RankGroup(
+            members=torch.tensor(ids, dtype=torch.long, device=device),
+            A=torch.stack([pairs[i][0] for i in ids]),
+            B=torch.stack([pairs[i][1] for i in ids]),
+        )
+        for ids in by_rank.values()
+    ]
+
+
+def add_grouped(y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, rank_groups: list[RankGroup]) -> None:
+    """Rank-grouped bmm. Semantics: as ``add_segments``; tokens padded per adapter, pads masked to zero."""
+    pos, valid = groups.padded()
+    for g in rank_groups:
+        if g.members.numel() == len(groups.active):
+            p, v = pos, valid
+        else:
+            p, v = pos.index_select(0, g.members), valid.index_select(0, g.members)
+        h = torch.bmm(x[p], g.A)  # [n, M, r]
+        h.mul_(v.to(h.dtype))
+        out = torch.bmm(h, g.B)  # [n, M, out]
+        y.index_add_(0, p.reshape(-1), out.reshape(-1, out.shape[-1]))
+
+
+@dataclass
+class Stacked:
+    """Active adapters' weights concatenated along the rank: ``A`` [in, R], ``B`` [R, out], ``col_slot`` [R]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    col_slot: torch.Tensor
+
+
+def build_stacked(slots: tuple[int, ...], pairs: list[Pair]) -> Stacked:
+    a = torch.cat([p[0] for p in pairs], dim=1)
+    b = torch.cat([p[1] for p in pairs], dim=0)
+    cols = [torch.full((p[0].shape[1],), s, dtype=torch.long) for s, p in zip(slots, pairs, strict=True)]
+    return Stacked(A=a, B=b, col_slot=torch.cat(cols).to(a.device))
+
+
+def add_stacked(y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, st: Stacked) -> None:
+    """Two GEMMs over all active adapters. Semantics: ``y += ((x @ A_cat) * [slot_t == col_slot]) @ B_cat``."""
+    h = x @ st.A
+    h.mul_(groups.slots.unsqueeze(1) == st.col_slot.unsqueeze(0))
+    y.addmm_(h, st.B)

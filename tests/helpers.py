@@ -1,0 +1,109 @@
+"""Shared test fixtures: tiny random models of several families and PEFT adapters with non-zero B."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+from blora.models import default_model_dir
+
+ARCHS = ("llama", "mistral", "qwen2", "gpt2")
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    """The SmolLM2 tokenizer (real BPE, chat template), shared by all tiny models."""
+    return AutoTokenizer.from_pretrained(str(default_model_dir()))
+
+
+def tiny_config(arch: str, vocab_size: int):
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    if arch == "llama":
+        return LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common,
+        )  # fmt: skip
+    if arch == "mistral":
+        return MistralConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, max_position_embeddings=256, sliding_window=None, **common,
+        )  # fmt: skip
+    if arch == "qwen2":
+        return Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, **common,
+        )  # fmt: skip
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer())), dtype=dtype)
+    if arch == "qwen2":  # make the q/k/v biases non-zero so they are exercised
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+    return model.eval()
+
+
+def save_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:
+    tiny_model(arch, seed).save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+# Per-family module names for adapter targets.
+ATTN = {"gpt2": ["c_attn"], "default": ["q_proj", "v_proj"]}
+MLP = {"gpt2": ["c_fc", "c_proj"], "default": ["gate_proj", "down_proj"]}
+ALL = {"gpt2": ["c_attn", "c_proj", "c_fc"], "default": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]}
+
+
+def targets(arch: str, kind: str) -> list[str]:
+    table = {"attn": ATTN, "mlp": MLP, "all": ALL}[kind]
+    return table.get(arch, table["default"])
+
+
+def make_adapter(model: PreTrainedModel, path: Path, seed: int, **lora_kwargs) -> Path:
+    """Save a PEFT adapter for ``model`` with random non-zero A and B (``init_lora_weights=False``)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    lora_kwargs.setdefault("init_lora_weights", False)
+    if type(model).__name__.startswith("GPT2"):
+        lora_kwargs.setdefault("fan_in_fan_out", True)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**lora_kwargs))
+    with torch.no_grad():  # larger B so that the adapter visibly changes the logits
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def peft_logits(model: PreTrainedModel, adapter: Path | None, input_ids, attention_mask=None) -> torch.Tensor:
+    """Logits from PEFT running ``adapter`` alone (or the plain base model for None)."""
+    import copy
+
+    from peft import PeftModel
+
+    with torch.no_grad():
+        if adapter is None:
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).eval()
+        return peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
