@@ -1,0 +1,155 @@
+"""Adapters as models: name resolution, ``/v1/models`` cards, and runtime load/unload confined to a root.
+
+A runtime load names a path *inside* ``--adapter-root``. The path is checked before the engine sees it:
+no ``..`` components, and after resolving symlinks it must still lie inside the (resolved) root, so
+neither an absolute path elsewhere nor a symlink pointing out of the root can load foreign files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from blora.server.errors import InvalidRequestError, NotFoundError
+from blora.server.protocol import ModelCard
+
+logger = logging.getLogger("blora.server")
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
+
+
+def resolve_adapter_path(root: Path, raw: str) -> Path:
+    """Resolve ``raw`` (relative to ``root``, or absolute inside it) to a real directory inside ``root``.
+
+    Raises InvalidRequestError (400) for paths that try to leave the root and NotFoundError (404) for
+    paths that do not exist.
+    """
+    if "\x00" in raw:
+        raise InvalidRequestError("lora_path contains a NUL byte", param="lora_path")
+    path = Path(raw)
+    if ".." in path.parts:
+        raise InvalidRequestError("lora_path must not contain '..' components", param="lora_path")
+    real_root = root.resolve()
+    resolved = (path if path.is_absolute() else real_root / path).resolve()
+    if resolved != real_root and not resolved.is_relative_to(real_root):
+        raise InvalidRequestError(
+            f"lora_path {raw!r} is outside the adapter root {str(root)!r}; runtime adapters must live "
+            "under --adapter-root (symlinks are resolved before this check)",
+            param="lora_path",
+        )
+    if not resolved.exists():
+        raise NotFoundError(
+            f"Adapter path {raw!r} does not exist under the adapter root",
+            param="lora_path",
+            code="adapter_not_found",
+        )
+    if not (resolved / "adapter_config.json").is_file():
+        raise InvalidRequestError(
+            f"lora_path {raw!r} is not a PEFT adapter directory (no adapter_config.json)", param="lora_path"
+        )
+    return resolved
+
+
+async def _call(fn: Any, *args: Any) -> Any:
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class AdapterManager:
+    """Maps OpenAI ``model`` names to the base model or an adapter; loads and unloads adapters at run time."""
+
+    def __init__(
+        self,
+        engine: Any,
+        base_name: str,
+        base_source: str,
+        adapter_root: Path | None,
+        allow_runtime: bool,
+    ) -> None:
+        self.engine = engine
+        self.base_name = base_name
+        self.base_source = base_source
+        self.adapter_root = adapter_root
+        self.allow_runtime = allow_runtime
+        self._lock = asyncio.Lock()
+
+    def adapters(self) -> dict[str, str]:
+        return dict(self.engine.list_adapters())
+
+    def resolve(self, model: str) -> str | None:
+        """The adapter name for an OpenAI ``model`` field (None = the base model); 404 if unknown."""
+        if model == self.base_name:
+            return None
+        if model in self.adapters():
+            return model
+        raise NotFoundError(
+            f"The model {model!r} does not exist. Known models: the base model {self.base_name!r} "
+            "and the adapters listed by GET /v1/models.",
+            param="model",
+        )
+
+    def cards(self) -> list[ModelCard]:
+        max_len = getattr(self.engine, "max_model_len", None)
+        base = ModelCard(id=self.base_name, root=self.base_source, max_model_len=max_len)
+        cards = [base]
+        for name, source in sorted(self.adapters().items()):
+            cards.append(ModelCard(id=name, root=str(source), parent=self.base_name, max_model_len=max_len))
+        return cards
+
+    def _check_enabled(self) -> None:
+        if not self.allow_runtime or self.adapter_root is None:
+            raise NotFoundError(
+                "Runtime adapter loading is disabled; start the server with --allow-runtime-adapters "
+                "and --adapter-root DIR",
+                code="runtime_adapters_disabled",
+            )
+
+    async def load(self, name: str, raw_path: str) -> str:
+        self._check_enabled()
+        assert self.adapter_root is not None
+        if not ADAPTER_NAME.match(name):
+            raise InvalidRequestError(
+                f"lora_name {name!r} is not a valid name (letters, digits and ._:/@+- ; up to 256 chars)",
+                param="lora_name",
+            )
+        path = resolve_adapter_path(self.adapter_root, raw_path)
+        async with self._lock:
+            if name == self.base_name or name in self.adapters():
+                raise InvalidRequestError(
+                    f"An adapter or model named {name!r} is already loaded; unload it first",
+                    param="lora_name",
+                    code="adapter_exists",
+                )
+            try:
+                await _call(self.engine.load_adapter, name, str(path))
+            except Exception as exc:  # a bad adapter must never take the server down
+                logger.warning("loading adapter %r from %s failed: %s", name, path, exc)
+                raise InvalidRequestError(
+                    f"Failed to load adapter {name!r} from {raw_path!r}: {exc}",
+                    param="lora_path",
+                    code="adapter_load_failed",
+                ) from exc
+        logger.info("loaded adapter %r from %s", name, path)
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    async def unload(self, name: str) -> str:
+        self._check_enabled()
+        async with self._lock:
+            if name not in self.adapters():
+                raise NotFoundError(
+                    f"The adapter {name!r} is not loaded", param="lora_name", code="adapter_not_found"
+                )
+            try:
+                await _call(self.engine.unload_adapter, name)
+            except Exception as exc:
+                raise InvalidRequestError(
+                    f"Failed to unload adapter {name!r}: {exc}", param="lora_name"
+                ) from exc
+        logger.info("unloaded adapter %r", name)
+        return f"Success: LoRA adapter '{name}' removed successfully."

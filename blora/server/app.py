@@ -1,0 +1,210 @@
+"""The FastAPI application: ``create_app(engine, config)``.
+
+The engine is injected (production: ``blora.engine.AsyncLLM``), so the HTTP layer can be exercised on its
+own. Routes:
+
+- ``GET /v1/models``, ``GET /v1/models/{id}``: the base model and its adapters
+- ``POST /v1/completions``, ``POST /v1/chat/completions``: streaming (SSE) and not
+- ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``: with ``allow_runtime_adapters``
+- ``GET /health`` (503 while draining), ``GET /metrics`` (Prometheus)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from blora.server.adapters import AdapterManager
+from blora.server.completions import create_chat_completion, create_completion
+from blora.server.errors import AuthenticationError, NotFoundError, ShuttingDownError, install_error_handlers
+from blora.server.lifecycle import Lifecycle
+from blora.server.metrics import ServerMetrics
+from blora.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRAAdapterRequest,
+    ModelList,
+    UnloadLoRAAdapterRequest,
+)
+from blora.server.serving import Serving
+
+logger = logging.getLogger("blora.server")
+
+
+@dataclass
+class ServerConfig:
+    """Server settings (the engine's own settings live on the engine)."""
+
+    served_model_name: str
+    model_source: str = ""
+    api_key: str | None = None
+    max_num_seqs: int = 64
+    max_queue: int | None = 256  # waiting requests beyond max_num_seqs; None = unbounded
+    max_loras: int | None = None
+    adapter_root: Path | None = None
+    allow_runtime_adapters: bool = False
+    retry_after_s: int = 1
+    drain_timeout_s: float = 30.0
+    shutdown_engine: bool = True  # call engine.shutdown() when the app's lifespan ends
+
+
+class GateMiddleware:
+    """Pure ASGI gate in front of every route: 503 while draining, 401 without the API key.
+
+    It runs before the body is read, so refused requests never cost a JSON parse. ``/metrics`` stays
+    open (monitoring must see a draining server); ``/health`` is open but reports 503 while draining.
+    """
+
+    def __init__(self, app: Any, lifecycle: Lifecycle, api_key: str | None, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+        self.api_key = api_key
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path: str = scope.get("path", "")
+        error = None
+        if self.lifecycle.draining and path != "/metrics":
+            error = ShuttingDownError("The server is shutting down and does not accept new requests")
+            self.metrics.reject("shutting_down")
+        elif self.api_key and path.startswith("/v1") and not self._authorized(scope):
+            error = AuthenticationError("Incorrect or missing API key; send 'Authorization: Bearer <key>'")
+        if error is not None:
+            return await error.to_response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _authorized(self, scope: dict) -> bool:
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        assert self.api_key is not None
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
+
+
+async def _listen_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def with_cancellation(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Cancel the handler (and so abort its engine requests) if the client disconnects while it runs.
+
+    Streaming responses are covered here until their first output; after that Starlette cancels the
+    stream on disconnect and the stream's cleanup aborts the engine requests.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(body: Any, raw_request: Request) -> Any:
+        task = asyncio.create_task(handler(body, raw_request))
+        watcher = asyncio.create_task(_listen_for_disconnect(raw_request))
+        try:
+            done, _ = await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        logger.info("client disconnected from %s before the response started", raw_request.url.path)
+        return Response(status_code=499)
+
+    return wrapper
+
+
+def create_app(engine: Any, config: ServerConfig) -> FastAPI:
+    """The OpenAI-compatible app around ``engine`` (an ``AsyncLLM`` or anything with its interface)."""
+    metrics = ServerMetrics(engine, config.served_model_name, config.max_loras)
+    capacity = None if config.max_queue is None else config.max_num_seqs + config.max_queue
+    lifecycle = Lifecycle(
+        capacity, config.retry_after_s, on_change=metrics.in_flight.labels(config.served_model_name).set
+    )
+    adapters = AdapterManager(
+        engine,
+        config.served_model_name,
+        config.model_source,
+        config.adapter_root,
+        config.allow_runtime_adapters,
+    )
+    serving = Serving(engine, adapters, metrics, lifecycle)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        lifecycle.draining = True
+        if config.shutdown_engine and hasattr(engine, "shutdown"):
+            result = engine.shutdown(drain_timeout=config.drain_timeout_s)
+            if inspect.isawaitable(result):
+                await result
+
+    app = FastAPI(title="blora", lifespan=lifespan)
+    app.state.engine, app.state.config, app.state.lifecycle = engine, config, lifecycle
+    app.state.metrics, app.state.adapters = metrics, adapters
+    install_error_handlers(app)
+    app.add_middleware(GateMiddleware, lifecycle=lifecycle, api_key=config.api_key, metrics=metrics)
+    metrics.draining.labels(config.served_model_name).set_function(lambda: float(lifecycle.draining))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=adapters.cards())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> Any:
+        for card in adapters.cards():
+            if card.id == model_id:
+                return card
+        raise NotFoundError(f"The model {model_id!r} does not exist", param="model")
+
+    @app.post("/v1/completions")
+    @with_cancellation
+    async def completions(body: CompletionRequest, raw_request: Request) -> Any:
+        return await create_completion(serving, body)
+
+    @app.post("/v1/chat/completions")
+    @with_cancellation
+    async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Any:
+        return await create_chat_completion(serving, body)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        try:
+            message = await adapters.load(body.lora_name, body.lora_path)
+        except Exception:
+            metrics.adapter_loads.labels(config.served_model_name, "failure").inc()
+            raise
+        metrics.adapter_loads.labels(config.served_model_name, "success").inc()
+        return PlainTextResponse(message)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        return PlainTextResponse(await adapters.unload(body.lora_name))
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        from importlib.metadata import version as pkg_version
+
+        return JSONResponse({"version": pkg_version("blora")})
+
+    return app

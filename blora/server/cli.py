@@ -1,0 +1,125 @@
+"""``blora serve``: argument parsing and the uvicorn runner.
+
+The lead wires ``add_serve_arguments`` / ``run_serve`` into ``blora serve``; ``python -m blora.server``
+runs the same thing on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("blora.server")
+
+
+def _lora_module(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora-modules expects name=path, got {spec!r}")
+    return name, path
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``serve`` options to ``parser`` (a sub-command parser of ``blora``)."""
+    a = parser.add_argument
+    a(
+        "--model",
+        default=None,
+        help="HF directory, hub id or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    a("--served-model-name", default=None, help="model id clients use for the base model (default: --model)")
+    a("--lora-modules", nargs="+", type=_lora_module, default=[], metavar="NAME=PATH",
+      help="adapters to serve from startup; each NAME becomes a model id")  # fmt: skip
+    a("--adapter-root", type=Path, default=None, help="directory that runtime-loaded adapters must live in")
+    a("--allow-runtime-adapters", action="store_true",
+      help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root)")  # fmt: skip
+    a("--host", default="127.0.0.1")
+    a("--port", type=int, default=8000)
+    a(
+        "--api-key",
+        default=os.environ.get("BLORA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (env BLORA_API_KEY)",
+    )
+    a("--max-loras", type=int, default=16, help="distinct adapters in one engine step")
+    a("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
+    a("--max-queue", type=int, default=256,
+      help="requests that may wait beyond --max-num-seqs before new ones get 429 (-1: unbounded)")  # fmt: skip
+    a("--retry-after", type=int, default=1, help="Retry-After seconds sent with 429")
+    a("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    a("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
+    a("--device", default=None, help="cpu | cuda | mps (default: best available)")
+    a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.allow_runtime_adapters and args.adapter_root is None:
+        raise SystemExit("--allow-runtime-adapters needs --adapter-root DIR")
+    if args.adapter_root is not None and not args.adapter_root.is_dir():
+        raise SystemExit(f"--adapter-root {args.adapter_root} is not a directory")
+    names = [name for name, _ in args.lora_modules]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--lora-modules has duplicate names: {names}")
+
+
+def build_engine(args: argparse.Namespace):
+    from blora.engine import AsyncLLM
+
+    return AsyncLLM(
+        model=args.model,
+        adapters=dict(args.lora_modules) or None,
+        dtype=args.dtype,
+        device=args.device,
+        max_loras=args.max_loras,
+        max_num_seqs=args.max_num_seqs,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the engine, then serve until SIGTERM/SIGINT (drains first; exits 0)."""
+    import uvicorn
+
+    from blora.models.loader import DEFAULT_MODEL
+    from blora.server.app import ServerConfig, create_app
+    from blora.server.lifecycle import DrainingServer
+
+    _check_args(args)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    engine = build_engine(args)
+    name = args.served_model_name or args.model or DEFAULT_MODEL
+    config = ServerConfig(
+        served_model_name=name,
+        model_source=str(getattr(engine, "model_source", None) or args.model or DEFAULT_MODEL),
+        api_key=args.api_key or None,
+        max_num_seqs=args.max_num_seqs,
+        max_queue=None if args.max_queue < 0 else args.max_queue,
+        max_loras=args.max_loras,
+        adapter_root=args.adapter_root,
+        allow_runtime_adapters=args.allow_runtime_adapters,
+        retry_after_s=args.retry_after,
+        drain_timeout_s=args.drain_timeout,
+    )
+    app = create_app(engine, config)
+    uv_config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+        access_log=args.log_level == "debug",
+    )  # fmt: skip
+    server = DrainingServer(uv_config, app.state.lifecycle, engine, args.drain_timeout)
+    logger.info("serving %r on http://%s:%d (adapters: %s)", name, args.host, args.port,
+                ", ".join(engine.list_adapters()) or "none")  # fmt: skip
+    server.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_serve_arguments(argparse.ArgumentParser(prog="blora serve", description=__doc__))
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""``POST /v1/completions`` and ``POST /v1/chat/completions``: prompts in, OpenAI responses out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import Response
+
+from blora.server.errors import InvalidRequestError
+from blora.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+)
+from blora.server.render import DeltaTracker, TokenText, chat_logprobs, completion_logprobs, usage_of
+from blora.server.serving import Job, Serving
+
+
+def sse(obj: Any) -> str:
+    return f"data: {obj.model_dump_json()}\n\n"
+
+
+def _prompt_ids(serving: Serving, prompt: str | list[int]) -> tuple[list[int], str | None]:
+    if isinstance(prompt, str):
+        return serving.encode(prompt), prompt
+    vocab = len(serving.tokenizer)
+    if any(t < 0 or t >= vocab for t in prompt):
+        raise InvalidRequestError(f"Prompt token ids must be in [0, {vocab})", param="prompt")
+    return list(prompt), None
+
+
+async def create_completion(serving: Serving, req: CompletionRequest) -> Any:
+    prompts = [_prompt_ids(serving, p) for p in req.prompts()]
+    params = [
+        serving.sampling_params(req, serving.check_length(ids, req.max_tokens), req.logprobs)
+        for ids, _ in prompts
+    ]
+    gen = await serving.start("cmpl", req.model, prompts, params)
+    text = TokenText(serving.tokenizer)
+    k = req.logprobs
+
+    def echo_text(job: Job) -> str:
+        if not req.echo:
+            return ""
+        return job.prompt_text if job.prompt_text is not None else serving.tokenizer.decode(job.prompt_ids)
+
+    if not req.stream:
+        finals = await serving.collect(gen)
+        choices = []
+        for job, out in zip(gen.jobs, finals, strict=True):
+            for comp in out.outputs:
+                lp = (
+                    completion_logprobs(comp.token_ids, comp.logprobs or [], k, text, 0)
+                    if k is not None
+                    else None
+                )
+                choices.append(
+                    CompletionChoice(
+                        index=job.index * req.n + comp.index,
+                        text=echo_text(job) + comp.text,
+                        logprobs=lp,
+                        finish_reason=comp.finish_reason or "stop",
+                    )
+                )
+        choices.sort(key=lambda c: c.index)
+        return CompletionResponse(id=gen.request_id, model=req.model, choices=choices, usage=usage_of(finals))
+
+    def render(job: Job, tracker: DeltaTracker, out: Any) -> list[str]:
+        chunks = []
+        for d in tracker.deltas(job.index, out):
+            st = tracker.states[d.index]
+            prefix = echo_text(job) if d.first else ""
+            lp = None
+            if k is not None:
+                lp = completion_logprobs(d.token_ids, d.logprobs, k, text, st.text_offset)
+                st.text_offset += sum(len(t) for t in lp.tokens)
+            if not (prefix or d.text or d.finish_reason or (lp and lp.tokens)):
+                continue
+            choice = CompletionChoice(
+                index=d.index, text=prefix + d.text, logprobs=lp, finish_reason=d.finish_reason
+            )
+            chunks.append(sse(CompletionChunk(id=gen.request_id, model=req.model, choices=[choice])))
+        return chunks
+
+    def usage_chunk(usage: Any) -> str:
+        return sse(CompletionChunk(id=gen.request_id, model=req.model, choices=[], usage=usage))
+
+    return serving.stream(gen, req.n, render, [], usage_chunk if req.include_usage() else None)
+
+
+def apply_chat_template(serving: Serving, req: ChatCompletionRequest) -> list[int]:
+    tok = serving.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise InvalidRequestError(
+            "This model's tokenizer has no chat template; use /v1/completions", param="messages"
+        )
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        text = tok.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=req.add_generation_prompt,
+            **(req.chat_template_kwargs or {}),
+        )
+    except Exception as exc:  # template errors (e.g. roles the template refuses) are the caller's
+        raise InvalidRequestError(f"Could not apply the chat template: {exc}", param="messages") from exc
+    return tok.encode(text, add_special_tokens=False)
+
+
+async def create_chat_completion(serving: Serving, req: ChatCompletionRequest) -> Response | Any:
+    ids = apply_chat_template(serving, req)
+    k = req.num_logprobs()
+    params = serving.sampling_params(req, serving.check_length(ids, req.token_limit()), k)
+    gen = await serving.start("chatcmpl", req.model, [(ids, None)], params=[params])
+    text = TokenText(serving.tokenizer)
+
+    if not req.stream:
+        (final,) = await serving.collect(gen)
+        choices = [
+            ChatChoice(
+                index=comp.index,
+                message=ChatMessageOut(content=comp.text),
+                logprobs=chat_logprobs(comp.token_ids, comp.logprobs or [], k, text)
+                if k is not None
+                else None,
+                finish_reason=comp.finish_reason or "stop",
+            )
+            for comp in final.outputs
+        ]
+        choices.sort(key=lambda c: c.index)
+        return ChatCompletionResponse(
+            id=gen.request_id, model=req.model, choices=choices, usage=usage_of([final])
+        )
+
+    def chunk(choices: list[ChatStreamChoice], usage: Any = None) -> str:
+        return sse(ChatCompletionChunk(id=gen.request_id, model=req.model, choices=choices, usage=usage))
+
+    opening = [
+        chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        for i in range(req.n)
+    ]
+
+    def render(job: Job, tracker: DeltaTracker, out: Any) -> list[str]:
+        chunks = []
+        for d in tracker.deltas(job.index, out):
+            lp = chat_logprobs(d.token_ids, d.logprobs, k, text) if k is not None else None
+            if not (d.text or d.finish_reason or (lp and lp.content)):
+                continue
+            delta = DeltaMessage(content=d.text) if d.text else DeltaMessage()
+            chunks.append(
+                chunk(
+                    [ChatStreamChoice(index=d.index, delta=delta, logprobs=lp, finish_reason=d.finish_reason)]
+                )
+            )
+        return chunks
+
+    def usage_chunk(usage: Any) -> str:
+        return chunk([], usage)
+
+    return serving.stream(gen, req.n, render, opening, usage_chunk if req.include_usage() else None)

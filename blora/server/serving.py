@@ -1,0 +1,291 @@
+"""The generation pipeline behind ``/v1/completions`` and ``/v1/chat/completions``.
+
+request -> model name to adapter -> prompt token ids (chat template for chat) -> length check ->
+SamplingParams -> admission (429/503) -> one engine request per prompt (``n`` choices each) ->
+JSON response or SSE stream. Cleanup (abort of unfinished engine requests, release of the admission
+ticket) runs however the request ends: success, error, client disconnect, or server drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from starlette.responses import StreamingResponse
+
+from blora.server.adapters import AdapterManager
+from blora.server.errors import APIError, InvalidRequestError, sse_error
+from blora.server.lifecycle import Lifecycle, Ticket, abort_quietly
+from blora.server.metrics import RequestTimer, ServerMetrics
+from blora.server.protocol import SamplingFields, UsageInfo
+from blora.server.render import DeltaTracker, usage_of
+
+logger = logging.getLogger("blora.server")
+
+
+def sampling_params_class() -> type:
+    from blora.engine.sampling_params import SamplingParams
+
+    return SamplingParams
+
+
+@dataclass
+class Job:
+    """One engine request: one prompt with its ``n`` choices."""
+
+    index: int
+    request_id: str
+    prompt_ids: list[int]
+    prompt_text: str | None
+    stream: AsyncIterator[Any]
+    timer: RequestTimer
+    first: Any = None
+    final: Any = None
+    tokens_seen: int = 0
+
+    def observe(self, out: Any) -> None:
+        """Latency metrics for one engine output; remembers the final one."""
+        total = sum(len(c.token_ids) for c in out.outputs)
+        if total > self.tokens_seen:
+            self.tokens_seen = total
+            self.timer.on_tokens()
+        if out.finished:
+            self.final = out
+            outputs = [(len(c.token_ids), c.finish_reason) for c in out.outputs]
+            self.timer.on_finish(len(self.prompt_ids), outputs)
+
+    async def outputs(self) -> AsyncIterator[Any]:
+        """Every engine output of this job, starting with the primed first one."""
+        if self.first is not None:
+            yield self.first
+        if self.first is None or not self.first.finished:
+            async for out in self.stream:
+                self.observe(out)
+                yield out
+
+
+@dataclass
+class Generation:
+    """An admitted request with its running jobs; ``cleanup()`` is idempotent."""
+
+    request_id: str
+    jobs: list[Job]
+    ticket: Ticket
+    engine: Any
+
+    async def cleanup(self) -> None:
+        for job in self.jobs:
+            if job.final is None:
+                await abort_quietly(self.engine, job.request_id)
+                await close_quietly(job.stream)
+        self.ticket.release()
+
+
+async def close_quietly(stream: Any) -> None:
+    with anyio.CancelScope(shield=True):
+        # the stream may still be running in a cancelled task, or already be closed
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+
+
+class CleanupStreamingResponse(StreamingResponse):
+    """A streaming response that always runs ``cleanup`` (client disconnects included)."""
+
+    def __init__(self, content: Any, cleanup: Callable[[], Any], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup()
+
+
+async def merge(jobs: list[Job]) -> AsyncIterator[tuple[Job, Any]]:
+    """Interleave the outputs of several jobs as they arrive."""
+    if len(jobs) == 1:
+        async for out in jobs[0].outputs():
+            yield jobs[0], out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(job: Job) -> None:
+        try:
+            async for out in job.outputs():
+                await queue.put((job, out))
+        except Exception as exc:
+            await queue.put((job, exc))
+        finally:
+            await queue.put((job, done))
+
+    tasks = [asyncio.create_task(pump(job)) for job in jobs]
+    try:
+        remaining = len(jobs)
+        while remaining:
+            job, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield job, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class Serving:
+    """Shared pipeline of both generation endpoints."""
+
+    def __init__(
+        self, engine: Any, adapters: AdapterManager, metrics: ServerMetrics, lifecycle: Lifecycle
+    ) -> None:
+        self.engine = engine
+        self.adapters = adapters
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.tokenizer = engine.tokenizer
+
+    # -- request preparation -------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a completion prompt, tokenized as the engine tokenizes string prompts."""
+        return list(self.tokenizer.encode(text))
+
+    def max_model_len(self) -> int | None:
+        return getattr(self.engine, "max_model_len", None)
+
+    def check_length(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+        """The effective max_tokens for a prompt; 400 if prompt + max_tokens exceed the context."""
+        limit = self.max_model_len()
+        if not prompt_ids:
+            raise InvalidRequestError("The prompt is empty (0 tokens)", param="prompt")
+        if limit is None:
+            return max_tokens if max_tokens is not None else 16
+        room = limit - len(prompt_ids)
+        if max_tokens is None:
+            max_tokens = room
+        if room < 1 or max_tokens > room:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} "
+                "for the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    def sampling_params(self, req: SamplingFields, max_tokens: int, logprobs: int | None) -> Any:
+        kwargs = dict(
+            n=req.n,
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            seed=req.seed,
+            stop=req.stop_list(),
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+        )
+        try:
+            return sampling_params_class()(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequestError(f"Invalid sampling parameters: {exc}") from exc
+
+    # -- running ----------------------------------------------------------------------------------
+
+    async def start(
+        self,
+        prefix: str,
+        model: str,
+        prompts: list[tuple[list[int], str | None]],
+        params: list[Any],
+    ) -> Generation:
+        """Admit the request, submit one engine request per prompt, and wait for each first output.
+
+        Waiting for the first outputs surfaces engine-side validation errors as HTTP errors before any
+        stream starts.
+        """
+        adapter = self.adapters.resolve(model)
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        try:
+            ticket = self.lifecycle.admit(request_id)
+        except APIError as exc:
+            self.metrics.reject(exc.error_type if exc.code is None else exc.code)
+            raise
+        arrival = time.monotonic()
+        jobs = []
+        for i, ((ids, text), sp) in enumerate(zip(prompts, params, strict=True)):
+            rid = f"{request_id}-{i}"
+            ticket.engine_ids.append(rid)
+            stream = self.engine.generate(ids, sp, adapter=adapter, request_id=rid)
+            jobs.append(Job(i, rid, ids, text, stream, RequestTimer(self.metrics, arrival)))
+        gen = Generation(request_id, jobs, ticket, self.engine)
+        try:
+            firsts = await asyncio.gather(*(anext(job.stream) for job in jobs), return_exceptions=True)
+            for job, first in zip(jobs, firsts, strict=True):
+                if isinstance(first, BaseException):
+                    raise first
+                job.first = first
+                job.observe(first)
+        except ValueError as exc:
+            await gen.cleanup()
+            self.metrics.reject("invalid_request")
+            raise InvalidRequestError(str(exc)) from exc
+        except BaseException:
+            await gen.cleanup()
+            raise
+        return gen
+
+    async def collect(self, gen: Generation) -> list[Any]:
+        """Run every job to completion; the final engine output of each prompt."""
+        try:
+            async for _job, _out in merge(gen.jobs):
+                pass
+            return [job.final for job in gen.jobs]
+        finally:
+            await gen.cleanup()
+
+    def stream(
+        self,
+        gen: Generation,
+        n: int,
+        render: Callable[[Job, DeltaTracker, Any], list[str]],
+        opening: list[str],
+        usage_chunk: Callable[[UsageInfo], str] | None,
+    ) -> StreamingResponse:
+        """An SSE response: ``opening`` chunks, rendered deltas, optional usage chunk, ``[DONE]``."""
+
+        async def body() -> AsyncIterator[str]:
+            tracker = DeltaTracker(n)
+            try:
+                for chunk in opening:
+                    yield chunk
+                async for job, out in merge(gen.jobs):
+                    for chunk in render(job, tracker, out):
+                        yield chunk
+                if usage_chunk is not None:
+                    yield usage_chunk(usage_of([job.final for job in gen.jobs if job.final]))
+            except APIError as exc:
+                yield sse_error(exc)
+            except Exception as exc:
+                logger.exception("stream %s failed", gen.request_id)
+                yield sse_error(APIError(f"Generation failed: {type(exc).__name__}: {exc}"))
+            yield "data: [DONE]\n\n"
+
+        return CleanupStreamingResponse(body(), gen.cleanup, media_type="text/event-stream")
