@@ -1,0 +1,16 @@
+"""Continuous-batching multi-LoRA engine: sequences, paged KV blocks, scheduler, model runner, sampler."""
+
+from blora.engine.llm import LLM
+from blora.engine.llm_engine import EngineConfig, LLMEngine
+from blora.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from blora.engine.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineConfig",
+    "LLMEngine",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+]

@@ -1,0 +1,178 @@
+"""``LLM``: the synchronous, offline API over the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from blora.engine.llm_engine import EngineConfig, LLMEngine
+from blora.engine.outputs import RequestOutput
+from blora.engine.sampling_params import SamplingParams
+from blora.models import LoadedModel, load_model
+
+Prompt = str | list[int]
+
+
+def build_engine(
+    model=None,
+    *,
+    tokenizer=None,
+    adapters: dict[str, str] | None = None,
+    dtype=None,
+    device=None,
+    **config,
+) -> LLMEngine:
+    """An engine over ``model``: None (embedded default), a path / hub id / .gguf file, a ``LoadedModel``,
+    or an already-built HF model (then pass ``tokenizer``). ``config``: ``EngineConfig`` fields."""
+    if model is None or isinstance(model, (str, Path)):
+        model = load_model(None if model is None else str(model), dtype=dtype, device=device)
+    if isinstance(model, LoadedModel):
+        model, tokenizer = model.model, tokenizer or model.tokenizer
+    if tokenizer is None:
+        raise ValueError("pass tokenizer= together with an already-built model")
+    model.eval()
+    return LLMEngine(model, tokenizer, EngineConfig(**config), adapters=adapters)
+
+
+class LLM:
+    """Batched multi-LoRA generation with continuous batching.
+
+    >>> llm = LLM(adapters={"sql": "path/to/peft_dir"}, dtype="float32")
+    >>> outs = llm.generate(["Hi", "SELECT"], SamplingParams(max_tokens=32, temperature=0), adapters=[None, "sql"])
+    >>> outs[1].outputs[0].text
+    """
+
+    def __init__(
+        self,
+        model=None,
+        adapters: dict[str, str] | None = None,
+        dtype=None,
+        device=None,
+        max_loras: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 1024,
+        num_kv_blocks: int | None = None,
+        block_size: int = 16,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        tokenizer=None,
+        **engine_config,
+    ) -> None:
+        self.engine = build_engine(
+            model,
+            tokenizer=tokenizer,
+            adapters=adapters,
+            dtype=dtype,
+            device=device,
+            max_loras=max_loras,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            num_kv_blocks=num_kv_blocks,
+            block_size=block_size,
+            max_model_len=max_model_len,
+            seed=seed,
+            **engine_config,
+        )
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
+
+    def list_adapters(self) -> dict[str, str]:
+        return self.engine.list_adapters()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapters: str | Sequence[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; returns the final outputs in prompt order."""
+        final: dict[str, RequestOutput] = {}
+        ids = self._add(prompts, sampling_params, adapters)
+        for out in self._run(ids):
+            if out.finished:
+                final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapters: str | Sequence[str | None] | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Yield each request's output whenever it progresses (``delta_text`` holds what is new)."""
+        yield from self._run(self._add(prompts, sampling_params, adapters))
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapters: str | Sequence[str | None] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """``generate`` on conversations rendered with the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+            for conv in conversations
+        ]
+        final: dict[str, RequestOutput] = {}
+        ids = self._add(prompts, sampling_params, adapters, add_special_tokens=False)
+        for out in self._run(ids):
+            if out.finished:
+                final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def _add(self, prompts, sampling_params, adapters, add_special_tokens: bool = True) -> list[str]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = _per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams)
+        names = _per_prompt(adapters, len(prompts), "adapters", str)
+        ids = []
+        try:
+            for prompt, p, name in zip(prompts, params, names, strict=True):
+                ids.append(
+                    self.engine.add_request(None, prompt, p, name, add_special_tokens=add_special_tokens)
+                )
+        except Exception:
+            for request_id in ids:
+                self.engine.abort_request(request_id, quiet=True)
+            raise
+        return ids
+
+    def _run(self, ids: list[str]) -> Iterator[RequestOutput]:
+        wanted = set(ids)
+        pending = set(ids)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.request_id in wanted:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            for request_id in pending:  # the caller stopped iterating early
+                self.engine.abort_request(request_id)
+
+
+def _per_prompt(value, n: int, name: str, single_type) -> list:
+    if value is None or isinstance(value, single_type):
+        return [value if value is not None or single_type is str else SamplingParams()] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries for {n} prompts; pass one, or one per prompt")
+    return value

@@ -1,0 +1,350 @@
+"""The engine loop: add requests, ``step()`` (schedule -> run -> sample -> update), collect outputs.
+
+Single-threaded by design: ``LLM`` calls it directly, ``AsyncLLM`` drives it from one background thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from blora.engine.block_manager import BlockManager
+from blora.engine.detokenizer import IncrementalDetokenizer
+from blora.engine.model_runner import ModelRunner
+from blora.engine.outputs import RequestMetrics, RequestOutput
+from blora.engine.sampler import Sampler, SampleResult
+from blora.engine.sampling_params import SamplingParams
+from blora.engine.scheduler import Scheduler, SchedulerConfig
+from blora.engine.sequence import Request, Sequence, SequenceStatus
+from blora.lora.manager import LoraManager
+
+log = logging.getLogger(__name__)
+
+# Default KV cache budget when num_kv_blocks is not given: this many bytes on CPU, this share of free
+# memory on CUDA; never more than max_num_seqs full-length sequences need.
+CPU_KV_BYTES = 2 << 30
+CUDA_KV_FRACTION = 0.5
+
+
+@dataclass
+class EngineConfig:
+    """Engine limits. ``max_loras``: distinct adapters running at once; ``max_num_batched_tokens``: tokens
+    per step (prefill chunk size); ``num_kv_blocks``: KV cache size in blocks of ``block_size`` tokens
+    (None: sized from memory); ``max_model_len``: prompt + generated tokens per sequence."""
+
+    max_loras: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    max_model_len: int | None = None
+    seed: int = 0
+    max_lora_rank: int | None = None
+    max_adapter_wait_steps: int = 16
+
+
+class LLMEngine:
+    """Continuous-batching multi-LoRA engine over one Hugging Face causal LM (already loaded)."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, adapters=None) -> None:
+        self.config = config = config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_model_len, num_blocks = size_kv_cache(model, config)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        sched = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_loras=config.max_loras,
+            max_adapter_wait_steps=config.max_adapter_wait_steps,
+        )
+        self.scheduler = Scheduler(sched, self.block_manager)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.sampler = Sampler(self.runner.device, config.seed)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.requests: dict[str, Request] = {}
+        self.adapter_paths: dict[str, str] = {}
+        self.lora: LoraManager | None = getattr(model, "_blora_manager", None)
+        if self.lora is not None:
+            self.adapter_paths.update({n: info.source for n, info in self.lora.adapters.items()})
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.num_preemptions_total = 0
+        self._pending: list[RequestOutput] = []
+        self._order = itertools.count()
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        for name, path in (adapters or {}).items():
+            self.register_adapter(name, path)
+
+    # -- adapters ----------------------------------------------------------------------------------
+    def register_adapter(self, name: str, path: str | Path) -> None:
+        """Make adapter ``name`` available; its weights load when a request first uses it."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        if name in self.adapter_paths:
+            raise ValueError(f"adapter {name!r} is already registered (from {self.adapter_paths[name]})")
+        if not Path(path).exists():
+            raise ValueError(f"adapter {name!r}: {path} does not exist")
+        self.adapter_paths[name] = str(path)
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Register and load now, so a broken adapter fails here (``AdapterError``, a ``ValueError``)."""
+        self.register_adapter(name, path)
+        try:
+            self._ensure_loaded(name)
+        except Exception:
+            del self.adapter_paths[name]
+            raise
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self.adapter_paths:
+            raise KeyError(f"adapter {name!r} is not loaded; loaded: {sorted(self.adapter_paths)}")
+        users = [r.request_id for r in self.requests.values() if r.adapter == name]
+        if users:
+            raise ValueError(
+                f"adapter {name!r} is used by {len(users)} unfinished request(s) (e.g. {users[0]}); "
+                "abort them or wait for them to finish before unloading"
+            )
+        if self.lora is not None and name in self.lora:
+            self.lora.unload(name)
+        del self.adapter_paths[name]
+
+    def list_adapters(self) -> dict[str, str]:
+        return dict(self.adapter_paths)
+
+    def _ensure_loaded(self, name: str) -> None:
+        if self.lora is None:
+            self.lora = LoraManager.attach(self.model, max_rank=self.config.max_lora_rank)
+        if name not in self.lora:
+            self.lora.load(name, self.adapter_paths[name])
+
+    def _adapter_slot(self, name: str | None) -> int:
+        return -1 if name is None else self.lora.slot(name)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def tokenize(
+        self, prompt: str | list[int], add_special_tokens: bool = True
+    ) -> tuple[str | None, list[int]]:
+        """(prompt text or None, token ids), checked against the vocabulary."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            text = prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+                )
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty: it must have at least one token")
+        return text, ids
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> int:
+        """Validate a request before it is queued; returns its effective max_tokens."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if adapter is not None and adapter not in self.adapter_paths:
+            raise ValueError(f"unknown adapter {adapter!r}; loaded adapters: {sorted(self.adapter_paths)}")
+        n = len(prompt_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
+        if n + max_tokens > self.max_model_len or max_tokens < 1:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
+                f"({self.max_model_len}); shorten the prompt or lower max_tokens"
+            )
+        return max_tokens
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        arrival_time: float | None = None,
+        add_special_tokens: bool = True,
+    ) -> str:
+        """Queue a request (validated here, ``ValueError`` if invalid); returns its id."""
+        params = params if params is not None else SamplingParams()
+        request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
+        text, ids = self.tokenize(prompt, add_special_tokens)
+        max_tokens = self.check_request(ids, params, adapter)
+        if adapter is not None:
+            self._ensure_loaded(adapter)
+        req = Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            params=params,
+            adapter=adapter,
+            order=next(self._order),
+            max_tokens=max_tokens,
+            metrics=RequestMetrics(arrival_time=arrival_time or time.time()),
+        )
+        for index in range(params.n):
+            req.seqs.append(self._new_sequence(req, index))
+        self.requests[request_id] = req
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+        self.prompt_tokens_total += len(ids)
+        return request_id
+
+    def _new_sequence(self, req: Request, index: int) -> Sequence:
+        generator = None
+        if req.params.seed is not None:
+            generator = torch.Generator(device=self.runner.device)
+            generator.manual_seed(req.params.seed + index)
+        return Sequence(
+            seq_id=next(self._seq_ids),
+            request=req,
+            index=index,
+            token_ids=list(req.prompt_token_ids),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.stop_strings),
+            generator=generator,
+            logprobs=[] if req.params.logprobs is not None else None,
+            cumulative_logprob=0.0 if req.params.logprobs is not None else None,
+        )
+
+    def abort_request(self, request_id: str, quiet: bool = False) -> bool:
+        """Stop a request now and free its blocks; its final output (finish_reason "abort") comes with the
+        next ``step()`` (unless ``quiet``). False if it is unknown or already finished."""
+        req = self.requests.pop(str(request_id), None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.finish("abort")
+        req.metrics.finished_time = time.time()
+        if not quiet:
+            self._pending.append(req.output())
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns the outputs of requests that progressed (or were aborted)."""
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        self.num_preemptions_total += len(plan.preempted)
+        if not plan.scheduled:
+            return outputs
+        sampled = [s.seq for s in plan.scheduled if s.sample]
+        logits = self.runner.execute(plan.scheduled, self._adapter_slot)
+        for s in plan.scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+        if not sampled:
+            return outputs
+        results = self.sampler(logits, sampled)
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for seq, res in zip(sampled, results, strict=True):
+            self._append_token(seq, res, now)
+            touched[seq.request.request_id] = seq.request
+        for req in touched.values():
+            if req.finished:
+                req.metrics.finished_time = now
+                self.requests.pop(req.request_id, None)
+            outputs.append(req.output())
+        return outputs
+
+    def _append_token(self, seq: Sequence, res: SampleResult, now: float) -> None:
+        token = res.token_id
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        if seq.logprobs is not None:
+            seq.logprobs.append(res.top_logprobs)
+            seq.cumulative_logprob += res.logprob
+        metrics = seq.request.metrics
+        metrics.first_token_time = metrics.first_token_time or now
+        stop_string = seq.detokenizer.add_token(token)
+        params = seq.params
+        if token in params.stop_token_ids:
+            seq.finish("stop", token)
+        elif not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish("stop")
+        elif stop_string is not None:
+            seq.finish("stop", stop_string)
+        elif seq.num_output_tokens >= seq.request.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            seq.finish("length")
+        if seq.is_finished:
+            self.scheduler.remove(seq)
+
+    # -- introspection -----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        running = {s.request.request_id for s in self.scheduler.running}
+        waiting = {s.request.request_id for s in self.scheduler.waiting} - running
+        return {
+            "num_running": len(running),
+            "num_waiting": len(waiting),
+            "kv_usage": self.block_manager.usage,
+            "running_adapters": dict(self.scheduler.running_adapters()),
+            "waiting_adapters": dict(self.scheduler.waiting_adapters()),
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "num_preemptions_total": self.num_preemptions_total,
+        }
+
+    def running_seqs(self) -> list[Sequence]:
+        return [s for s in self.scheduler.running if s.status is SequenceStatus.RUNNING]
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """EOS ids from the tokenizer and the model's generation config (which may list several)."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(gen, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def kv_bytes_per_token(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    elem = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * elem
+
+
+def size_kv_cache(model, config: EngineConfig) -> tuple[int, int]:
+    """(max_model_len, num_kv_blocks) from the config, the model's position limit and memory."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or 2048
+    max_len = config.max_model_len or limit
+    if max_len > limit:
+        raise ValueError(f"max_model_len={max_len} is above the model's max_position_embeddings ({limit})")
+    bs = config.block_size
+    num_blocks = config.num_kv_blocks
+    if num_blocks is None:
+        device = next(model.parameters()).device
+        budget = CPU_KV_BYTES
+        if device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(device)[0] * CUDA_KV_FRACTION)
+        by_memory = budget // (kv_bytes_per_token(model) * bs)
+        num_blocks = max(1, min(by_memory, math.ceil(config.max_num_seqs * max_len / bs)))
+    if num_blocks * bs < max_len:
+        if config.max_model_len is not None:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks x {bs} = {num_blocks * bs} tokens, less than "
+                f"max_model_len={max_len}; raise num_kv_blocks or lower max_model_len"
+            )
+        max_len = num_blocks * bs
+    return max_len, num_blocks

@@ -1,0 +1,113 @@
+"""Turns a schedule into tensors, runs the model over one flat batch, returns next-token logits.
+
+The batch is the concatenation of every scheduled chunk: ``input_ids``/``position_ids`` [1, N], one
+adapter slot per token for the LoRA wrappers, and one KV cache slot per token for attention. The model's
+decoder runs once over it; the LM head runs only on the rows whose logits are sampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from blora.engine import attention
+from blora.engine.attention import AttentionMetadata, KVCache, PrefillChunk
+from blora.engine.scheduler import ScheduledSeq
+from blora.lora.context import lora_batch
+
+
+@dataclass
+class StepBatch:
+    """The tensors of one step. ``sample_rows``: rows of the flat batch whose logits are returned."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    lora_slots: torch.Tensor | None
+    sample_rows: torch.Tensor
+    attn: AttentionMetadata
+
+
+class ModelRunner:
+    """Owns the KV cache and runs a Hugging Face causal LM through ``blora_paged`` attention."""
+
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.decoder = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        if self.lm_head is None or self.decoder is model:
+            raise ValueError(f"{type(model).__name__} has no separate decoder and LM head; not a causal LM?")
+        model.config._attn_implementation = attention.register()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = block_size
+        self.cache = KVCache(num_blocks, block_size)
+
+    @torch.inference_mode()
+    def execute(
+        self, scheduled: Sequence[ScheduledSeq], adapter_slot: Callable[[str | None], int]
+    ) -> torch.Tensor:
+        """Run one step; returns float32 logits [num sampled seqs, vocab] in ``scheduled`` order."""
+        batch = self.prepare(scheduled, adapter_slot)
+        lora = lora_batch(batch.lora_slots) if batch.lora_slots is not None else contextlib.nullcontext()
+        with attention.forward_context(self.cache, batch.attn), lora:
+            out = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        hidden = out.last_hidden_state[0].index_select(0, batch.sample_rows)
+        logits = self.lm_head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def prepare(
+        self, scheduled: Sequence[ScheduledSeq], adapter_slot: Callable[[str | None], int]
+    ) -> StepBatch:
+        """Build the flat batch: token ids, positions, adapter and KV slots, attention metadata."""
+        bs = self.block_size
+        ids: list[int] = []
+        slots: list[int] = []
+        lora: list[int] = []
+        sample_rows: list[int] = []
+        positions: list[int] = []
+        dec_rows, dec_tables, dec_lens = [], [], []
+        prefills: list[tuple[int, int, int, list[int]]] = []
+        for s in scheduled:
+            seq, start, n, row = s.seq, s.start, s.num_tokens, len(ids)
+            table = seq.block_table
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            lora.extend([adapter_slot(seq.adapter)] * n)
+            used = table[: -(-(start + n) // bs)]
+            if n == 1:
+                dec_rows.append(row)
+                dec_tables.append(used)
+                dec_lens.append(start + 1)
+            else:
+                prefills.append((row, n, start, used))
+            if s.sample:
+                sample_rows.append(row + n - 1)
+        return StepBatch(
+            input_ids=self._tensor(ids)[None],
+            position_ids=self._tensor(positions)[None],
+            lora_slots=self._tensor(lora) if any(slot >= 0 for slot in lora) else None,
+            sample_rows=self._tensor(sample_rows),
+            attn=self._metadata(len(ids), slots, dec_rows, dec_tables, dec_lens, prefills),
+        )
+
+    def _metadata(self, n, slots, dec_rows, dec_tables, dec_lens, prefills) -> AttentionMetadata:
+        meta = AttentionMetadata(num_tokens=n, slot_mapping=self._tensor(slots))
+        if dec_rows:
+            width = max(len(t) for t in dec_tables)
+            meta.decode_rows = self._tensor(dec_rows)
+            meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in dec_tables])
+            meta.decode_context_lens = self._tensor(dec_lens)
+            meta.all_decode = len(dec_rows) == n
+        meta.prefills = [PrefillChunk(r, k, st, self._tensor(t)) for r, k, st, t in prefills]
+        return meta
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -1,0 +1,55 @@
+"""What the engine hands back per request: the full output so far plus what is new since the last one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    """One completion (of ``n``) of a request.
+
+    ``text``/``token_ids``: everything generated so far (text never contains a stop string, nor a partial
+    one that may still become a stop string). ``delta_text``/``delta_token_ids``/``delta_logprobs``: what is
+    new since the previous output of this request. ``logprobs``: per generated token a dict
+    ``{token_id: logprob}`` holding the sampled token and the top-k (only when requested).
+    ``finish_reason``: "stop" | "length" | "abort" | None while running; ``stop_reason``: the stop string
+    or stop token id that ended it (None for EOS).
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[dict[int, float]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (``time.time()``) of a request's life."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request after an engine step; ``finished`` is True on its last output."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    adapter: str | None
+    metrics: RequestMetrics

@@ -1,0 +1,158 @@
+"""Decides, each step, which sequences run and on which tokens; knows nothing about tensors.
+
+Policy (continuous batching with chunked prefill, like vLLM v1):
+1. Running sequences first, decodes before prefill chunks, FIFO: each gets its remaining tokens (1 for a
+   decode) up to the step's token budget. When a sequence needs a KV block and none is free, the
+   latest-arrived running sequence is preempted: its blocks are freed and it goes back to waiting, to be
+   recomputed from its prompt + generated tokens later (outputs are unchanged).
+2. Then waiting sequences are admitted in FIFO order while the token budget, ``max_num_seqs`` and free
+   blocks allow; a long prompt is cut into chunks over several steps.
+3. At most ``max_loras`` distinct adapters are running at once. A waiting request whose adapter does not
+   fit is skipped and later ones may pass it, but only for ``max_adapter_wait_steps`` steps: after that
+   admission stops until its adapter fits, so it cannot starve.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+
+from blora.engine.block_manager import BlockManager
+from blora.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_loras: int = 16
+    max_adapter_wait_steps: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ScheduledSeq:
+    """``seq`` computes ``token_ids[start : start + num_tokens]`` this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def sample(self) -> bool:
+        """The chunk reaches the sequence's last token, so this step yields its next token."""
+        return self.start + self.num_tokens == len(self.seq.token_ids)
+
+
+@dataclass
+class SchedulePlan:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def adapters(self) -> set[str]:
+        return {s.seq.adapter for s in self.scheduled if s.seq.adapter is not None}
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: list[Sequence] = []  # sorted by seq.order
+        self.running: list[Sequence] = []  # sorted by seq.order
+        self._adapter_waits: dict[int, int] = {}
+
+    # -- queue maintenance -------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.order)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        self._adapter_waits.pop(seq.seq_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def running_adapters(self) -> Counter:
+        return Counter(s.adapter for s in self.running if s.adapter is not None)
+
+    def waiting_adapters(self) -> Counter:
+        return Counter(s.adapter for s in self.waiting if s.adapter is not None)
+
+    # -- the plan ----------------------------------------------------------------------------------
+    def schedule(self) -> SchedulePlan:
+        plan = SchedulePlan()
+        budget = self.config.max_num_batched_tokens
+        # decodes (1 token left) before prefill chunks, FIFO within each
+        for seq in sorted(self.running, key=lambda s: (s.num_uncomputed_tokens > 1, s.order)):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed_tokens, budget)
+            if self._reserve(seq, seq.num_computed_tokens + n, plan):
+                plan.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+            budget = self.config.max_num_batched_tokens - plan.num_tokens  # preemption may refund
+        self._admit(plan, budget)
+        return plan
+
+    def _reserve(self, seq: Sequence, num_tokens: int, plan: SchedulePlan) -> bool:
+        """Make room for ``seq``'s first ``num_tokens`` tokens, preempting the latest arrivals if needed.
+        False if ``seq`` itself had to be preempted."""
+        while not self.blocks.can_allocate(seq, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq, num_tokens)
+        return True
+
+    def _preempt(self, seq: Sequence, plan: SchedulePlan) -> None:
+        self.running.remove(seq)
+        plan.scheduled = [s for s in plan.scheduled if s.seq is not seq]
+        plan.preempted.append(seq)
+        self.blocks.free(seq)
+        seq.num_preemptions += 1
+        self.add(seq)
+
+    def _admit(self, plan: SchedulePlan, budget: int) -> None:
+        active = set(self.running_adapters())
+        preempted = {id(s) for s in plan.preempted}
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                return
+            if id(seq) in preempted:
+                return  # blocks just ran out; retry next step
+            if seq.adapter is not None and seq.adapter not in active and len(active) >= self.config.max_loras:
+                waited = self._adapter_waits.get(seq.seq_id, 0) + 1
+                self._adapter_waits[seq.seq_id] = waited
+                if waited > self.config.max_adapter_wait_steps:
+                    return  # let running adapters drain so this one fits
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.can_allocate(seq, n):
+                return  # FIFO: later requests do not overtake on memory
+            self.blocks.allocate(seq, n)
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.order)
+            self._adapter_waits.pop(seq.seq_id, None)
+            plan.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+            budget -= n
+            if seq.adapter is not None:
+                active.add(seq.adapter)
