@@ -15,3 +15,7 @@ __all__ = [
     "prepare_batch",
     "unload_loras",
 ]
+
+from blora.engine import LLM, SamplingParams  # noqa: E402
+
+__all__ += ["LLM", "SamplingParams"]
