@@ -29,6 +29,8 @@ from blora.server.render import DeltaTracker, usage_of
 
 logger = logging.getLogger("blora.server")
 
+SUBMIT_TURNS = 3  # event-loop turns a streaming request gives the engine to accept or reject it
+
 
 def sampling_params_class() -> type:
     from blora.engine.sampling_params import SamplingParams
@@ -46,7 +48,7 @@ class Job:
     prompt_text: str | None
     stream: AsyncIterator[Any]
     timer: RequestTimer
-    first: Any = None
+    first: asyncio.Future | None = None  # the pending or done first engine output
     final: Any = None
     tokens_seen: int = 0
 
@@ -62,13 +64,16 @@ class Job:
             self.timer.on_finish(len(self.prompt_ids), outputs)
 
     async def outputs(self) -> AsyncIterator[Any]:
-        """Every engine output of this job, starting with the primed first one."""
+        """Every engine output of this job, starting with the first one (submitted by ``start``)."""
         if self.first is not None:
-            yield self.first
-        if self.first is None or not self.first.finished:
-            async for out in self.stream:
-                self.observe(out)
-                yield out
+            out = await self.first
+            self.observe(out)
+            yield out
+            if out.finished:
+                return
+        async for out in self.stream:
+            self.observe(out)
+            yield out
 
 
 @dataclass
@@ -83,6 +88,8 @@ class Generation:
     async def cleanup(self) -> None:
         for job in self.jobs:
             if job.final is None:
+                if job.first is not None and not job.first.done():
+                    job.first.cancel()
                 await abort_quietly(self.engine, job.request_id)
                 await close_quietly(job.stream)
         self.ticket.release()
@@ -215,18 +222,20 @@ class Serving:
         model: str,
         prompts: list[tuple[list[int], str | None]],
         params: list[Any],
+        wait_first: bool,
     ) -> Generation:
-        """Admit the request, submit one engine request per prompt, and wait for each first output.
+        """Admit the request and submit one engine request per prompt.
 
-        Waiting for the first outputs surfaces engine-side validation errors as HTTP errors before any
-        stream starts.
+        Submission errors the engine raises (``ValueError``) become a 400 here. Non-streaming requests wait
+        for the first outputs; streaming ones only let the submissions run (a few event-loop turns), so
+        that a request queued behind a full batch still gets its response headers at once.
         """
         adapter = self.adapters.resolve(model)
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         try:
             ticket = self.lifecycle.admit(request_id)
         except APIError as exc:
-            self.metrics.reject(exc.error_type if exc.code is None else exc.code)
+            self.metrics.reject(exc.code or exc.error_type)
             raise
         arrival = time.monotonic()
         jobs = []
@@ -234,15 +243,19 @@ class Serving:
             rid = f"{request_id}-{i}"
             ticket.engine_ids.append(rid)
             stream = self.engine.generate(ids, sp, adapter=adapter, request_id=rid)
-            jobs.append(Job(i, rid, ids, text, stream, RequestTimer(self.metrics, arrival)))
+            job = Job(i, rid, ids, text, stream, RequestTimer(self.metrics, arrival))
+            job.first = asyncio.ensure_future(anext(stream))
+            jobs.append(job)
         gen = Generation(request_id, jobs, ticket, self.engine)
         try:
-            firsts = await asyncio.gather(*(anext(job.stream) for job in jobs), return_exceptions=True)
-            for job, first in zip(jobs, firsts, strict=True):
-                if isinstance(first, BaseException):
-                    raise first
-                job.first = first
-                job.observe(first)
+            if wait_first:
+                await asyncio.wait([job.first for job in jobs])
+            else:
+                for _ in range(SUBMIT_TURNS):
+                    await asyncio.sleep(0)
+            for job in jobs:
+                if job.first.done() and job.first.exception() is not None:
+                    raise job.first.exception()
         except ValueError as exc:
             await gen.cleanup()
             self.metrics.reject("invalid_request")
