@@ -1,0 +1,320 @@
+"""The fast batched-LoRA ops and the LoraLinear wrapper against the plain reference; scoped per-forward state."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from blora.lora import ops
+from blora.lora.context import TokenGroups, current_batch, lora_batch
+from blora.lora.layers import LoraLinear, _Plan, choose_method
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IN, OUT = 24, 40
+# Largest error allowed, relative to the largest |value| of the fp32 reference.
+REL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def make_weights(
+    ranks: dict[int, int], dtype=torch.float32, seed=0, in_f=IN, out_f=OUT
+) -> dict[int, ops.Pair]:
+    """slot -> (A [in, r], B [r, out]) with the given ranks."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        s: (torch.randn(in_f, r, generator=g).to(dtype), torch.randn(r, out_f, generator=g).to(dtype))
+        for s, r in ranks.items()
+    }
+
+
+def slots_tensor(spec: list[tuple[int, int]], seed=0) -> torch.Tensor:
+    """``[(slot, count), ...]`` -> shuffled per-token slots, so segments are interleaved."""
+    flat = torch.tensor([s for s, n in spec for _ in range(n)], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    return flat[torch.randperm(flat.numel(), generator=g)]
+
+
+def assert_close_rel(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    err = ((got.float() - expected).abs().max() / expected.abs().max()).item()
+    assert err < REL[dtype], f"max error {err:.2e} relative to the largest value ({dtype})"
+
+
+def reference_out(y0, x, slots, weights):
+    """fp32 reference of ``y0 + delta`` (weights upcast, so bf16 is compared against exact math)."""
+    w32 = {s: (a.float(), b.float()) for s, (a, b) in weights.items()}
+    return y0.float() + ops.lora_reference(x.float(), slots, w32)
+
+
+# name -> (ranks of all loaded slots, [(slot, token count), ...]); slot -1 = base model tokens.
+CASES = {
+    "mixed_ranks_with_base_tokens": ({0: 1, 1: 4, 2: 4, 3: 16}, [(-1, 5), (0, 3), (1, 7), (2, 1), (3, 4)]),
+    "loaded_adapters_absent_from_batch": ({0: 2, 1: 8, 2: 3, 3: 8, 4: 5}, [(1, 4), (3, 6), (-1, 2)]),
+    "one_adapter_some_base": ({0: 8, 1: 2}, [(1, 9), (-1, 3)]),
+    "one_adapter_all_tokens": ({0: 8, 1: 2}, [(0, 11)]),
+    "many_tokens_per_adapter": ({0: 4, 1: 16, 2: 4, 3: 32}, [(0, 300), (1, 200), (3, 250), (-1, 50)]),
+    "single_token_per_adapter": ({i: (4, 8, 16)[i % 3] for i in range(12)}, [(i, 1) for i in range(12)]),
+    "all_base": ({0: 4}, [(-1, 6)]),
+}
+
+
+def _run_op(method: str, y, x, groups: TokenGroups, weights) -> None:
+    pairs = [weights[s] for s in groups.active]
+    if method == "segments":
+        ops.add_segments(y, x, groups, pairs)
+    elif method == "grouped":
+        ops.add_grouped(y, x, groups, ops.build_rank_groups(pairs))
+    elif method == "stacked":
+        ops.add_stacked(y, x, groups, ops.build_stacked(groups.active, pairs))
+    else:
+        raise AssertionError(method)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["segments", "grouped", "stacked"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_op_matches_reference(case, method, dtype):
+    ranks, spec = CASES[case]
+    weights = make_weights(ranks, dtype)
+    slots = slots_tensor(spec)
+    x = torch.randn(slots.numel(), IN).to(dtype)
+    y0 = torch.randn(slots.numel(), OUT).to(dtype)
+    groups = TokenGroups.build(slots)
+    if not groups.active:  # nothing to add: the layer skips the ops; the reference adds zero
+        assert torch.equal(reference_out(y0, x, slots, weights), y0.float())
+        return
+    y = y0.clone()
+    _run_op(method, y, x, groups, weights)
+    expected = reference_out(y0, x, slots, weights)
+    assert_close_rel(y, expected, dtype)
+    base = slots < 0
+    assert torch.equal(y[base], y0[base]), "base tokens must keep exactly the base output"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_add_single_matches_reference(dtype):
+    weights = make_weights({3: 6}, dtype)
+    x = torch.randn(17, IN).to(dtype)
+    y0 = torch.randn(17, OUT).to(dtype)
+    y = y0.clone()
+    ops.add_single(y, x, weights[3])
+    slots = torch.full((17,), 3)
+    assert_close_rel(y, reference_out(y0, x, slots, weights), dtype)
+
+
+def test_reference_semantics_by_hand():
+    """The reference itself: one token per slot, computed by hand."""
+    weights = make_weights({0: 2, 5: 3})
+    x = torch.randn(3, IN)
+    slots = torch.tensor([5, -1, 0])
+    delta = ops.lora_reference(x, slots, weights)
+    torch.testing.assert_close(delta[0], x[0] @ weights[5][0] @ weights[5][1])
+    assert torch.equal(delta[1], torch.zeros(OUT))
+    torch.testing.assert_close(delta[2], x[2] @ weights[0][0] @ weights[0][1])
+
+
+def test_token_groups_build():
+    groups = TokenGroups.build(torch.tensor([2, -1, 0, 2, 2, -1]))
+    assert groups.active == (0, 2)
+    assert [i.tolist() for i in groups.index] == [[2], [0, 3, 4]]
+    assert groups.counts == [1, 3]
+    assert not groups.full
+    assert TokenGroups.build(torch.tensor([4, 4, 4])).full
+    assert not TokenGroups.build(torch.tensor([4, -1, 4])).full
+    pos, valid = groups.padded()
+    assert pos.shape == (2, 3) and valid.shape == (2, 3, 1)
+    assert valid[:, :, 0].tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+# ---------------------------------------------------------------------------------------------- choose_method
+
+
+def _plan(ranks: list[int], counts: list[int], width_in=512, width_out=512) -> tuple[TokenGroups, _Plan, int]:
+    weights = make_weights(dict(enumerate(ranks)), in_f=4, out_f=4)  # only shapes matter for the cost model
+    groups = TokenGroups.build(slots_tensor(list(enumerate(counts))))
+    pairs = [weights[s] for s in groups.active]
+    return groups, _Plan(groups.active, pairs, list(range(len(groups.active)))), width_in + width_out
+
+
+@pytest.mark.parametrize(
+    "ranks, counts, expected",
+    [
+        # decode, few adapters: two GEMMs beat a loop over adapters
+        ([8, 8], [2, 2], "stacked"),
+        ([8, 16, 8], [1, 1, 1], "stacked"),
+        # decode, many adapters of a few ranks, one token each: bmm per rank, no loop over 64 adapters
+        ([8] * 64, [1] * 64, "grouped"),
+        ([8, 16] * 32, [1] * 64, "grouped"),
+        # prefill: long segments of different sizes and ranks; stacked would waste U x the shrink
+        ([8, 16, 32, 64], [3000, 32, 32, 32], "segments"),
+        ([16, 16, 16, 16], [3000, 500, 100, 400], "segments"),
+    ],
+)
+def test_choose_method_picks_each_path(ranks, counts, expected):
+    groups, plan, width = _plan(ranks, counts)
+    assert choose_method(groups, plan, width, "cpu") == expected
+
+
+# ------------------------------------------------------------------------------------------- LoraLinear wrapper
+
+
+def _wrapped(kind: str, ranks: dict[int, int], dtype=torch.float32) -> tuple[LoraLinear, dict[int, ops.Pair]]:
+    torch.manual_seed(1)
+    base = nn.Linear(IN, OUT, bias=True) if kind == "linear" else Conv1D(OUT, IN)
+    if kind == "conv1d":
+        nn.init.normal_(base.bias)
+    base = base.to(dtype)
+    layer = LoraLinear(base)
+    weights = make_weights(ranks, dtype, seed=2)
+    for slot, (a, b) in weights.items():
+        layer.set_lora(slot, a, b)
+    return layer, weights
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("method", ["segments", "grouped", "stacked"])
+def test_wrapper_forced_method_matches_reference(kind, method, monkeypatch):
+    calls = []
+
+    def forced(*args, **kwargs):
+        calls.append(method)
+        return method
+
+    monkeypatch.setattr("blora.lora.layers.choose_method", forced)
+    # slot 7 is in the batch but this layer has no weights for it (adapter not targeting the module).
+    layer, weights = _wrapped(kind, {0: 2, 1: 8, 2: 8, 3: 5})
+    spec = [(-1, 4), (0, 3), (1, 5), (3, 2), (7, 3)]
+    slots = slots_tensor(spec, seed=3)
+    x = torch.randn(slots.numel(), IN)
+    with torch.no_grad():
+        base_out = layer.base(x)
+        with lora_batch(slots):
+            y = layer(x)
+    routed = torch.where(torch.isin(slots, torch.tensor(list(weights))), slots, -1)
+    expected = base_out + ops.lora_reference(x, routed, weights)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    unchanged = routed < 0
+    assert torch.equal(y[unchanged], base_out[unchanged])
+    assert calls, "choose_method was not consulted"
+
+
+@pytest.mark.parametrize("method", ["segments", "grouped", "stacked"])
+def test_wrapper_per_row_3d_input(method, monkeypatch):
+    """[B, T, in] input with one slot per row (what ``generate`` passes); bf16 weights and activations."""
+    monkeypatch.setattr("blora.lora.layers.choose_method", lambda *a, **k: method)
+    layer, weights = _wrapped("linear", {0: 4, 1: 16, 2: 1}, torch.bfloat16)
+    row_slots = torch.tensor([1, -1, 0, 1, 2])
+    x = torch.randn(5, 6, IN).to(torch.bfloat16)
+    with torch.no_grad():
+        base_out = layer.base(x)
+        with lora_batch(row_slots, per_row=True):
+            y = layer(x)
+    token_slots = row_slots.repeat_interleave(6)
+    expected = reference_out(base_out.reshape(-1, OUT), x.reshape(-1, IN), token_slots, weights).reshape(
+        5, 6, OUT
+    )
+    assert y.shape == (5, 6, OUT) and y.dtype == torch.bfloat16
+    assert_close_rel(y, expected, torch.bfloat16)
+    assert torch.equal(y[1], base_out[1])
+
+
+def test_wrapper_single_adapter_and_base_paths():
+    layer, weights = _wrapped("linear", {0: 3, 1: 6})
+    x = torch.randn(9, IN)
+    with torch.no_grad():
+        base_out = layer.base(x)
+        with lora_batch(torch.full((9,), 1)):  # every token one adapter: add_single
+            y = layer(x)
+        torch.testing.assert_close(y, base_out + x @ weights[1][0] @ weights[1][1], rtol=1e-5, atol=1e-5)
+        for slots in (
+            None,
+            torch.full((9,), -1),
+            torch.full((9,), 5),
+        ):  # no batch / all base / no weights here
+            with lora_batch(slots):
+                assert torch.equal(layer(x), base_out)
+        assert torch.equal(layer(x), base_out)  # outside any lora_batch
+
+
+def test_wrapper_reset_and_replace_slot():
+    layer, weights = _wrapped("linear", {0: 3, 1: 6})
+    x = torch.randn(4, IN)
+    slots = torch.tensor([0, 1, 0, 1])
+    with torch.no_grad(), lora_batch(slots):
+        before = layer(x)
+        layer.reset_lora(0)
+        after_reset = layer(x)
+        new = make_weights({0: 5}, seed=9)[0]
+        layer.set_lora(0, *new)
+        after_set = layer(x)
+        base_out = layer.base(x)
+    assert torch.equal(after_reset[[0, 2]], base_out[[0, 2]])
+    torch.testing.assert_close(after_reset[[1, 3]], before[[1, 3]])
+    torch.testing.assert_close(
+        after_set[[0, 2]], base_out[[0, 2]] + x[[0, 2]] @ new[0] @ new[1], rtol=1e-5, atol=1e-5
+    )
+
+
+# ---------------------------------------------------------------------------------------- scoped per-call state
+
+
+def test_state_is_scoped_to_the_with_block():
+    assert current_batch() is None
+    with lora_batch(torch.tensor([0, 1])) as outer:
+        assert current_batch() is outer
+        with lora_batch(torch.tensor([2])) as inner:
+            assert current_batch() is inner
+        assert current_batch() is outer
+        with lora_batch(None):
+            assert current_batch() is None
+        assert current_batch() is outer
+    assert current_batch() is None
+
+
+def test_state_is_reset_after_an_exception():
+    with pytest.raises(RuntimeError, match="boom"), lora_batch(torch.tensor([0])):
+        raise RuntimeError("boom")
+    assert current_batch() is None
+
+
+def test_state_is_invisible_to_other_threads():
+    layer, _ = _wrapped("linear", {0: 4})
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        base_out = layer.base(x)
+    seen: dict[str, object] = {}
+    entered, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        entered.wait(timeout=30)
+        seen["batch"] = current_batch()
+        with torch.no_grad():
+            seen["out"] = layer(x)
+        with lora_batch(torch.tensor([0, 0, 0])) as mine:  # its own state does not reach the main thread
+            seen["own"] = current_batch() is mine
+            release.set()
+            entered.wait(timeout=30)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with lora_batch(torch.tensor([0, 0, 0])) as active:
+        entered.set()
+        assert release.wait(timeout=30)
+        assert current_batch() is active
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert seen["batch"] is None
+    assert torch.equal(seen["out"], base_out), "a layer in another thread saw this thread's adapter slots"
+    assert seen["own"] is True
+    assert current_batch() is None
+
+
+def test_per_row_slot_count_mismatch_is_an_error():
+    layer, _ = _wrapped("linear", {0: 4})
+    with lora_batch(torch.tensor([0, 0, 0]), per_row=True), pytest.raises(ValueError, match="per-row slots"):
+        layer(torch.randn(2, 5, IN))
+    with lora_batch(torch.tensor([0, 0]), per_row=False), pytest.raises(ValueError, match="per-token slots"):
+        layer(torch.randn(3, IN))
