@@ -1,11 +1,13 @@
 """Continuous-batching multi-LoRA engine: sequences, paged KV blocks, scheduler, model runner, sampler."""
 
+from blora.engine.async_llm import AsyncLLM
 from blora.engine.llm import LLM
 from blora.engine.llm_engine import EngineConfig, LLMEngine
 from blora.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from blora.engine.sampling_params import SamplingParams
 
 __all__ = [
+    "AsyncLLM",
     "LLM",
     "CompletionOutput",
     "EngineConfig",

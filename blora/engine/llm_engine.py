@@ -173,13 +173,18 @@ class LLMEngine:
         adapter: str | None = None,
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
+        prompt_token_ids: list[int] | None = None,
     ) -> str:
-        """Queue a request (validated here, ``ValueError`` if invalid); returns its id."""
+        """Queue a request (validated here, ``ValueError`` if invalid); returns its id.
+        ``prompt_token_ids``, when given, are used instead of tokenizing the ``prompt`` text."""
         params = params if params is not None else SamplingParams()
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
-        text, ids = self.tokenize(prompt, add_special_tokens)
+        if prompt_token_ids is not None:
+            text, ids = (prompt if isinstance(prompt, str) else None), self.tokenize(prompt_token_ids)[1]
+        else:
+            text, ids = self.tokenize(prompt, add_special_tokens)
         max_tokens = self.check_request(ids, params, adapter)
         if adapter is not None:
             self._ensure_loaded(adapter)

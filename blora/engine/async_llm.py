@@ -1,0 +1,238 @@
+"""``AsyncLLM``: the engine loop in a background thread, requests as async iterators (what the server uses).
+
+Only the engine thread touches the engine: requests, aborts and adapter loads are queued to it as commands
+and run between steps; its outputs go back to each request's ``asyncio.Queue`` on the caller's event loop.
+The model's forward releases the GIL, so the event loop stays responsive while the engine computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from blora.engine.llm import build_engine
+from blora.engine.outputs import RequestOutput
+from blora.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncLLM:
+    """Continuous-batching engine for concurrent callers; the constructor takes ``LLM``'s arguments."""
+
+    def __init__(
+        self,
+        model=None,
+        adapters: dict[str, str] | None = None,
+        dtype=None,
+        device=None,
+        max_loras: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 1024,
+        num_kv_blocks: int | None = None,
+        block_size: int = 16,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        tokenizer=None,
+        **engine_config,
+    ) -> None:
+        self.engine = build_engine(
+            model,
+            tokenizer=tokenizer,
+            adapters=adapters,
+            dtype=dtype,
+            device=device,
+            max_loras=max_loras,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            num_kv_blocks=num_kv_blocks,
+            block_size=block_size,
+            max_model_len=max_model_len,
+            seed=seed,
+            **engine_config,
+        )
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._commands: deque[tuple[Callable, tuple, concurrent.futures.Future]] = deque()
+        self._wakeup = threading.Event()
+        self._accepting = True
+        self._stopped = False
+        self._stats = self.engine.stats()
+        self._thread = threading.Thread(target=self._loop, name="blora-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API --------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output as tokens arrive; the last one has ``finished=True``. An invalid
+        request raises ``ValueError`` on the first iteration. Closing the iterator early aborts it."""
+        if not self._accepting:
+            raise RuntimeError("AsyncLLM is shutting down and accepts no new requests")
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
+            self._streams[request_id] = stream
+        self._submit(self._add, request_id, prompt, sampling_params or SamplingParams(), adapter, time.time())
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(self.engine.abort_request, request_id, True)
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; its stream ends with finish_reason "abort"."""
+        return await self._call(self.engine.abort_request, request_id)
+
+    async def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load (and validate) an adapter between engine steps; raises ``AdapterError`` if it is broken."""
+        await self._call(self.engine.load_adapter, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._call(self.engine.unload_adapter, name)
+
+    def list_adapters(self) -> dict[str, str]:
+        return dict(self.engine.adapter_paths)
+
+    def stats(self) -> dict:
+        """Snapshot taken by the engine thread after its latest step (see ``LLMEngine.stats``)."""
+        return dict(self._stats)
+
+    async def shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Stop accepting requests, let running ones finish for up to ``drain_timeout`` s, abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while self._streams and time.monotonic() < deadline and not self._stopped:
+            await asyncio.sleep(0.02)
+        if not self._stopped:
+            await self._call(self._abort_all)
+            self._submit(self._stop)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def close(self) -> None:
+        """Synchronous stop (for scripts without an event loop): aborts everything, joins the thread."""
+        self._accepting = False
+        if not self._stopped:
+            self._submit(self._abort_all)
+            self._submit(self._stop)
+            self._thread.join()
+
+    # -- engine thread -----------------------------------------------------------------------------
+    def _submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.append((fn, args, future))
+        self._wakeup.set()
+        return future
+
+    async def _call(self, fn: Callable, *args):
+        if self._stopped:
+            raise RuntimeError("AsyncLLM has been shut down")
+        return await asyncio.wrap_future(self._submit(fn, *args))
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._wakeup.clear()
+            self._run_commands()
+            if self._stopped:
+                break
+            if self.engine.has_unfinished_requests():
+                self._step()
+            else:
+                self._stats = self.engine.stats()
+                self._wakeup.wait()
+        self._run_commands()  # answer late callers
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            fn, args, future = self._commands.popleft()
+            try:
+                future.set_result(fn(*args))
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # fail every request rather than hang their callers
+            log.exception("engine step failed; aborting all requests")
+            for request_id in list(self.engine.requests):
+                self.engine.abort_request(request_id, True)
+                self._deliver(request_id, exc)
+            return
+        self._stats = self.engine.stats()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            _call_soon(loop, _put_all, items)
+
+    def _add(self, request_id, prompt, params, adapter, arrival_time) -> None:
+        try:
+            self.engine.add_request(request_id, prompt, params, adapter, arrival_time)
+        except Exception as exc:
+            self._deliver(request_id, exc)
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            _call_soon(stream.loop, _put_all, [(stream.queue, item)])
+
+    def _abort_all(self) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+        self._step()  # delivers the "abort" outputs
+
+    def _stop(self) -> None:
+        self._stopped = True
+
+
+def _put_all(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is listening
+        loop.call_soon_threadsafe(fn, *args)

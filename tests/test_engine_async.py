@@ -1,0 +1,172 @@
+"""AsyncLLM: concurrent streaming requests with adapters, aborts, adapter (un)loading while running,
+validation errors, stats and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from blora.engine import LLM, AsyncLLM, SamplingParams
+from tests.helpers import make_adapter, targets, tiny_model, tokenizer
+
+PROMPTS = ["Hello", "The history of the city begins with a long story about", "x", "Why is the sky"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("async-adapters")
+    base = tiny_model("llama")
+    return {
+        "one": str(make_adapter(base, root / "one", seed=1, r=4, target_modules=targets("llama", "attn"))),
+        "two": str(make_adapter(base, root / "two", seed=2, r=8, target_modules=targets("llama", "mlp"))),
+    }
+
+
+def new_llm(adapters=None, **kw) -> AsyncLLM:
+    return AsyncLLM(tiny_model("llama"), tokenizer=tokenizer(), adapters=adapters, block_size=4, **kw)
+
+
+async def consume(llm: AsyncLLM, prompt, params, adapter=None, request_id=None):
+    """(final output, text from deltas, token ids from deltas, number of outputs)."""
+    text, ids, count, last = "", [], 0, None
+    async for out in llm.generate(prompt, params, adapter=adapter, request_id=request_id):
+        text += out.outputs[0].delta_text
+        ids += out.outputs[0].delta_token_ids
+        count += 1
+        last = out
+    return last, text, ids, count
+
+
+def test_concurrent_streams_match_offline_llm(adapters):
+    names = [None, "one", "two", "one"]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    offline = LLM(tiny_model("llama"), tokenizer=tokenizer(), adapters=adapters, block_size=4)
+    expected = offline.generate(PROMPTS, params, adapters=names)
+
+    async def main():
+        llm = new_llm(adapters)
+        try:
+            return await asyncio.gather(
+                *(consume(llm, p, params, a) for p, a in zip(PROMPTS, names, strict=True))
+            )
+        finally:
+            await llm.shutdown()
+
+    for (last, text, ids, count), ref in zip(asyncio.run(main()), expected, strict=True):
+        assert last.finished and count > 1  # streamed, not one final blob
+        assert ids == last.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert text == last.outputs[0].text == ref.outputs[0].text
+        assert last.metrics.first_token_time >= last.metrics.arrival_time
+        assert last.metrics.finished_time >= last.metrics.first_token_time
+
+
+def test_abort_and_early_close_free_blocks():
+    async def main():
+        llm = new_llm()
+        try:
+            params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+            gen = llm.generate(PROMPTS[1], params, request_id="a")
+            await anext(gen)
+            assert llm.stats()["kv_usage"] > 0
+            assert await llm.abort("a")
+            rest = [out async for out in gen]
+            assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+
+            gen = llm.generate(PROMPTS[1], params, request_id="b")
+            await anext(gen)
+            await gen.aclose()  # the client went away
+            for _ in range(200):
+                stats = llm.stats()
+                if stats["num_running"] == 0 and stats["kv_usage"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert stats["num_running"] == 0 and stats["kv_usage"] == 0.0
+            assert not await llm.abort("b")
+        finally:
+            await llm.shutdown()
+
+    asyncio.run(main())
+
+
+def test_invalid_requests_raise_value_error(adapters):
+    async def main():
+        llm = new_llm(adapters, max_model_len=64)
+        try:
+            with pytest.raises(ValueError, match="max_model_len"):
+                await consume(llm, [5] * 60, SamplingParams(max_tokens=10))
+            with pytest.raises(ValueError, match="unknown adapter"):
+                await consume(llm, "hi", SamplingParams(), adapter="nope")
+            slow = llm.generate("hi", SamplingParams(max_tokens=30, ignore_eos=True), request_id="dup")
+            await anext(slow)
+            with pytest.raises(ValueError, match="already in use"):
+                await consume(llm, "hi", SamplingParams(), request_id="dup")
+            await slow.aclose()
+        finally:
+            await llm.shutdown()
+
+    asyncio.run(main())
+
+
+def test_adapters_load_and_unload_while_running(adapters):
+    async def main():
+        llm = new_llm()
+        try:
+            params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+            running = asyncio.create_task(consume(llm, PROMPTS[1], params))
+            await llm.load_adapter("one", adapters["one"])
+            assert llm.list_adapters() == {"one": adapters["one"]}
+            with pytest.raises(ValueError):
+                await llm.load_adapter("bad", adapters["one"] + "-missing")
+            gen = llm.generate("hi", SamplingParams(max_tokens=30, ignore_eos=True), adapter="one")
+            await anext(gen)
+            assert llm.stats()["running_adapters"] == {"one": 1}
+            with pytest.raises(ValueError, match="unfinished"):
+                await llm.unload_adapter("one")
+            await gen.aclose()
+            await asyncio.sleep(0.05)
+            await llm.unload_adapter("one")
+            assert llm.list_adapters() == {}
+            last, *_ = await running
+            assert len(last.outputs[0].token_ids) == 40
+        finally:
+            await llm.shutdown()
+
+    asyncio.run(main())
+
+
+def test_shutdown_drains_then_aborts():
+    async def run(drain_timeout: float) -> str:
+        llm = new_llm()
+        task = asyncio.create_task(consume(llm, "b", SamplingParams(max_tokens=30, ignore_eos=True)))
+        while llm.stats()["num_running"] == 0:
+            await asyncio.sleep(0.005)
+        await llm.shutdown(drain_timeout=drain_timeout)
+        with pytest.raises(RuntimeError):
+            await consume(llm, "c", SamplingParams())
+        last, *_ = await task
+        return last.outputs[0].finish_reason
+
+    assert asyncio.run(run(60.0)) == "length"  # drained: finished normally
+    assert asyncio.run(run(0.0)) == "abort"
+
+
+def test_stats_fields():
+    llm = new_llm()
+    try:
+        stats = llm.stats()
+        for key in ("num_running", "num_waiting", "kv_usage", "running_adapters", "waiting_adapters"):
+            assert key in stats
+        assert stats["prompt_tokens_total"] == stats["generation_tokens_total"] == 0
+        assert llm.max_model_len == 256 and llm.tokenizer is not None
+    finally:
+        llm.close()
