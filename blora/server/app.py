@@ -147,7 +147,7 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         yield
         lifecycle.draining = True
         if config.shutdown_engine and hasattr(engine, "shutdown"):
-            result = engine.shutdown(drain_timeout=config.drain_timeout_s)
+            result = engine.shutdown(drain_timeout=1.0)  # the server drained already
             if inspect.isawaitable(result):
                 await result
 
