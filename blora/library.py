@@ -11,6 +11,7 @@ for out in model.generate(**batch, max_length=200, stream_output=True): ...   # 
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,21 +37,8 @@ def load_loras(
     ``{name: path}`` dict. Can be called again to add adapters; a failed load changes nothing.
     """
     items = adapters.items() if isinstance(adapters, dict) else ((str(a), a) for a in adapters)
-    items = list(items)
-    names = [name for name, _ in items]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"duplicate adapter names {dupes}; each adapter needs its own name")
-    manager = LoraManager.attach(model, max_rank=max_rank)
-    loaded: list[str] = []
-    try:
-        for name, source in items:
-            manager.load(name, source)
-            loaded.append(name)
-    except Exception:
-        for name in loaded:
-            manager.unload(name)
-        raise
+    manager = LoraManager.attach(model)
+    manager.load_many([(str(name), source) for name, source in items], max_rank=max_rank)
     _patch(model)
     return model, {name: info.slot for name, info in manager.adapters.items()}
 
@@ -112,29 +100,58 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _patch(model: nn.Module) -> None:
-    if getattr(model, "_blora_patched", False):
-        return
-    orig_forward, orig_generate = model.forward, model.generate
+_PATCHED: dict[type, type] = {}
 
-    def forward(*args, adapter_ids: torch.Tensor | None = None, **kwargs):
+
+def _patch(model: nn.Module) -> None:
+    """Swap the instance's class for a subclass (same name) whose ``forward``/``generate`` take
+    ``adapter_ids``; a class swap, unlike instance closures, survives ``copy.deepcopy``."""
+    cls = type(model)
+    if getattr(cls, "_blora_patched", False):
+        return
+    if cls not in _PATCHED:
+        _PATCHED[cls] = _patched_class(cls)
+    model.__class__ = _PATCHED[cls]
+
+
+def _patched_class(cls: type) -> type:
+    orig_forward, orig_generate = cls.forward, cls.generate
+
+    @functools.wraps(orig_forward)
+    def forward(self, *args, adapter_ids: torch.Tensor | None = None, **kwargs):
         _fill_position_ids(args, kwargs)
         if adapter_ids is None and current_batch() is not None:
-            return orig_forward(*args, **kwargs)
+            return orig_forward(self, *args, **kwargs)
+        _check_rows(adapter_ids, args, kwargs)
         with lora_batch(adapter_ids, per_row=True):
-            return orig_forward(*args, **kwargs)
+            return orig_forward(self, *args, **kwargs)
 
-    def generate(*args, adapter_ids: torch.Tensor | None = None, stream_output: bool = False, **kwargs):
+    @functools.wraps(orig_generate)
+    def generate(self, *args, adapter_ids: torch.Tensor | None = None, stream_output: bool = False, **kwargs):
+        _check_rows(adapter_ids, args, kwargs)
         if stream_output:
-            return _stream(orig_generate, adapter_ids, args, kwargs)
+            return _stream(functools.partial(orig_generate, self), adapter_ids, args, kwargs)
         with lora_batch(adapter_ids, per_row=True):
-            return orig_generate(*args, **kwargs)
+            return orig_generate(self, *args, **kwargs)
 
-    forward.__doc__ = orig_forward.__doc__
-    generate.__doc__ = orig_generate.__doc__
-    object.__setattr__(model, "forward", forward)
-    object.__setattr__(model, "generate", generate)
-    object.__setattr__(model, "_blora_patched", True)
+    attrs = {"forward": forward, "generate": generate, "_blora_patched": True, "__module__": cls.__module__}
+    patched = type(cls.__name__, (cls,), attrs)
+    patched.__qualname__ = cls.__qualname__
+    return patched
+
+
+def _check_rows(adapter_ids: torch.Tensor | None, args: tuple, kwargs: dict) -> None:
+    if adapter_ids is None:
+        return
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    n = adapter_ids.reshape(-1).numel()
+    if ids is not None and (n == 0 or ids.shape[0] % n != 0):
+        raise ValueError(
+            f"adapter_ids has {n} entries but the batch has {ids.shape[0]} rows; pass one adapter id per row "
+            "(prepare_batch builds it)"
+        )
 
 
 def _fill_position_ids(args: tuple, kwargs: dict) -> None:

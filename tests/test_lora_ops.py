@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from blora.lora import ops
 from blora.lora.context import TokenGroups, current_batch, lora_batch
-from blora.lora.layers import LoraLinear, _Plan, choose_method
+from blora.lora.layers import OP_COST, LoraLinear, _Plan, choose_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,7 +66,11 @@ def _run_op(method: str, y, x, groups: TokenGroups, weights) -> None:
     if method == "segments":
         ops.add_segments(y, x, groups, pairs)
     elif method == "grouped":
-        ops.add_grouped(y, x, groups, ops.build_rank_groups(pairs))
+        ops.add_grouped(y, x, groups, ops.build_rank_groups(list(range(len(pairs))), pairs, merge_below=0))
+    elif method == "grouped_padded":  # all ranks zero-padded into one bmm pair
+        ops.add_grouped(
+            y, x, groups, ops.build_rank_groups(list(range(len(pairs))), pairs, merge_below=10**12)
+        )
     elif method == "stacked":
         ops.add_stacked(y, x, groups, ops.build_stacked(groups.active, pairs))
     else:
@@ -74,7 +78,7 @@ def _run_op(method: str, y, x, groups: TokenGroups, weights) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("method", ["segments", "grouped", "stacked"])
+@pytest.mark.parametrize("method", ["segments", "grouped", "grouped_padded", "stacked"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_fast_op_matches_reference(case, method, dtype):
     ranks, spec = CASES[case]
@@ -124,9 +128,12 @@ def test_token_groups_build():
     assert not groups.full
     assert TokenGroups.build(torch.tensor([4, 4, 4])).full
     assert not TokenGroups.build(torch.tensor([4, -1, 4])).full
-    pos, valid = groups.padded()
+    pos, valid = groups.padded((0, 1), torch.float32)
     assert pos.shape == (2, 3) and valid.shape == (2, 3, 1)
     assert valid[:, :, 0].tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert pos.tolist() == [[2, 2, 2], [0, 3, 4]]  # pads repeat the adapter's first token (masked out)
+    pos, valid = groups.padded((1,), torch.float32)
+    assert pos.tolist() == [[0, 3, 4]] and valid is None  # no padding needed: no mask
 
 
 # ---------------------------------------------------------------------------------------------- choose_method
@@ -136,7 +143,11 @@ def _plan(ranks: list[int], counts: list[int], width_in=512, width_out=512) -> t
     weights = make_weights(dict(enumerate(ranks)), in_f=4, out_f=4)  # only shapes matter for the cost model
     groups = TokenGroups.build(slots_tensor(list(enumerate(counts))))
     pairs = [weights[s] for s in groups.active]
-    return groups, _Plan(groups.active, pairs, list(range(len(groups.active)))), width_in + width_out
+    return (
+        groups,
+        _Plan(groups.active, pairs, list(range(len(groups.active))), OP_COST["cpu"]),
+        width_in + width_out,
+    )
 
 
 @pytest.mark.parametrize(
@@ -155,7 +166,7 @@ def _plan(ranks: list[int], counts: list[int], width_in=512, width_out=512) -> t
 )
 def test_choose_method_picks_each_path(ranks, counts, expected):
     groups, plan, width = _plan(ranks, counts)
-    assert choose_method(groups, plan, width, "cpu") == expected
+    assert choose_method(groups, plan, width) == expected
 
 
 # ------------------------------------------------------------------------------------------- LoraLinear wrapper

@@ -323,7 +323,7 @@ def test_duplicate_name_of_a_loaded_adapter(loaded, env):
 def test_failure_after_a_good_adapter_in_the_same_call_rolls_back_everything(loaded, env, tmp_path):
     """'mlp' validates and installs (wrapping the MLP layers), then 'broken' fails: nothing may remain.
 
-    BUG (reported to the lead): the rollback unloads 'mlp' but leaves the new LoraLinear wrappers around the MLP
+    Regression test (fixed): the rollback unloads 'mlp' but leaves the new LoraLinear wrappers around the MLP
     layers, so the module structure and state_dict keys change after a failed load_loras call.
     """
     broken = edit_config(copy_adapter(env.good, tmp_path / "b"), r=0)
@@ -533,7 +533,7 @@ def test_adapter_ids_must_match_the_batch_rows(loaded, env, n_ids):
 
     (Rows that are a multiple of len(adapter_ids) are legitimate: ``generate`` repeats rows for beams and
     num_return_sequences.) n_ids=5 raises today.
-    BUG (reported to the lead) for n_ids=3 and 4: 2 rows x 6 tokens are accepted because 12 tokens divide by 3
+    Regression test for n_ids=3 and 4 (fixed): 2 rows x 6 tokens are accepted because 12 tokens divide by 3
     and 4 (LoraBatch._token_slots checks only ``num_tokens % n``): each row's tokens get split over other rows'
     adapter slots, silently.
     """
@@ -545,7 +545,7 @@ def test_adapter_ids_must_match_the_batch_rows(loaded, env, n_ids):
 def test_deepcopy_of_a_loaded_model_is_independent(loaded, env):
     """A deep copy must run its own modules and adapters.
 
-    BUG (reported to the lead): load_loras patches ``forward``/``generate`` on the instance with closures over
+    Regression test (fixed): load_loras patches ``forward``/``generate`` on the instance with closures over
     the original model; ``copy.deepcopy`` keeps those closures, so the copy's forward runs the ORIGINAL model's
     modules. After unloading 'good' from the original, the copy silently gives base-model logits for 'good'.
     """

@@ -32,7 +32,7 @@ class TokenGroups:
     index: list[torch.Tensor]
     counts: list[int]
     full: bool
-    _padded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _padded: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, slots: torch.Tensor) -> TokenGroups:
@@ -48,18 +48,28 @@ class TokenGroups:
         full = len(active) == 1 and counts[0] == len(cpu)
         return cls(slots=flat, active=active, index=index, counts=counts, full=full)
 
-    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([U, M] positions padded with 0, [U, M, 1] float mask of real entries)."""
-        if self._padded is None:
-            m = max(self.counts)
+    def padded(
+        self, members: tuple[int, ...], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For adapters ``members`` (positions into ``active``): [n, M] token positions padded with the
+        adapter's first token, and a [n, M, 1] mask of real entries (None when no padding was needed).
+        Cached for the forward, so every layer reuses it."""
+        key = (members, dtype)
+        hit = self._padded.get(key)
+        if hit is None:
+            m = max(self.counts[i] for i in members)
             device = self.slots.device
-            pos = torch.zeros(len(self.active), m, dtype=torch.long, device=device)
-            valid = torch.zeros(len(self.active), m, 1, device=device)
-            for i, idx in enumerate(self.index):
-                pos[i, : idx.numel()] = idx
-                valid[i, : idx.numel()] = 1.0
-            self._padded = (pos, valid)
-        return self._padded
+            pos = torch.empty(len(members), m, dtype=torch.long, device=device)
+            valid = torch.zeros(len(members), m, 1, dtype=dtype, device=device)
+            for k, i in enumerate(members):
+                idx = self.index[i]
+                pos[k, : idx.numel()] = idx
+                pos[k, idx.numel() :] = idx[0]
+                valid[k, : idx.numel()] = 1
+            ragged = any(self.counts[i] != m for i in members)
+            hit = (pos, valid if ragged else None)
+            self._padded[key] = hit
+        return hit
 
 
 class LoraBatch:

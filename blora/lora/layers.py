@@ -28,29 +28,34 @@ def is_linear(module: nn.Module) -> bool:
 
 
 class _Plan:
-    """Per (active adapters, weights version) cache of stacked weights for the fast ops."""
+    """Per (active adapters, weights version) cache of stacked weights and of the chosen op."""
 
-    def __init__(self, slots: tuple[int, ...], pairs: list[ops.Pair], positions: list[int]) -> None:
+    def __init__(
+        self, slots: tuple[int, ...], pairs: list[ops.Pair], positions: list[int], op_cost: int
+    ) -> None:
         self.slots = slots
         self.pairs = pairs
         self.positions = positions  # index of each slot in TokenGroups.active
         self.ranks = [int(a.shape[1]) for a, _ in pairs]
+        self.op_cost = op_cost
         self._grouped: list[ops.RankGroup] | None = None
         self._stacked: ops.Stacked | None = None
+        self._method: tuple[int, str] | None = None  # (id of the TokenGroups it was chosen for, method)
 
     def grouped(self) -> list[ops.RankGroup]:
         if self._grouped is None:
-            groups = ops.build_rank_groups(self.pairs)
-            pos = torch.tensor(self.positions, dtype=torch.long, device=self.pairs[0][0].device)
-            for g in groups:
-                g.members = pos.index_select(0, g.members)
-            self._grouped = groups
+            self._grouped = ops.build_rank_groups(self.positions, self.pairs, merge_below=4 * self.op_cost)
         return self._grouped
 
     def stacked(self) -> ops.Stacked:
         if self._stacked is None:
             self._stacked = ops.build_stacked(self.slots, self.pairs)
         return self._stacked
+
+    def method(self, groups: TokenGroups, width: int) -> str:
+        if self._method is None or self._method[0] != id(groups):
+            self._method = (id(groups), choose_method(groups, self, width))
+        return self._method[1]
 
 
 class LoraLinear(nn.Module):
@@ -111,7 +116,8 @@ class LoraLinear(nn.Module):
             if not positions:
                 return None
             slots = tuple(groups.active[i] for i in positions)
-            plan = _Plan(slots, [self.pairs[s] for s in slots], positions)
+            op_cost = OP_COST.get(groups.slots.device.type, OP_COST["cuda"])
+            plan = _Plan(slots, [self.pairs[s] for s in slots], positions, op_cost)
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
@@ -121,7 +127,7 @@ class LoraLinear(nn.Module):
         if groups.full:
             ops.add_single(y, x, plan.pairs[0])
             return
-        method = choose_method(groups, plan, self.in_features + self.out_features, y.device.type)
+        method = plan.method(groups, self.in_features + self.out_features)
         if method == "stacked":
             ops.add_stacked(y, x, groups, plan.stacked())
         elif method == "grouped":
@@ -141,18 +147,20 @@ def _subset(groups: TokenGroups, positions: list[int]) -> TokenGroups:
     )
 
 
-def choose_method(groups: TokenGroups, plan: _Plan, width: int, device_type: str) -> str:
-    """Pick segments / grouped / stacked by a launch + multiply-add cost model (see benchmarks/ops_bench.py)."""
-    op = OP_COST.get(device_type, OP_COST["cuda"])
-    n_tokens = groups.slots.numel()
+def choose_method(groups: TokenGroups, plan: _Plan, width: int) -> str:
+    """Pick segments / grouped / stacked by a launch + multiply-add cost model (see benchmarks/ops_bench.py).
+
+    ``width`` is in + out features; costs are in multiply-adds, one launch counting ``plan.op_cost``.
+    """
+    op = plan.op_cost
     counts = [groups.counts[i] for i in plan.positions]
     seg = sum(c * r for c, r in zip(counts, plan.ranks, strict=True)) * width + 3 * op * len(counts)
-    stacked = n_tokens * sum(plan.ranks) * width + 4 * op
-    m = max(counts)
-    ranks = {}
-    for r in plan.ranks:
-        ranks[r] = ranks.get(r, 0) + 1
-    grouped = sum(n * m * r for r, n in ranks.items()) * width + (5 * op * len(ranks)) + 2 * op
+    stacked = groups.slots.numel() * sum(plan.ranks) * width + 3 * op
+    grouped = 0
+    for g in plan.grouped():
+        m = max(groups.counts[i] for i in g.members)
+        ragged = any(groups.counts[i] != m for i in g.members)
+        grouped += len(g.members) * m * g.A.shape[2] * width + (4 + ragged) * op
     best = min(seg, stacked, grouped)
     if best == stacked:
         return "stacked"

@@ -50,14 +50,12 @@ class LoraManager:
         self._wrappers: dict[str, LoraLinear] = {}
 
     @classmethod
-    def attach(cls, model: nn.Module, *, max_rank: int | None = None) -> LoraManager:
-        """The model's manager, created on first use."""
-        manager = getattr(model, "_blora_manager", None)
+    def attach(cls, model: nn.Module) -> LoraManager:
+        """The model's manager, created on first use (``copy.deepcopy`` of the model copies it along)."""
+        manager = model.__dict__.get("_blora_manager")
         if manager is None:
-            manager = cls(model, max_rank=max_rank)
+            manager = cls(model)
             object.__setattr__(model, "_blora_manager", manager)
-        elif max_rank is not None:
-            manager.max_rank = max_rank
         return manager
 
     def __contains__(self, name: str) -> bool:
@@ -72,17 +70,34 @@ class LoraManager:
         except KeyError:
             raise KeyError(f"adapter {name!r} is not loaded; loaded: {self.names()}") from None
 
-    def load(self, name: str, source: str | Path) -> int:
+    def load(self, name: str, source: str | Path, *, max_rank: int | None = None) -> int:
         """Read, validate and install an adapter; returns its slot."""
-        if not isinstance(name, str) or not name:
-            raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
-        if name in self.adapters:
-            raise AdapterError(
-                f"adapter {name!r} is already loaded (from {self.adapters[name].source}); "
-                "unload it first or pick another name"
-            )
-        files = read_adapter(name, source)
-        prepared = self._validate(files)
+        return self.load_many([(name, source)], max_rank=max_rank)[0]
+
+    def load_many(self, items: list[tuple[str, str | Path]], *, max_rank: int | None = None) -> list[int]:
+        """Load several adapters atomically: all are validated before any is installed.
+
+        ``max_rank`` (this call only) defaults to the manager's ``max_rank``.
+        """
+        names = [name for name, _ in items]
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
+            if name in self.adapters:
+                raise AdapterError(
+                    f"adapter {name!r} is already loaded (from {self.adapters[name].source}); "
+                    "unload it first or pick another name"
+                )
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise AdapterError(f"duplicate adapter names {dupes}; each adapter needs its own name")
+        limit = self.max_rank if max_rank is None else max_rank
+        prepared = [
+            (name, source, self._validate(read_adapter(name, source), limit)) for name, source in items
+        ]
+        return [self._install(name, source, modules) for name, source, modules in prepared]
+
+    def _install(self, name: str, source: str | Path, prepared: _Prepared) -> int:
         slot = self._free_slot()
         for module_name, a_t, b_t in prepared:
             self._wrap(module_name).set_lora(slot, a_t, b_t)
@@ -137,7 +152,7 @@ class LoraManager:
                 out[name] = module
         return out
 
-    def _validate(self, files: AdapterFiles) -> _Prepared:
+    def _validate(self, files: AdapterFiles, max_rank: int | None) -> _Prepared:
         where = f"adapter {files.name!r} ({files.path})"
         cfg = files.config
         linear = self._linear_modules()
@@ -161,7 +176,7 @@ class LoraManager:
                     "target_modules/exclude_modules/layers_to_transform do not select it; the config and "
                     "weights disagree"
                 )
-            prepared.append((module_name, *self._prepare(where, module_name, module, pair, cfg)))
+            prepared.append((module_name, *self._prepare(where, module_name, module, pair, cfg, max_rank)))
         targeted = [m for m in linear if cfg.targets(m, set(linear))]
         missing = sorted(set(targeted) - set(files.modules))
         if missing:
@@ -173,7 +188,7 @@ class LoraManager:
             )
         return prepared
 
-    def _prepare(self, where, module_name, module, pair, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(self, where, module_name, module, pair, cfg, max_rank) -> tuple[torch.Tensor, torch.Tensor]:
         in_f, out_f = base_features(module.base if isinstance(module, LoraLinear) else module)
         a, b = pair.A, pair.B
         key = f"{where}, module {module_name!r}"
@@ -193,8 +208,8 @@ class LoraManager:
             raise AdapterError(
                 f"{key}: weights have rank {r} but the config says r={cfg.rank_for(module_name)}"
             )
-        if self.max_rank is not None and r > self.max_rank:
-            raise AdapterError(f"{key}: rank {r} is above the configured maximum {self.max_rank}")
+        if max_rank is not None and r > max_rank:
+            raise AdapterError(f"{key}: rank {r} is above the configured maximum {max_rank}")
         for label, t in (("lora_A", a), ("lora_B", b)):
             if not torch.isfinite(t).all():
                 raise AdapterError(f"{key}: {label} holds NaN or Inf values; the adapter is corrupt")

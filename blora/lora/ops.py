@@ -51,40 +51,54 @@ def add_segments(y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, pairs: l
 
 @dataclass
 class RankGroup:
-    """Adapters (rows ``members`` of ``TokenGroups.active``) sharing one rank, weights stacked for bmm."""
+    """Adapters sharing one (possibly padded) rank, weights stacked for ``bmm``.
 
-    members: torch.Tensor  # [n] positions into TokenGroups.active
+    ``members``: positions into ``TokenGroups.active``. Adapters of smaller rank may be zero-padded up to
+    the group's rank when that is cheaper than another pair of launches (decided per batch, per layer).
+    """
+
+    members: tuple[int, ...]
     A: torch.Tensor  # [n, in, r]
     B: torch.Tensor  # [n, r, out]
 
 
-def build_rank_groups(pairs: list[Pair]) -> list[RankGroup]:
-    by_rank: dict[int, list[int]] = {}
-    for i, (a, _) in enumerate(pairs):
-        by_rank.setdefault(int(a.shape[1]), []).append(i)
-    device = pairs[0][0].device
-    return [
-        RankGroup(
-            members=torch.tensor(ids, dtype=torch.long, device=device),
-            A=torch.stack([pairs[i][0] for i in ids]),
-            B=torch.stack([pairs[i][1] for i in ids]),
-        )
-        for ids in by_rank.values()
-    ]
+def build_rank_groups(members: list[int], pairs: list[Pair], merge_below: int) -> list[RankGroup]:
+    """Group adapters by rank; merge neighbouring ranks (zero-padding) while the padded multiply-adds per
+    token stay under ``merge_below``."""
+    order = sorted(range(len(pairs)), key=lambda i: int(pairs[i][0].shape[1]))
+    buckets: list[list[int]] = []
+    for i in order:
+        r = int(pairs[i][0].shape[1])
+        if buckets:
+            cur = buckets[-1]
+            waste = sum(r - int(pairs[j][0].shape[1]) for j in cur)
+            if waste * (pairs[i][0].shape[0] + pairs[i][1].shape[1]) <= merge_below:
+                cur.append(i)
+                continue
+        buckets.append([i])
+    return [_stack(tuple(members[i] for i in b), [pairs[i] for i in b]) for b in buckets]
+
+
+def _stack(members: tuple[int, ...], pairs: list[Pair]) -> RankGroup:
+    r = max(int(a.shape[1]) for a, _ in pairs)
+    a0, b0 = pairs[0]
+    A = a0.new_zeros(len(pairs), a0.shape[0], r)
+    B = b0.new_zeros(len(pairs), r, b0.shape[1])
+    for k, (a, b) in enumerate(pairs):
+        A[k, :, : a.shape[1]] = a
+        B[k, : b.shape[0]] = b
+    return RankGroup(members=members, A=A, B=B)
 
 
 def add_grouped(y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, rank_groups: list[RankGroup]) -> None:
     """Rank-grouped bmm. Semantics: as ``add_segments``; tokens padded per adapter, pads masked to zero."""
-    pos, valid = groups.padded()
     for g in rank_groups:
-        if g.members.numel() == len(groups.active):
-            p, v = pos, valid
-        else:
-            p, v = pos.index_select(0, g.members), valid.index_select(0, g.members)
-        h = torch.bmm(x[p], g.A)  # [n, M, r]
-        h.mul_(v.to(h.dtype))
+        pos, valid = groups.padded(g.members, x.dtype)
+        h = torch.bmm(x[pos], g.A)  # [n, M, r]
+        if valid is not None:
+            h.mul_(valid)
         out = torch.bmm(h, g.B)  # [n, M, out]
-        y.index_add_(0, p.reshape(-1), out.reshape(-1, out.shape[-1]))
+        y.index_add_(0, pos.reshape(-1), out.reshape(-1, out.shape[-1]))
 
 
 @dataclass
