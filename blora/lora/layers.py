@@ -9,7 +9,12 @@ from blora.lora import ops
 from blora.lora.context import TokenGroups, current_batch
 
 # Cost model for picking an op (in multiply-adds): one extra kernel launch is worth about OP_COST MACs.
-OP_COST = {"cpu": 150_000, "cuda": 400_000}
+# Measured with benchmarks/ops_bench.py: small bf16 matmuls on CPU cost ~25 us each (oneDNN), fp32 ~5 us.
+OP_COST = {("cpu", torch.bfloat16): 2_000_000, ("cpu", torch.float16): 2_000_000, "cpu": 200_000, "cuda": 400_000}
+
+
+def op_cost(device_type: str, dtype: torch.dtype) -> int:
+    return OP_COST.get((device_type, dtype), OP_COST.get(device_type, OP_COST["cuda"]))
 _PLAN_CACHE_SIZE = 8
 
 
@@ -116,8 +121,8 @@ class LoraLinear(nn.Module):
             if not positions:
                 return None
             slots = tuple(groups.active[i] for i in positions)
-            op_cost = OP_COST.get(groups.slots.device.type, OP_COST["cuda"])
-            plan = _Plan(slots, [self.pairs[s] for s in slots], positions, op_cost)
+            pairs = [self.pairs[s] for s in slots]
+            plan = _Plan(slots, pairs, positions, op_cost(pairs[0][0].device.type, pairs[0][0].dtype))
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan

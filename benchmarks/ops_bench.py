@@ -1,0 +1,73 @@
+"""Micro-benchmark of the batched LoRA ops on SmolLM2 layer shapes (decode: 32 tokens).
+
+Prints microseconds per call (best of 3) for the base linear and each op, and what ``choose_method`` picks,
+so the cost model in ``blora/lora/layers.py`` (``OP_COST``) can be checked on a new machine.
+Run: ``.venv/bin/python benchmarks/ops_bench.py [--threads 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from blora.lora import ops
+from blora.lora.context import TokenGroups
+from blora.lora.layers import _Plan, choose_method, op_cost
+
+MIXES = {
+    "16 adapters r8-64": [8, 16, 32, 64] * 4,
+    "8 adapters r8-64": [8, 16, 32, 64] * 2,
+    "4 adapters r8-64": [8, 16, 32, 64],
+    "4 adapters r16": [16] * 4,
+    "16 adapters r8/16": [8, 16] * 8,
+}
+
+
+def best_us(fn, n: int = 30) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - start) / n * 1e6)
+    return best
+
+
+def bench(dtype: torch.dtype, in_f: int, out_f: int, ranks: list[int], tokens: int) -> dict[str, float]:
+    u = len(ranks)
+    x, y = torch.randn(tokens, in_f, dtype=dtype), torch.randn(tokens, out_f, dtype=dtype)
+    pairs = [(torch.randn(in_f, r, dtype=dtype) * 0.01, torch.randn(r, out_f, dtype=dtype) * 0.01) for r in ranks]
+    groups = TokenGroups.build(torch.arange(tokens) % u)
+    weight = torch.randn(out_f, in_f, dtype=dtype)
+    plan = _Plan(groups.active, pairs, list(range(u)), op_cost(x.device.type, dtype))
+    exact = ops.build_rank_groups(list(range(u)), pairs, merge_below=0)
+    stacked = ops.build_stacked(groups.active, pairs)
+    return {
+        "base": best_us(lambda: torch.nn.functional.linear(x, weight)),
+        "segments": best_us(lambda: ops.add_segments(y, x, groups, pairs)),
+        "grouped(exact ranks)": best_us(lambda: ops.add_grouped(y, x, groups, exact)),
+        "grouped(auto merge)": best_us(lambda: ops.add_grouped(y, x, groups, plan.grouped())),
+        "stacked": best_us(lambda: ops.add_stacked(y, x, groups, stacked)),
+        "picked": choose_method(groups, plan, in_f + out_f),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for dtype in (torch.bfloat16, torch.float32):
+        for in_f, out_f in ((576, 576), (576, 1536)):
+            for label, ranks in MIXES.items():
+                res = bench(dtype, in_f, out_f, ranks, args.tokens)
+                cells = "  ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
+                print(f"{str(dtype)[6:]:8s} {in_f}x{out_f:<5d} {label:18s} {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
