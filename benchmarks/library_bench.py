@@ -48,7 +48,6 @@ def run_dtype(dtype: str, args, adapter_root: Path) -> list[dict]:
             names = [paths[i % k].name for i in range(args.requests)]
             batch = prepare_batch(list(zip(texts, names, strict=True)), tok, model, lora_map)
             record(f"blora library, {k} adapters", lambda b=batch: model.generate(**b, **gen))
-        del model
 
         if not args.skip_peft:
             from peft import PeftModel
