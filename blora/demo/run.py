@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from blora.demo.behaviours import ADAPTER_NAMES, BEHAVIOURS, adapter_path, check_behaviour
 from blora.library import load_loras, prepare_batch
 from blora.models import load_model
@@ -52,7 +50,9 @@ def run_demo(
 
     console = Console()
     live = console.is_terminal if live is None else live
-    console.print(f"[bold]blora demo[/bold]: loading SmolLM2-135M-Instruct and {len(ADAPTER_NAMES)} adapters...")
+    console.print(
+        f"[bold]blora demo[/bold]: loading SmolLM2-135M-Instruct and {len(ADAPTER_NAMES)} adapters..."
+    )
     loaded = load_model(dtype=dtype, device=device)
     model, tok = loaded.model, loaded.tokenizer
     model, lora_map = load_loras(model, {name: adapter_path(name) for name in ADAPTER_NAMES})
@@ -63,7 +63,11 @@ def run_demo(
     batch = prepare_batch([(prompt, r.adapter) for r in rows], tok, model, lora_map, add_special_tokens=False)
     console.print(f"model dtype {model.dtype}, device {model.device}; question: [italic]{question}[/italic]")
     stream = model.generate(
-        **batch, max_new_tokens=max_new_tokens, do_sample=False, stream_output=True, pad_token_id=tok.eos_token_id
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        stream_output=True,
+        pad_token_id=tok.eos_token_id,
     )
     result = _consume(stream, rows, tok, console, live)
     _summary(console, result)
