@@ -39,10 +39,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROMPT_LENS = [(32, 0.4), (64, 0.3), (128, 0.2), (256, 0.1)]  # tokens, probability
 OUTPUT_LENS = [(16, 0.3), (32, 0.4), (64, 0.3)]
-WORDS = (
+WORDS = (  # noqa: SIM905
     "the moon bread volcano ocean chess bicycle rain music bee glacier internet train coffee paper desert owl "
     "history culture river mountain city garden library market winter summer story letter window bridge"
-).split()  # noqa: SIM905
+).split()
 
 
 @dataclass

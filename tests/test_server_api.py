@@ -516,3 +516,22 @@ def test_resolve_adapter_path_unit(tmp_path):
         resolve_adapter_path(root, "a/../a/b")
     with pytest.raises(NotFoundError):
         resolve_adapter_path(root, "a/c")
+
+
+def test_cli_arguments(tmp_path):
+    import argparse
+
+    from blora.server.cli import _check_args, add_serve_arguments
+
+    parser = add_serve_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--lora-modules", "a=/x", "b=/y=z", "--max-queue", "-1", "--port", "9"])
+    assert args.lora_modules == [("a", "/x"), ("b", "/y=z")] and args.max_queue == -1 and args.model is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lora-modules", "nameonly"])
+    with pytest.raises(SystemExit, match="needs --adapter-root"):
+        _check_args(parser.parse_args(["--allow-runtime-adapters"]))
+    with pytest.raises(SystemExit, match="duplicate"):
+        _check_args(parser.parse_args(["--lora-modules", "a=/x", "a=/y"]))
+    with pytest.raises(SystemExit, match="not a directory"):
+        _check_args(parser.parse_args(["--adapter-root", str(tmp_path / "nope")]))
+    _check_args(parser.parse_args(["--adapter-root", str(tmp_path), "--allow-runtime-adapters"]))

@@ -118,9 +118,9 @@ class Server:
     def client(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
-    def http(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def http(self, method: str, path: str, timeout: float = 120, **kwargs) -> httpx.Response:
         headers = {"Authorization": f"Bearer {KEY}", **kwargs.pop("headers", {})}
-        return httpx.request(method, self.url + path, headers=headers, timeout=120, **kwargs)
+        return httpx.request(method, self.url + path, headers=headers, timeout=timeout, **kwargs)
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics", timeout=30).text
@@ -416,6 +416,18 @@ def test_disconnect_aborts_and_frees_kv_blocks(server):
     gen_tokens = server.metric("blora:generation_tokens_total")
     time.sleep(0.5)
     assert server.metric("blora:generation_tokens_total") == gen_tokens  # nothing generates any more
+
+
+def test_disconnect_of_non_streaming_request_aborts_it(server):
+    body = {"model": "b", "prompt": "Count:", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        server.http("POST", "/v1/completions", json=body, timeout=1.5)
+    deadline = time.monotonic() + 15
+    while server.metric("blora:server_requests_in_flight") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.metric("blora:server_requests_in_flight") == 0
+    assert server.metric("blora:num_requests_running") == 0
+    assert server.metric("blora:kv_cache_usage_perc") == 0
 
 
 def test_metrics_moved(server):

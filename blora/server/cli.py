@@ -45,6 +45,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     a("--max-loras", type=int, default=16, help="distinct adapters in one engine step")
     a("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
+    a(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="prompt + output tokens per request (default: the model's)",
+    )
+    a("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step (prefill chunk)")
+    a("--num-kv-blocks", type=int, default=None, help="KV-cache size in blocks (default: sized from memory)")
+    a("--seed", type=int, default=0, help="engine seed for requests without their own seed")
     a("--max-queue", type=int, default=256,
       help="requests that may wait beyond --max-num-seqs before new ones get 429 (-1: unbounded)")  # fmt: skip
     a("--retry-after", type=int, default=1, help="Retry-After seconds sent with 429")
@@ -75,6 +84,10 @@ def build_engine(args: argparse.Namespace):
         device=args.device,
         max_loras=args.max_loras,
         max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_kv_blocks=args.num_kv_blocks,
+        seed=args.seed,
     )
 
 
