@@ -392,6 +392,14 @@ def test_draining_is_503(client):
     client.app.state.lifecycle.draining = False
 
 
+def test_request_size_limits(client):
+    r = client.post("/v1/completions", content=b"{}", headers={"content-length": str(64 << 20)})
+    assert_error(r, 413, code="body_too_large")
+    r = client.post("/v1/completions", json={"model": BASE, "prompt": ["x"] * 200, "n": 2})
+    assert_error(r, 400, "n")
+    assert client.engine.calls == []
+
+
 def test_unknown_route_and_method_use_error_shape(client):
     assert_error(client.get("/v1/nope"), 404)
     assert_error(client.get("/v1/completions"), 405)

@@ -28,7 +28,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from blora.server.adapters import AdapterManager
 from blora.server.completions import create_chat_completion, create_completion
-from blora.server.errors import AuthenticationError, NotFoundError, ShuttingDownError, install_error_handlers
+from blora.server.errors import (
+    AuthenticationError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ShuttingDownError,
+    install_error_handlers,
+)
 from blora.server.lifecycle import Lifecycle
 from blora.server.metrics import ServerMetrics
 from blora.server.protocol import (
@@ -41,6 +47,8 @@ from blora.server.protocol import (
 from blora.server.serving import Serving
 
 logger = logging.getLogger("blora.server")
+
+MAX_BODY_BYTES = 32 << 20
 
 
 @dataclass
@@ -83,6 +91,8 @@ class GateMiddleware:
             self.metrics.reject("shutting_down")
         elif self.api_key and path.startswith("/v1") and not self._authorized(scope):
             error = AuthenticationError("Incorrect or missing API key; send 'Authorization: Bearer <key>'")
+        elif _content_length(scope) > MAX_BODY_BYTES:
+            error = PayloadTooLargeError(f"The request body is over {MAX_BODY_BYTES >> 20} MiB")
         if error is not None:
             return await error.to_response()(scope, receive, send)
         return await self.app(scope, receive, send)
@@ -93,6 +103,16 @@ class GateMiddleware:
         scheme, _, token = auth.partition(" ")
         assert self.api_key is not None
         return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
+
+
+def _content_length(scope: dict) -> int:
+    for key, value in scope.get("headers") or []:
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
 
 
 async def _listen_for_disconnect(request: Request) -> None:

@@ -29,6 +29,7 @@ from blora.server.render import DeltaTracker, usage_of
 
 logger = logging.getLogger("blora.server")
 
+MAX_CHOICES = 256  # prompts x n in one request
 SUBMIT_TURNS = 3  # event-loop turns a streaming request gives the engine to accept or reject it
 
 
@@ -231,6 +232,12 @@ class Serving:
         that a request queued behind a full batch still gets its response headers at once.
         """
         adapter = self.adapters.resolve(model)
+        choices = len(prompts) * (params[0].n if params else 1)
+        if choices > MAX_CHOICES:
+            raise InvalidRequestError(
+                f"The request asks for {choices} completions (prompts x n); the limit is {MAX_CHOICES}",
+                param="n",
+            )
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         try:
             ticket = self.lifecycle.admit(request_id)
@@ -296,6 +303,8 @@ class Serving:
                     yield usage_chunk(usage_of([job.final for job in gen.jobs if job.final]))
             except APIError as exc:
                 yield sse_error(exc)
+            except ValueError as exc:  # the engine refused the request after the stream started
+                yield sse_error(InvalidRequestError(str(exc)))
             except Exception as exc:
                 logger.exception("stream %s failed", gen.request_id)
                 yield sse_error(APIError(f"Generation failed: {type(exc).__name__}: {exc}"))
