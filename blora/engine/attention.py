@@ -30,12 +30,12 @@ ATTN_IMPLEMENTATION = "blora_paged"
 @dataclass
 class PrefillChunk:
     """Rows ``[row, row + num_tokens)`` of the flat batch are positions ``[start, start + num_tokens)`` of one
-    sequence; ``block_table`` [num_blocks] holds the blocks of its first ``start + num_tokens`` tokens."""
+    sequence; ``slots`` [start + num_tokens] are the cache slots of all its tokens so far."""
 
     row: int
     num_tokens: int
     start: int
-    block_table: torch.Tensor
+    slots: torch.Tensor
 
     @property
     def context_len(self) -> int:
@@ -48,36 +48,39 @@ class AttentionMetadata:
 
     ``slot_mapping`` [N]: cache slot (``block * block_size + offset``) of each new token.
     Single-token chunks (decodes) are batched: ``decode_rows`` [Bd] their rows in the flat batch,
-    ``decode_block_tables`` [Bd, max_blocks] (padded with block 0), ``decode_context_lens`` [Bd].
-    Longer chunks (prefills) are listed in ``prefills``.
+    ``decode_slots`` [Bd, L] the slots of each one's context padded to a common length L (with slot 0),
+    ``decode_context_lens`` [Bd]. Longer chunks (prefills) are listed in ``prefills``.
     """
 
     num_tokens: int
     slot_mapping: torch.Tensor
     decode_rows: torch.Tensor | None = None
-    decode_block_tables: torch.Tensor | None = None
+    decode_slots: torch.Tensor | None = None
     decode_context_lens: torch.Tensor | None = None
     all_decode: bool = False
     prefills: list[PrefillChunk] = field(default_factory=list)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def decode_mask(self, block_size: int, sliding_window: int | None) -> torch.Tensor:
-        """[Bd, 1, 1, L] True where a decode query may attend (cached, causal, inside the window)."""
-        mask = self._masks.get(sliding_window)
-        if mask is None:
+    def decode_bias(self, sliding_window: int | None) -> torch.Tensor:
+        """[Bd, 1, L] float32 additive mask: 0 where a decode query may attend (cached, causal, inside the
+        window), -inf elsewhere. Built once per step and window size, shared by all layers."""
+        bias = self._masks.get(sliding_window)
+        if bias is None:
             lens = self.decode_context_lens
-            key_pos = torch.arange(self.decode_block_tables.shape[1] * block_size, device=lens.device)
-            mask = key_pos[None, :] < lens[:, None]
+            key_pos = torch.arange(self.decode_slots.shape[1], device=lens.device)
+            allowed = key_pos[None, :] < lens[:, None]
             if sliding_window is not None:
-                mask &= key_pos[None, :] > (lens[:, None] - 1 - sliding_window)
-            mask = mask[:, None, None, :]
-            self._masks[sliding_window] = mask
-        return mask
+                allowed &= key_pos[None, :] > (lens[:, None] - 1 - sliding_window)
+            bias = torch.zeros(allowed.shape, dtype=torch.float32, device=lens.device)
+            bias = bias.masked_fill_(~allowed, float("-inf"))[:, None, :]
+            self._masks[sliding_window] = bias
+        return bias
 
 
 class KVCache:
-    """Per layer, keys and values as ``[num_blocks, block_size, KVH, D]`` tensors, allocated on first use
-    (so head counts and dims come from the model's actual tensors, whatever the architecture)."""
+    """Per layer, keys and values as ``[KVH, num_blocks * block_size, D]`` tensors (head-major, so a gather
+    of token slots is directly a batch of contiguous [L, D] matrices per head), allocated on first use:
+    head counts and dims come from the model's actual tensors, whatever the architecture."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
@@ -88,7 +91,7 @@ class KVCache:
         """(k, v) cache of a layer; ``like`` [1, KVH, N, D] gives shape, dtype and device."""
         kv = self.layers.get(layer_idx)
         if kv is None:
-            shape = (self.num_blocks, self.block_size, like.shape[1], like.shape[3])
+            shape = (like.shape[1], self.num_blocks * self.block_size, like.shape[3])
             kv = (like.new_zeros(shape), like.new_zeros(shape))
             self.layers[layer_idx] = kv
         return kv
@@ -157,33 +160,32 @@ def paged_attention(
 def _store(
     k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    """Semantics: ``k_cache.view(-1, KVH, D)[slots] = key[0].transpose(0, 1)`` (same for values)."""
-    kvh, d = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, kvh, d).index_copy_(0, slots, key[0].transpose(0, 1).to(k_cache.dtype))
-    v_cache.view(-1, kvh, d).index_copy_(0, slots, value[0].transpose(0, 1).to(v_cache.dtype))
-
-
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[B, nb] block ids -> [B, KVH, nb * block_size, D] keys or values."""
-    b, nb = block_tables.shape
-    blocks = cache[block_tables]  # [B, nb, bs, KVH, D]
-    return blocks.view(b, nb * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
+    """Semantics: ``k_cache[:, slots] = key[0]``, ``v_cache[:, slots] = value[0]``."""
+    k_cache.index_copy_(1, slots, key[0].to(k_cache.dtype))
+    v_cache.index_copy_(1, slots, value[0].to(v_cache.dtype))
 
 
 def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scaling, sliding_window) -> torch.Tensor:
-    """All single-token queries at once: one SDPA over each sequence's gathered blocks -> [Bd, H, D].
+    """All single-token queries at once over each sequence's cached tokens -> [Bd, H, D].
 
-    GQA without copies: the ``n_rep`` query heads of a K/V head play the role of ``n_rep`` query rows.
+    Semantics per sequence b and head j: ``softmax(q[b, j] @ K[j // n_rep, slots_b].T * scaling) @ V[...]``.
+    K/V heads are the outer batch dimension ([KVH * Bd, L, D] after one ``index_select``), and the
+    ``n_rep`` query heads sharing a K/V head are its query rows: GQA without repeating K/V, and two bmm
+    calls without copies. Float32 softmax, as HF's eager attention; ~2x faster than SDPA's CPU kernel here.
     """
-    h, kvh, d = query.shape[1], k_cache.shape[2], query.shape[3]
-    q = query[0].index_select(1, meta.decode_rows) if not meta.all_decode else query[0]
-    bd = q.shape[1]
-    q = q.transpose(0, 1).reshape(bd, kvh, h // kvh, d)  # head j uses K/V head j // n_rep
-    k = _gather(k_cache, meta.decode_block_tables)
-    v = _gather(v_cache, meta.decode_block_tables)
-    mask = meta.decode_mask(k_cache.shape[1], sliding_window)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-    return out.reshape(bd, h, d)
+    h, d = query.shape[1], query.shape[3]
+    kvh = k_cache.shape[0]
+    q = query[0] if meta.all_decode else query[0].index_select(1, meta.decode_rows)  # [H, Bd, D]
+    bd, n_ctx = q.shape[1], meta.decode_slots.shape[1]
+    q = q.view(kvh, h // kvh, bd, d).transpose(1, 2).reshape(kvh * bd, h // kvh, d)
+    flat = meta.decode_slots.view(-1)
+    k = k_cache.index_select(1, flat).view(kvh * bd, n_ctx, d)
+    v = v_cache.index_select(1, flat).view(kvh * bd, n_ctx, d)
+    scores = torch.bmm(q, k.transpose(1, 2)).float().view(kvh, bd, h // kvh, n_ctx)
+    scores = scores.mul_(d**-0.5 if scaling is None else scaling).add_(meta.decode_bias(sliding_window))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(kvh * bd, h // kvh, n_ctx)
+    out = torch.bmm(probs, v).view(kvh, bd, h // kvh, d)
+    return out.permute(1, 0, 2, 3).reshape(bd, h, d)
 
 
 def _prefill(query, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling, sliding_window):
@@ -197,8 +199,8 @@ def _prefill(query, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling, 
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
         return out[0].transpose(0, 1)
     n_ctx = chunk.context_len
-    k = _gather(k_cache, chunk.block_table[None])[:, :, :n_ctx]
-    v = _gather(v_cache, chunk.block_table[None])[:, :, :n_ctx]
+    k = k_cache.index_select(1, chunk.slots)[None]
+    v = v_cache.index_select(1, chunk.slots)[None]
     q_pos = torch.arange(chunk.start, n_ctx, device=q.device)[:, None]
     k_pos = torch.arange(n_ctx, device=q.device)[None, :]
     mask = k_pos <= q_pos

@@ -71,7 +71,7 @@ class LLMEngine:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.requests: dict[str, Request] = {}
         self.adapter_paths: dict[str, str] = {}
-        self.lora: LoraManager | None = getattr(model, "_blora_manager", None)
+        self.lora: LoraManager | None = model.__dict__.get("_blora_manager")
         if self.lora is not None:
             self.adapter_paths.update({n: info.source for n, info in self.lora.adapters.items()})
         self.prompt_tokens_total = 0
@@ -122,9 +122,9 @@ class LLMEngine:
 
     def _ensure_loaded(self, name: str) -> None:
         if self.lora is None:
-            self.lora = LoraManager.attach(self.model, max_rank=self.config.max_lora_rank)
+            self.lora = LoraManager.attach(self.model)
         if name not in self.lora:
-            self.lora.load(name, self.adapter_paths[name])
+            self.lora.load(name, self.adapter_paths[name], max_rank=self.config.max_lora_rank)
 
     def _adapter_slot(self, name: str | None) -> int:
         return -1 if name is None else self.lora.slot(name)

@@ -103,11 +103,21 @@ class ModelRunner:
         if dec_rows:
             width = max(len(t) for t in dec_tables)
             meta.decode_rows = self._tensor(dec_rows)
-            meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in dec_tables])
+            meta.decode_slots = self._token_slots(
+                self._tensor([t + [0] * (width - len(t)) for t in dec_tables])
+            )
             meta.decode_context_lens = self._tensor(dec_lens)
             meta.all_decode = len(dec_rows) == n
-        meta.prefills = [PrefillChunk(r, k, st, self._tensor(t)) for r, k, st, t in prefills]
+        meta.prefills = [
+            PrefillChunk(r, k, st, self._token_slots(self._tensor(t)[None])[0, : st + k])
+            for r, k, st, t in prefills
+        ]
         return meta
+
+    def _token_slots(self, block_tables: torch.Tensor) -> torch.Tensor:
+        """[B, nb] block ids -> [B, nb * block_size] slots of every token position in those blocks."""
+        offsets = torch.arange(self.block_size, device=block_tables.device)
+        return (block_tables[:, :, None] * self.block_size + offsets).view(block_tables.shape[0], -1)
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
