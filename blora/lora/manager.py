@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +37,25 @@ class AdapterInfo:
 _Prepared = list[tuple[str, torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class PreparedAdapter:
+    """A validated adapter ready to install into a slot: per-module ``(name, A^T, B^T * scale)``.
+
+    Built by ``LoraManager.prepare`` without touching the model, so it can be made in a background thread
+    and kept in a CPU cache; ``install`` moves the tensors to the model's device.
+    """
+
+    name: str
+    source: str
+    modules: _Prepared
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size() for _, a, b in self.modules
+        )
+
+
 class LoraManager:
     """Holds any number of adapters beside one base model, each in its own slot.
 
@@ -48,6 +68,16 @@ class LoraManager:
         self.max_rank = max_rank
         self.adapters: dict[str, AdapterInfo] = {}
         self._wrappers: dict[str, LoraLinear] = {}
+        self._tree_lock = threading.Lock()  # module-tree changes (wrapping) vs. ``prepare`` in other threads
+
+    def __getstate__(self) -> dict:  # ``copy.deepcopy`` of the model: locks are not copyable
+        state = self.__dict__.copy()
+        state.pop("_tree_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tree_lock = threading.Lock()
 
     @classmethod
     def attach(cls, model: nn.Module) -> LoraManager:
@@ -91,16 +121,40 @@ class LoraManager:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise AdapterError(f"duplicate adapter names {dupes}; each adapter needs its own name")
+        prepared = [self.prepare(name, source, max_rank=max_rank) for name, source in items]
+        return [self.install(p) for p in prepared]
+
+    def prepare(
+        self,
+        name: str,
+        source: str | Path,
+        *,
+        max_rank: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> PreparedAdapter:
+        """Read and validate an adapter without changing the model (safe from another thread).
+
+        ``device``: where the prepared tensors live (default: the model's device); ``install`` moves them.
+        """
         limit = self.max_rank if max_rank is None else max_rank
-        prepared = [
-            (name, source, self._validate(read_adapter(name, source), limit)) for name, source in items
-        ]
-        return [self._install(name, source, modules) for name, source, modules in prepared]
+        modules = self._validate(read_adapter(name, source), limit, device)
+        return PreparedAdapter(name=name, source=str(source), modules=modules)
+
+    def install(self, prepared: PreparedAdapter) -> int:
+        """Put a prepared adapter into a free slot; returns the slot."""
+        name = prepared.name
+        if name in self.adapters:
+            raise AdapterError(f"adapter {name!r} is already loaded; unload it first or pick another name")
+        return self._install(name, prepared.source, prepared.modules)
 
     def _install(self, name: str, source: str | Path, prepared: _Prepared) -> int:
         slot = self._free_slot()
         for module_name, a_t, b_t in prepared:
-            self._wrap(module_name).set_lora(slot, a_t, b_t)
+            wrapper = self._wrap(module_name)
+            weight = wrapper.weight
+            a_t = a_t.to(device=weight.device, non_blocking=True)
+            b_t = b_t.to(device=weight.device, non_blocking=True)
+            wrapper.set_lora(slot, a_t, b_t)
         self.adapters[name] = AdapterInfo(
             name=name,
             slot=slot,
@@ -131,7 +185,8 @@ class LoraManager:
             parent_name, _, child = module_name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             wrapper = LoraLinear(getattr(parent, child))
-            setattr(parent, child, wrapper)
+            with self._tree_lock:
+                setattr(parent, child, wrapper)
             self._wrappers[module_name] = wrapper
         return wrapper
 
@@ -152,11 +207,12 @@ class LoraManager:
                 out[name] = module
         return out
 
-    def _validate(self, files: AdapterFiles, max_rank: int | None) -> _Prepared:
+    def _validate(self, files: AdapterFiles, max_rank: int | None, device=None) -> _Prepared:
         where = f"adapter {files.name!r} ({files.path})"
         cfg = files.config
-        linear = self._linear_modules()
-        modules = dict(self.model.named_modules())
+        with self._tree_lock:
+            linear = self._linear_modules()
+            modules = dict(self.model.named_modules())
         prepared: _Prepared = []
         for module_name, pair in sorted(files.modules.items()):
             module = modules.get(module_name)
@@ -176,7 +232,9 @@ class LoraManager:
                     "target_modules/exclude_modules/layers_to_transform do not select it; the config and "
                     "weights disagree"
                 )
-            prepared.append((module_name, *self._prepare(where, module_name, module, pair, cfg, max_rank)))
+            prepared.append(
+                (module_name, *self._prepare(where, module_name, module, pair, cfg, max_rank, device))
+            )
         targeted = [m for m in linear if cfg.targets(m, set(linear))]
         missing = sorted(set(targeted) - set(files.modules))
         if missing:
@@ -188,7 +246,9 @@ class LoraManager:
             )
         return prepared
 
-    def _prepare(self, where, module_name, module, pair, cfg, max_rank) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(
+        self, where, module_name, module, pair, cfg, max_rank, device=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         in_f, out_f = base_features(module.base if isinstance(module, LoraLinear) else module)
         a, b = pair.A, pair.B
         key = f"{where}, module {module_name!r}"
@@ -214,7 +274,8 @@ class LoraManager:
             if not torch.isfinite(t).all():
                 raise AdapterError(f"{key}: {label} holds NaN or Inf values; the adapter is corrupt")
         weight = module.weight
+        device = weight.device if device is None else device
         scale = cfg.scale_for(module_name)
-        a_t = a.to(torch.float32).t().contiguous().to(device=weight.device, dtype=weight.dtype)
-        b_t = (b.to(torch.float32) * scale).t().contiguous().to(device=weight.device, dtype=weight.dtype)
+        a_t = a.to(torch.float32).t().contiguous().to(device=device, dtype=weight.dtype)
+        b_t = (b.to(torch.float32) * scale).t().contiguous().to(device=device, dtype=weight.dtype)
         return a_t, b_t
