@@ -111,6 +111,8 @@ class AsyncLLM:
                     finished = True
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise item.error
                 yield item
         finally:
             with self._lock:
@@ -122,12 +124,22 @@ class AsyncLLM:
         """Stop a request and free its blocks; its stream ends with finish_reason "abort"."""
         return await self._call(self.engine.abort_request, request_id)
 
-    async def load_adapter(self, name: str, path: str | Path) -> None:
-        """Load (and validate) an adapter between engine steps; raises ``AdapterError`` if it is broken."""
-        await self._call(self.engine.load_adapter, name, path)
+    async def load_adapter(
+        self, name: str, path: str | Path, replace: bool = False, wait: bool = False
+    ) -> None:
+        """Load (and validate) an adapter between engine steps; raises ``AdapterError`` if it is broken.
+        ``replace=True`` swaps an existing one; while requests use it that is refused
+        (``AdapterInUseError``) or, with ``wait=True``, awaited until they finish."""
+        future = await self._call(self.engine.load_adapter, name, path, replace, wait)
+        if future is not None:
+            await asyncio.wrap_future(future)
 
-    async def unload_adapter(self, name: str) -> None:
-        await self._call(self.engine.unload_adapter, name)
+    async def unload_adapter(self, name: str, wait: bool = False) -> None:
+        """Unload between steps; while requests use it: ``AdapterInUseError``, or with ``wait=True``
+        return once they have finished (no request is lost either way)."""
+        future = await self._call(self.engine.unload_adapter, name, wait)
+        if future is not None:
+            await asyncio.wrap_future(future)
 
     def list_adapters(self) -> dict[str, str]:
         return dict(self.engine.adapter_paths)

@@ -82,8 +82,9 @@ class LLM:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def load_adapter(self, name: str, path: str | Path) -> None:
-        self.engine.load_adapter(name, path)
+    def load_adapter(self, name: str, path: str | Path, replace: bool = False) -> None:
+        """Register and validate now; ``replace=True`` swaps an adapter of the same name."""
+        self.engine.load_adapter(name, path, replace=replace)
 
     def unload_adapter(self, name: str) -> None:
         self.engine.unload_adapter(name)
@@ -161,6 +162,8 @@ class LLM:
             while pending:
                 for out in self.engine.step():
                     if out.request_id in wanted:
+                        if out.error is not None:
+                            raise out.error
                         if out.finished:
                             pending.discard(out.request_id)
                         yield out

@@ -23,6 +23,7 @@ from blora.engine.sampling_params import SamplingParams
 from blora.engine.scheduler import Scheduler, SchedulerConfig
 from blora.engine.sequence import Request, Sequence, SequenceStatus
 from blora.lora.manager import LoraManager
+from blora.lora.store import AdapterStore, StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,10 @@ CUDA_KV_FRACTION = 0.5
 class EngineConfig:
     """Engine limits. ``max_loras``: distinct adapters running at once; ``max_num_batched_tokens``: tokens
     per step (prefill chunk size); ``num_kv_blocks``: KV cache size in blocks of ``block_size`` tokens
-    (None: sized from memory); ``max_model_len``: prompt + generated tokens per sequence."""
+    (None: sized from memory); ``max_model_len``: prompt + generated tokens per sequence.
+    Adapter store (``blora.lora.store``): ``adapter_root`` (a directory or list of them whose sub-folders
+    are adapters, resolved by name on first use), ``cpu_cache_bytes`` (host cache of prepared adapters),
+    ``prefetch_depth`` (distinct adapters of waiting requests loaded ahead; default ``max_loras``)."""
 
     max_loras: int = 16
     max_num_seqs: int = 64
@@ -47,6 +51,9 @@ class EngineConfig:
     seed: int = 0
     max_lora_rank: int | None = None
     max_adapter_wait_steps: int = 16
+    adapter_root: str | Path | list[str | Path] | None = None
+    cpu_cache_bytes: int = 2 << 30
+    prefetch_depth: int | None = None
 
 
 class LLMEngine:
@@ -64,16 +71,22 @@ class LLMEngine:
             max_loras=config.max_loras,
             max_adapter_wait_steps=config.max_adapter_wait_steps,
         )
-        self.scheduler = Scheduler(sched, self.block_manager)
+        self.scheduler = Scheduler(sched, self.block_manager, can_admit=self._can_admit)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.sampler = Sampler(self.runner.device, config.seed)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.requests: dict[str, Request] = {}
-        self.adapter_paths: dict[str, str] = {}
-        self.lora: LoraManager | None = model.__dict__.get("_blora_manager")
-        if self.lora is not None:
-            self.adapter_paths.update({n: info.source for n, info in self.lora.adapters.items()})
+        roots = config.adapter_root
+        store_config = StoreConfig(
+            max_loras=config.max_loras,
+            cpu_cache_bytes=config.cpu_cache_bytes,
+            prefetch_depth=config.prefetch_depth,
+            max_rank=config.max_lora_rank,
+            roots=tuple(roots if isinstance(roots, (list, tuple)) else [roots] if roots else []),
+        )
+        self.store = AdapterStore(LoraManager.attach(model), store_config)
+        self.lora = self.store.manager
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_preemptions_total = 0
@@ -87,47 +100,41 @@ class LLMEngine:
     # -- adapters ----------------------------------------------------------------------------------
     def register_adapter(self, name: str, path: str | Path) -> None:
         """Make adapter ``name`` available; its weights load when a request first uses it."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
-        if name in self.adapter_paths:
-            raise ValueError(f"adapter {name!r} is already registered (from {self.adapter_paths[name]})")
-        if not Path(path).exists():
-            raise ValueError(f"adapter {name!r}: {path} does not exist")
-        self.adapter_paths[name] = str(path)
+        self.store.register(name, path)
 
-    def load_adapter(self, name: str, path: str | Path) -> None:
-        """Register and load now, so a broken adapter fails here (``AdapterError``, a ``ValueError``)."""
-        self.register_adapter(name, path)
-        try:
-            self._ensure_loaded(name)
-        except Exception:
-            del self.adapter_paths[name]
-            raise
+    def load_adapter(self, name: str, path: str | Path, replace: bool = False, wait: bool = False):
+        """Register and read + validate now, so a broken adapter fails here (``AdapterError``, a
+        ``ValueError``). ``replace=True`` swaps an existing adapter: refused while requests use it
+        (``AdapterInUseError``), or with ``wait=True`` done when they finish (returns a ``Future`` then)."""
+        return self.store.load(name, path, replace=replace, wait=wait)
 
-    def unload_adapter(self, name: str) -> None:
-        if name not in self.adapter_paths:
-            raise KeyError(f"adapter {name!r} is not loaded; loaded: {sorted(self.adapter_paths)}")
-        users = [r.request_id for r in self.requests.values() if r.adapter == name]
-        if users:
-            raise ValueError(
-                f"adapter {name!r} is used by {len(users)} unfinished request(s) (e.g. {users[0]}); "
-                "abort them or wait for them to finish before unloading"
-            )
-        if self.lora is not None and name in self.lora:
-            self.lora.unload(name)
-        del self.adapter_paths[name]
+    def unload_adapter(self, name: str, wait: bool = False):
+        """Forget an adapter. While unfinished requests use it: ``AdapterInUseError`` (a ``ValueError``), or
+        with ``wait=True`` a ``Future`` done once they have finished (new requests for it are refused)."""
+        return self.store.unload(name, wait=wait)
 
     def list_adapters(self) -> dict[str, str]:
-        return dict(self.adapter_paths)
+        return self.store.list()
 
-    def _ensure_loaded(self, name: str) -> None:
-        if self.lora is None:
-            self.lora = LoraManager.attach(self.model)
-        if name not in self.lora:
-            self.lora.load(name, self.adapter_paths[name], max_rank=self.config.max_lora_rank)
+    @property
+    def adapter_paths(self) -> dict[str, str]:
+        return self.store.list()
 
     def _adapter_slot(self, name: str | None) -> int:
-        return -1 if name is None else self.lora.slot(name)
+        return -1 if name is None else self.store.slot(name)
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        return self.store.ready(seq.adapter, seq.request.request_id)
+
+    def _fail_unloadable(self) -> None:
+        """Requests waiting for an adapter whose background load failed end with that error."""
+        failures = self.store.take_failures()
+        for req in [r for r in self.requests.values() if r.adapter in failures]:
+            if not any(seq.status is SequenceStatus.RUNNING for seq in req.seqs):
+                self.abort_request(req.request_id, error=failures[req.adapter])
+
+    def _prefetch(self) -> None:
+        self.store.prefetch(s.adapter for s in self.scheduler.waiting if s.adapter is not None)
 
     # -- requests ----------------------------------------------------------------------------------
     def tokenize(
@@ -154,8 +161,8 @@ class LLMEngine:
         """Validate a request before it is queued; returns its effective max_tokens."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        if adapter is not None and adapter not in self.adapter_paths:
-            raise ValueError(f"unknown adapter {adapter!r}; loaded adapters: {sorted(self.adapter_paths)}")
+        if adapter is not None:
+            self.store.source(adapter)  # AdapterError (a ValueError): "unknown adapter ..."
         n = len(prompt_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
         if n + max_tokens > self.max_model_len or max_tokens < 1:
@@ -187,7 +194,7 @@ class LLMEngine:
             text, ids = self.tokenize(prompt, add_special_tokens)
         max_tokens = self.check_request(ids, params, adapter)
         if adapter is not None:
-            self._ensure_loaded(adapter)
+            self.store.acquire(adapter, request_id)
         req = Request(
             request_id=request_id,
             prompt=text,
@@ -222,12 +229,14 @@ class LLMEngine:
             cumulative_logprob=0.0 if req.params.logprobs is not None else None,
         )
 
-    def abort_request(self, request_id: str, quiet: bool = False) -> bool:
-        """Stop a request now and free its blocks; its final output (finish_reason "abort") comes with the
-        next ``step()`` (unless ``quiet``). False if it is unknown or already finished."""
+    def abort_request(self, request_id: str, quiet: bool = False, error: Exception | None = None) -> bool:
+        """Stop a request now and free its blocks; its final output (finish_reason "abort", with ``error``
+        if given) comes with the next ``step()`` (unless ``quiet``). False if unknown or already finished."""
         req = self.requests.pop(str(request_id), None)
         if req is None:
             return False
+        req.error = error
+        self._release(req)
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
@@ -237,17 +246,26 @@ class LLMEngine:
             self._pending.append(req.output())
         return True
 
+    def _release(self, req: Request) -> None:
+        if req.adapter is not None:
+            self.store.release(req.adapter, req.request_id)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._pending)
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the outputs of requests that progressed (or were aborted)."""
+        self._fail_unloadable()
         outputs, self._pending = self._pending, []
+        self._prefetch()
         plan = self.scheduler.schedule()
         self.num_preemptions_total += len(plan.preempted)
         if not plan.scheduled:
+            if self.scheduler.waiting and self.store.loading():
+                self.store.wait_for_load(0.02)  # nothing to run until an adapter arrives: don't spin
             return outputs
+        self.store.activate(plan.adapters, set(self.scheduler.running_adapters()))
         sampled = [s.seq for s in plan.scheduled if s.sample]
         logits = self.runner.execute(plan.scheduled, self._adapter_slot)
         for s in plan.scheduled:
@@ -264,6 +282,7 @@ class LLMEngine:
             if req.finished:
                 req.metrics.finished_time = now
                 self.requests.pop(req.request_id, None)
+                self._release(req)
             outputs.append(req.output())
         return outputs
 
@@ -302,7 +321,13 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "num_preemptions_total": self.num_preemptions_total,
+            "adapters_active": len(self.store._slots),
+            "adapters_cached": len(self.store._cache),
         }
+
+    def adapter_stats(self) -> dict:
+        """The adapter store's tiers, hit counts, load latencies and memory (``AdapterStore.stats``)."""
+        return self.store.stats()
 
     def running_seqs(self) -> list[Sequence]:
         return [s for s in self.scheduler.running if s.status is SequenceStatus.RUNNING]

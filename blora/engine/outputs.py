@@ -44,7 +44,8 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """The state of one request after an engine step; ``finished`` is True on its last output."""
+    """The state of one request after an engine step; ``finished`` is True on its last output.
+    ``error``: why a request ended early (e.g. its adapter failed to load); ``LLM``/``AsyncLLM`` raise it."""
 
     request_id: str
     prompt: str | None
@@ -53,3 +54,4 @@ class RequestOutput:
     finished: bool
     adapter: str | None
     metrics: RequestMetrics
+    error: Exception | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blora.engine.block_manager import BlockManager
@@ -64,9 +65,15 @@ class SchedulePlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        can_admit: Callable[[Sequence], bool] | None = None,
+    ) -> None:
         self.config = config
         self.blocks = block_manager
+        self.can_admit = can_admit  # False while a sequence's adapter is still loading
         self.waiting: list[Sequence] = []  # sorted by seq.order
         self.running: list[Sequence] = []  # sorted by seq.order
         self._adapter_waits: dict[int, int] = {}
@@ -138,6 +145,8 @@ class Scheduler:
                 return
             if id(seq) in preempted:
                 return  # blocks just ran out; retry next step
+            if seq.adapter is not None and self.can_admit is not None and not self.can_admit(seq):
+                continue  # its adapter is still loading (prefetched); later requests may pass meanwhile
             if seq.adapter is not None and seq.adapter not in active and len(active) >= self.config.max_loras:
                 waited = self._adapter_waits.get(seq.seq_id, 0) + 1
                 self._adapter_waits[seq.seq_id] = waited

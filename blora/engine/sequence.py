@@ -117,6 +117,7 @@ class Request:
     max_tokens: int
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
     seqs: list[Sequence] = field(default_factory=list)
+    error: Exception | None = None
 
     @property
     def finished(self) -> bool:
@@ -131,4 +132,5 @@ class Request:
             finished=self.finished,
             adapter=self.adapter,
             metrics=dataclasses.replace(self.metrics),
+            error=self.error,
         )

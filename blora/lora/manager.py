@@ -165,6 +165,12 @@ class LoraManager:
         )
         return slot
 
+    def export(self, name: str) -> PreparedAdapter:
+        """The installed weights of ``name`` as a ``PreparedAdapter`` (shares the tensors)."""
+        info = self.adapters[name]
+        modules = [(m, *self._wrappers[m].pairs[info.slot]) for m in info.modules]
+        return PreparedAdapter(name=name, source=info.source, modules=modules)
+
     def unload(self, name: str) -> None:
         info = self.adapters.pop(name, None)
         if info is None:
