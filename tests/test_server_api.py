@@ -355,6 +355,7 @@ def test_api_key(tokenizer):
         assert_error(c.post("/v1/completions", json=body), 401, code="invalid_api_key")
         assert_error(c.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
         assert_error(c.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
+        assert_error(c.get("/v1/models", headers={"Authorization": b"Bearer s3cr\xe9t"}), 401)
         assert_error(
             c.post("/v1/completions", content=b"{bad", headers={"Authorization": "Basic s3cret"}), 401
         )

@@ -37,6 +37,7 @@ from blora.server.errors import (
 )
 from blora.server.lifecycle import Lifecycle
 from blora.server.metrics import ServerMetrics
+from blora.server.playground import router as playground_router
 from blora.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -69,7 +70,8 @@ class ServerConfig:
 
 
 class GateMiddleware:
-    """Pure ASGI gate in front of every route: 503 while draining, 401 without the API key.
+    """Pure ASGI gate in front of every route: 503 while draining, 401 without the API key, 413 for
+    bodies over ``MAX_BODY_BYTES``.
 
     It runs before the body is read, so refused requests never cost a JSON parse. ``/metrics`` stays
     open (monitoring must see a draining server); ``/health`` is open but reports 503 while draining.
@@ -102,7 +104,8 @@ class GateMiddleware:
         auth = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = auth.partition(" ")
         assert self.api_key is not None
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
+        given, expected = token.strip().encode("latin-1"), self.api_key.encode()
+        return scheme.lower() == "bearer" and secrets.compare_digest(given, expected)
 
 
 def _content_length(scope: dict) -> int:
@@ -135,6 +138,9 @@ def with_cancellation(handler: Callable[..., Awaitable[Any]]) -> Callable[..., A
         watcher = asyncio.create_task(_listen_for_disconnect(raw_request))
         try:
             done, _ = await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
         finally:
             watcher.cancel()
         if task in done:
@@ -227,4 +233,5 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
 
         return JSONResponse({"version": pkg_version("blora")})
 
+    app.include_router(playground_router)  # GET /: the playground page
     return app

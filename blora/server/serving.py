@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 from starlette.responses import StreamingResponse
 
+from blora.engine import SamplingParams
 from blora.server.adapters import AdapterManager
 from blora.server.errors import APIError, InvalidRequestError, sse_error
 from blora.server.lifecycle import Lifecycle, Ticket, abort_quietly
@@ -31,12 +32,6 @@ logger = logging.getLogger("blora.server")
 
 MAX_CHOICES = 256  # prompts x n in one request
 SUBMIT_TURNS = 3  # event-loop turns a streaming request gives the engine to accept or reject it
-
-
-def sampling_params_class() -> type:
-    from blora.engine.sampling_params import SamplingParams
-
-    return SamplingParams
 
 
 @dataclass
@@ -211,7 +206,7 @@ class Serving:
             logprobs=logprobs,
         )
         try:
-            return sampling_params_class()(**kwargs)
+            return SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:
             raise InvalidRequestError(f"Invalid sampling parameters: {exc}") from exc
 
