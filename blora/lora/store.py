@@ -143,6 +143,7 @@ class AdapterStore:
         self._lock = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._element_size = next(manager.model.parameters()).element_size()
         for name, info in manager.adapters.items():  # adapters loaded before the store existed: pinned
             self._entries[name] = _Entry(name, info.source, from_root=False, pinned=True)
             self._slots[name] = manager.export(name)
@@ -175,9 +176,11 @@ class AdapterStore:
             for child in sorted(root.iterdir()):
                 if child.name not in out and (child / "adapter_config.json").is_file():
                     try:
-                        out[child.name] = str(contained_path(root, child.name))
+                        path = contained_path(root, child.name)
+                        _check_files_inside(root, path, child.name)
                     except AdapterError:
                         continue  # a symlink out of the root: not offered
+                    out[child.name] = str(path)
         return out
 
     def _entry(self, name: str) -> _Entry:
@@ -351,7 +354,7 @@ class AdapterStore:
             entry = self._entries.get(name)
             if entry is None or entry.error is not None:
                 continue
-            size = entry.nbytes or _estimate_bytes(entry.source)
+            size = entry.nbytes or _estimate_bytes(entry.source, self._element_size)
             if window and size > budget:
                 break
             budget -= size
@@ -360,6 +363,8 @@ class AdapterStore:
                 break
         with self._lock:
             self._wanted = window
+            self._promised.clear()  # promises live from one schedule to its activate
+            self._lock.notify_all()
             if any(n not in self._cache and n not in self._slots and n not in self._loading for n in window):
                 self._start_thread()
                 self._lock.notify_all()
@@ -385,6 +390,7 @@ class AdapterStore:
             self.stats_.activations["install"] += 1
         with self._lock:
             self._promised.clear()
+            self._lock.notify_all()  # a loaded adapter may wait for promised cache space
 
     def _free_slot_for(self, name: str, keep: set[str]) -> None:
         pinned = {n for n in self._slots if self._entries.get(n) is not None and self._entries[n].pinned}
@@ -401,9 +407,9 @@ class AdapterStore:
             self.manager.unload(victim)
             self.stats_.slot_evictions += 1
             if self.manager_on_cpu:
-                with self._lock:  # the slot's tensors are the prepared ones: keep them cached
+                with self._lock:  # the slot's tensors are the prepared ones: keep them if they fit
                     if victim not in self._cache and victim in self._entries:
-                        self._cache_put_locked(victim, prepared)
+                        self._cache_put_locked(victim, prepared, required=False)
 
     @property
     def manager_on_cpu(self) -> bool:
@@ -470,6 +476,9 @@ class AdapterStore:
             log.warning("loading adapter %r failed: %s", name, exc)
             return
         with self._lock:
+            deadline = time.monotonic() + 1.0
+            while self._promised and not self._fits(prepared) and time.monotonic() < deadline:
+                self._lock.wait(0.05)  # space held for this step's admissions frees at activate()
             if self._loading.pop(name, None) == generation and entry.generation == generation:
                 entry.nbytes = prepared.nbytes
                 self._cache_put_locked(name, prepared)
@@ -516,17 +525,29 @@ class AdapterStore:
         with self._lock:
             self._cache_put_locked(name, prepared)
 
-    def _cache_put_locked(self, name: str, prepared: PreparedAdapter) -> None:
+    def _cache_put_locked(self, name: str, prepared: PreparedAdapter, required: bool = True) -> None:
+        """Insert as most recent, evicting LRU entries that no waiting request needs soon. An entry that is
+        not ``required`` (a slot's weights kept for later) is dropped instead if it does not fit."""
         self._cache_pop(name)
+        keep = set(self._wanted) | self._promised | {name}
+        victims = [n for n in self._cache if n not in keep]
+        budget = self.config.cpu_cache_bytes
+        freeable = sum(self._cache[n].nbytes for n in victims)
+        if not required and self._cache_bytes - freeable + prepared.nbytes > budget:
+            return
         self._cache[name] = prepared
         self._cache_bytes += prepared.nbytes
-        keep = set(self._wanted) | self._promised | {name}
-        for victim in [n for n in self._cache if n not in keep]:
-            if self._cache_bytes <= self.config.cpu_cache_bytes:
+        for victim in victims:
+            if self._cache_bytes <= budget:
                 break
             self._cache_pop(victim)
             self.stats_.cache_evictions += 1
         self.stats_.cache_peak_bytes = max(self.stats_.cache_peak_bytes, self._cache_bytes)
+
+    def _fits(self, prepared: PreparedAdapter) -> bool:
+        keep = set(self._wanted) | self._promised
+        freeable = sum(p.nbytes for n, p in self._cache.items() if n not in keep and n != prepared.name)
+        return self._cache_bytes - freeable + prepared.nbytes <= self.config.cpu_cache_bytes
 
     def _cache_pop(self, name: str) -> None:
         prepared = self._cache.pop(name, None)
@@ -573,11 +594,12 @@ def _percentiles(values: Iterable[float]) -> dict[str, float]:
     return {"n": len(data), "p50": pick(0.5), "p99": pick(0.99), "max": round(1000 * data[-1], 3)}
 
 
-def _estimate_bytes(source: str) -> int:
-    """Upper bound of an adapter's prepared size before its first load: its weights file's size."""
+def _estimate_bytes(source: str, element_size: int) -> int:
+    """Upper bound of an adapter's prepared size before its first load, from its weights file's size
+    (stored in 16 bits or more per value, prepared in the model's dtype)."""
     for fname in _WEIGHT_FILES[1:]:
         try:
-            return (Path(source) / fname).stat().st_size
+            return (Path(source) / fname).stat().st_size * max(1, element_size // 2)
         except OSError:
             continue
     return 0
