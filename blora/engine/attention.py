@@ -48,7 +48,8 @@ class AttentionMetadata:
 
     ``slot_mapping`` [N]: cache slot (``block * block_size + offset``) of each new token.
     Single-token chunks (decodes) are batched: ``decode_rows`` [Bd] their rows in the flat batch,
-    ``decode_slots`` [Bd, L] the slots of each one's context padded to a common length L (with slot 0),
+    ``decode_slots`` [Bd, L] the slots of each one's context, padded to a common length L with the
+    cache's zeroed ``null_slot`` (so masked keys and values are finite: cache memory is never cleared),
     ``decode_context_lens`` [Bd]. Longer chunks (prefills) are listed in ``prefills``.
     """
 
@@ -78,21 +79,27 @@ class AttentionMetadata:
 
 
 class KVCache:
-    """Per layer, keys and values as ``[KVH, num_blocks * block_size, D]`` tensors (head-major, so a gather
-    of token slots is directly a batch of contiguous [L, D] matrices per head), allocated on first use:
-    head counts and dims come from the model's actual tensors, whatever the architecture."""
+    """Per layer, keys and values as ``[KVH, num_blocks * block_size + 1, D]`` tensors (head-major, so a
+    gather of token slots is directly a batch of contiguous [L, D] matrices per head), allocated on first
+    use: head counts and dims come from the model's actual tensors, whatever the architecture.
+
+    The memory is not cleared (``torch.empty``: on CPU, untouched pages cost no RAM); every slot is written
+    before it is read, except the extra last slot, ``null_slot``, which stays zero and pads gathers."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.null_slot = num_blocks * block_size
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) cache of a layer; ``like`` [1, KVH, N, D] gives shape, dtype and device."""
         kv = self.layers.get(layer_idx)
         if kv is None:
-            shape = (like.shape[1], self.num_blocks * self.block_size, like.shape[3])
-            kv = (like.new_zeros(shape), like.new_zeros(shape))
+            shape = (like.shape[1], self.null_slot + 1, like.shape[3])
+            kv = (like.new_empty(shape), like.new_empty(shape))
+            for t in kv:
+                t[:, self.null_slot].zero_()
             self.layers[layer_idx] = kv
         return kv
 

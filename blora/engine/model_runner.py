@@ -103,10 +103,13 @@ class ModelRunner:
         if dec_rows:
             width = max(len(t) for t in dec_tables)
             meta.decode_rows = self._tensor(dec_rows)
-            meta.decode_slots = self._token_slots(
-                self._tensor([t + [0] * (width - len(t)) for t in dec_tables])
-            )
             meta.decode_context_lens = self._tensor(dec_lens)
+            token_slots = self._token_slots(self._tensor([t + [0] * (width - len(t)) for t in dec_tables]))
+            past_end = (
+                torch.arange(token_slots.shape[1], device=self.device)[None, :]
+                >= meta.decode_context_lens[:, None]
+            )
+            meta.decode_slots = token_slots.masked_fill_(past_end, self.cache.null_slot)
             meta.all_decode = len(dec_rows) == n
         meta.prefills = [
             PrefillChunk(r, k, st, self._token_slots(self._tensor(t)[None])[0, : st + k])
