@@ -271,12 +271,16 @@ def launch(args, model_dir: str, adapters: dict[str, str], log: Path) -> subproc
     return proc
 
 
-def warm_up(args) -> None:
-    body = {"model": args.model, "prompt": "Hello", "max_tokens": 4, "temperature": 0.0}
+def warm_up(args, models: list[str]) -> None:
+    """One short request per model, so adapters loaded on first use are resident before timing."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    r = httpx.post(args.base_url + "/v1/completions", json=body, headers=headers, timeout=args.timeout)
-    if r.status_code != 200:
-        raise SystemExit(f"warm-up request failed: {r.status_code} {r.text[:300]}")
+    start = time.perf_counter()
+    for model in models:
+        body = {"model": model, "prompt": "Hello", "max_tokens": 2, "temperature": 0.0}
+        r = httpx.post(args.base_url + "/v1/completions", json=body, headers=headers, timeout=args.timeout)
+        if r.status_code != 200:
+            raise SystemExit(f"warm-up request to {model!r} failed: {r.status_code} {r.text[:300]}")
+    print(f"warm-up: {len(models)} model(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
 def main() -> None:
@@ -322,7 +326,7 @@ def main() -> None:
             proc = launch(args, model_dir, adapters, work / f"{args.launch}.log")
         names = args.adapter_names if args.adapter_names is not None else list(adapters)
         models, weights = zipf_models(args.model, names, args.zipf, args.base_share if names else 1.0)
-        warm_up(args)
+        warm_up(args, models)
         reports = []
         for rate in args.rates:
             planned = plan(args, tokenizer, rate, models, weights)
