@@ -57,7 +57,10 @@ class ModelRunner:
         with attention.forward_context(self.cache, batch.attn), lora:
             out = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
         hidden = out.last_hidden_state[0].index_select(0, batch.sample_rows)
-        logits = self.lm_head(hidden).float()
+        head_slots = None if batch.lora_slots is None else batch.lora_slots.index_select(0, batch.sample_rows)
+        # looked up each step: an lm_head LoRA / modules_to_save wraps the head after the runner was built
+        with lora_batch(head_slots) if head_slots is not None else contextlib.nullcontext():
+            logits = self.model.get_output_embeddings()(hidden).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
