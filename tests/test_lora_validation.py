@@ -352,8 +352,9 @@ def test_failure_after_a_good_adapter_keeps_outputs_and_adapters(loaded, env, tm
 @pytest.mark.parametrize(
     "changes, pattern",
     [
-        ({"use_dora": True}, "DoRA"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"use_qalora": True}, "QA-LoRA"),
+        ({"alora_invocation_tokens": [1, 2]}, "activated LoRA"),
+        ({"init_lora_weights": "mica"}, "MiCA"),
         ({"bias": "all"}, "bias"),
         ({"bias": "lora_only"}, "bias"),
         ({"peft_type": "PREFIX_TUNING"}, "LoRA adapters only"),
@@ -364,15 +365,20 @@ def test_unsupported_config_features_are_refused(loaded, env, tmp_path, changes,
     assert_refused(loaded, env, {"unsup": str(path)}, "'unsup'", pattern, "not supported|only")
 
 
-def test_real_peft_dora_adapter_is_refused(loaded, env, tmp_path):
-    path = make_adapter(
-        env.base, tmp_path / "dora", 7, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True
-    )
-    assert_refused(loaded, env, {"dora": str(path)}, "'dora'", "DoRA", "not supported")
+def test_dora_config_without_magnitudes_is_refused(loaded, env, tmp_path):
+    path = edit_config(copy_adapter(env.good, tmp_path / "a"), use_dora=True)
+    assert_refused(loaded, env, {"d": str(path)}, "'d'", "use_dora=true", "lora_magnitude_vector")
 
 
-@pytest.mark.parametrize("suffix", ["lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector.weight"])
-def test_unsupported_weight_keys_are_refused(loaded, env, tmp_path, suffix):
+@pytest.mark.parametrize(
+    "suffix, missing",
+    [
+        ("lora_embedding_A", "lora_B"),
+        ("lora_embedding_B", "lora_A"),
+        ("lora_magnitude_vector.weight", "lora_A"),
+    ],
+)
+def test_incomplete_embedding_or_dora_weights_are_refused(loaded, env, tmp_path, suffix, missing):
     key = f"base_model.model.model.embed_tokens.{suffix}"
 
     def add(t):
@@ -380,7 +386,7 @@ def test_unsupported_weight_keys_are_refused(loaded, env, tmp_path, suffix):
         return t
 
     path = edit_weights(copy_adapter(env.good, tmp_path / "a"), add)
-    assert_refused(loaded, env, {"emb": str(path)}, "'emb'", re.escape(key), "not supported")
+    assert_refused(loaded, env, {"emb": str(path)}, "'emb'", "model.embed_tokens", f"no {missing} weight")
 
 
 def test_unexpected_weight_key_is_refused(loaded, env, tmp_path):

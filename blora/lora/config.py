@@ -14,16 +14,20 @@ class AdapterError(ValueError):
     """An adapter could not be loaded; the message names the adapter, file or key and what to do."""
 
 
-# Fields that change the math of a LoRA layer and that this version computes exactly.
+# Fields that change the math of a LoRA layer and that this version does not compute (yet).
 _UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora=true)",
-    "modules_to_save": "modules_to_save (full copies of modules)",
     "trainable_token_indices": "trainable_token_indices",
     "target_parameters": "target_parameters (LoRA on raw parameters)",
     "layer_replication": "layer_replication",
     "use_qalora": "QA-LoRA (use_qalora=true)",
-    "lora_bias": "LoRA bias (lora_bias=true)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "use_bdlora": "BD-LoRA (use_bdlora=true)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
 }
+_UNSUPPORTED_INIT = {"mica": "MiCA (init_lora_weights='mica')"}
 _BIAS_OK = ("none",)
 
 
@@ -42,6 +46,9 @@ class LoraConfig:
     layers_pattern: list[str] | str | None = None
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
+    lora_bias: bool = False
+    modules_to_save: list[str] | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str) -> LoraConfig:
@@ -55,6 +62,13 @@ class LoraConfig:
                     f"{where}: {what} is not supported yet (field {key!r}); "
                     "retrain without it or merge that part into the base model"
                 )
+        init = raw.get("init_lora_weights")
+        if isinstance(init, str) and init.lower() in _UNSUPPORTED_INIT:
+            raise AdapterError(
+                f"{where}: {_UNSUPPORTED_INIT[init.lower()]} is not supported yet (field 'init_lora_weights')"
+            )
+        if raw.get("use_dora") and raw.get("lora_bias"):
+            raise AdapterError(f"{where}: lora_bias=true with DoRA is not defined (PEFT refuses it too)")
         if raw.get("bias", "none") not in _BIAS_OK:
             raise AdapterError(f"{where}: bias={raw['bias']!r} is not supported yet; only bias='none'")
         cfg = cls(
@@ -69,6 +83,9 @@ class LoraConfig:
             layers_pattern=raw.get("layers_pattern"),
             fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
             base_model_name_or_path=raw.get("base_model_name_or_path"),
+            use_dora=bool(raw.get("use_dora", False)),
+            lora_bias=bool(raw.get("lora_bias", False)),
+            modules_to_save=_str_list(raw.get("modules_to_save"), "modules_to_save", where),
         )
         for key, value in cfg.rank_pattern.items():
             _positive_int(value, f"rank_pattern[{key!r}]", where)
@@ -150,6 +167,16 @@ def _pattern_key(patterns: dict[str, Any], key: str) -> str:
         if re.match(rf"(.*\.)?({pattern})$", key):
             return pattern
     return key
+
+
+def _str_list(value: Any, name: str, where: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise AdapterError(f"{where}: {name} must be a list of module names, got {value!r}")
+    return list(value)
 
 
 def _positive_int(value: Any, name: str, where: str) -> int:

@@ -10,11 +10,18 @@ from blora.lora.context import TokenGroups, current_batch
 
 # Cost model for picking an op (in multiply-adds): one extra kernel launch is worth about OP_COST MACs.
 # Measured with benchmarks/ops_bench.py: small bf16 matmuls on CPU cost ~25 us each (oneDNN), fp32 ~5 us.
-OP_COST = {("cpu", torch.bfloat16): 2_000_000, ("cpu", torch.float16): 2_000_000, "cpu": 200_000, "cuda": 400_000}
+OP_COST = {
+    ("cpu", torch.bfloat16): 2_000_000,
+    ("cpu", torch.float16): 2_000_000,
+    "cpu": 200_000,
+    "cuda": 400_000,
+}
 
 
 def op_cost(device_type: str, dtype: torch.dtype) -> int:
     return OP_COST.get((device_type, dtype), OP_COST.get(device_type, OP_COST["cuda"]))
+
+
 _PLAN_CACHE_SIZE = 8
 
 
@@ -67,6 +74,8 @@ class LoraLinear(nn.Module):
     """``y = base(x) + scale_a * B_a(A_a x)`` with ``a`` the slot of each token in the current ``lora_batch``.
 
     Tokens with slot -1, or whose adapter does not target this module, get exactly ``base(x)``.
+    A slot may also carry a LoRA bias and DoRA's per-output scale ``g``: its tokens get
+    ``g * (base(x) - bias) + bias + x A B' + b'`` with ``g`` folded into ``B'`` and ``b'`` at load time.
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -74,6 +83,7 @@ class LoraLinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base_features(base)
         self.pairs: dict[int, ops.Pair] = {}
+        self.extras: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # slot -> (g, c)
         self.version = 0
         self._plans: dict[tuple[tuple[int, ...], int], _Plan] = {}
 
@@ -85,12 +95,28 @@ class LoraLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def set_lora(self, slot: int, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
-        """Install slot's weights: ``a_t`` [in, r], ``b_t`` [r, out] with the scaling folded in."""
+    def set_lora(
+        self,
+        slot: int,
+        a_t: torch.Tensor,
+        b_t: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dora_scale: torch.Tensor | None = None,
+    ) -> None:
+        """Install slot's weights: ``a_t`` [in, r], ``b_t`` [r, out] with the scaling (and DoRA's ``g``)
+        folded in; ``bias`` [out]: the LoRA bias, scaled likewise; ``dora_scale`` [out]: DoRA's ``g``."""
         self.pairs[slot] = (a_t, b_t)
+        self.extras.pop(slot, None)
+        if bias is not None or dora_scale is not None:
+            shift = bias
+            base_bias = self.base.bias
+            if dora_scale is not None and base_bias is not None:
+                shift = base_bias.detach() * (1 - dora_scale) + (0 if bias is None else bias)
+            self.extras[slot] = (dora_scale, shift)
         self._invalidate()
 
     def reset_lora(self, slot: int) -> None:
+        self.extras.pop(slot, None)
         if self.pairs.pop(slot, None) is not None:
             self._invalidate()
 
@@ -109,9 +135,26 @@ class LoraLinear(nn.Module):
         if plan is None:
             return y
         y2 = y.view(-1, self.out_features)
+        if self.extras:
+            self._apply_extras(y2, groups, plan)
         w_dtype = plan.pairs[0][0].dtype
         self._apply(y2, x2 if x2.dtype == w_dtype else x2.to(w_dtype), groups, plan)
         return y
+
+    def _apply_extras(self, y: torch.Tensor, groups: TokenGroups, plan: _Plan) -> None:
+        """DoRA scale and LoRA bias: ``y[t] = g * y[t] + c`` for the tokens of slots that have them."""
+        for slot, pos in zip(plan.slots, plan.positions, strict=True):
+            extra = self.extras.get(slot)
+            if extra is None:
+                continue
+            scale, shift = extra
+            rows = y if groups.full else y.index_select(0, groups.index[pos])
+            if scale is not None:
+                rows.mul_(scale)
+            if shift is not None:
+                rows.add_(shift)
+            if not groups.full:
+                y.index_copy_(0, groups.index[pos], rows)
 
     def _plan(self, groups: TokenGroups) -> _Plan | None:
         key = (groups.active, self.version)

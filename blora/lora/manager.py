@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from blora.lora.config import AdapterError
-from blora.lora.layers import LoraLinear, base_features, is_linear
+from blora.lora.embedding import LoraEmbedding
+from blora.lora.layers import LoraLinear, is_linear
+from blora.lora.prepared import LoraWeights, PreparedAdapter, prepare_module, prepare_saved
+from blora.lora.saved import SavedModules
 from blora.lora.weights import AdapterFiles, read_adapter
 
 log = logging.getLogger(__name__)
 
+_WRAPPERS = (LoraLinear, LoraEmbedding, SavedModules)
+
 
 @dataclass
 class AdapterInfo:
-    """A loaded adapter: its slot, where it came from, and what it touches."""
+    """A loaded adapter: its slot, where it came from, and what it touches (``saved``: its
+    ``modules_to_save``)."""
 
     name: str
     slot: int
@@ -27,33 +33,18 @@ class AdapterInfo:
     modules: tuple[str, ...]
     ranks: dict[str, int]
     num_params: int
+    saved: tuple[str, ...] = ()
 
     @property
     def max_rank(self) -> int:
-        return max(self.ranks.values())
+        return max(self.ranks.values(), default=0)
 
 
-# (module name, A^T [in, r], B^T * scale [r, out])
-_Prepared = list[tuple[str, torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class PreparedAdapter:
-    """A validated adapter ready to install into a slot: per-module ``(name, A^T, B^T * scale)``.
-
-    Built by ``LoraManager.prepare`` without touching the model, so it can be made in a background thread
-    and kept in a CPU cache; ``install`` moves the tensors to the model's device.
-    """
-
-    name: str
-    source: str
-    modules: _Prepared
-    nbytes: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.nbytes = sum(
-            a.numel() * a.element_size() + b.numel() * b.element_size() for _, a, b in self.modules
-        )
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model's own module under our wrappers."""
+    while isinstance(module, _WRAPPERS):
+        module = module.original if isinstance(module, SavedModules) else module.base
+    return module
 
 
 class LoraManager:
@@ -67,7 +58,9 @@ class LoraManager:
         self.model = model
         self.max_rank = max_rank
         self.adapters: dict[str, AdapterInfo] = {}
-        self._wrappers: dict[str, LoraLinear] = {}
+        self._wrappers: dict[str, LoraLinear | LoraEmbedding] = {}
+        self._saved: dict[str, SavedModules] = {}
+        self._installed: dict[str, PreparedAdapter] = {}  # on the model's device, shared with the wrappers
         self._tree_lock = threading.Lock()  # module-tree changes (wrapping) vs. ``prepare`` in other threads
 
     def __getstate__(self) -> dict:  # ``copy.deepcopy`` of the model: locks are not copyable
@@ -137,39 +130,45 @@ class LoraManager:
         ``device``: where the prepared tensors live (default: the model's device); ``install`` moves them.
         """
         limit = self.max_rank if max_rank is None else max_rank
-        modules = self._validate(read_adapter(name, source), limit, device)
-        return PreparedAdapter(name=name, source=str(source), modules=modules)
+        files = read_adapter(name, source)
+        modules, saved = self._validate(files, limit, device)
+        return PreparedAdapter(name=name, source=str(source), modules=modules, saved=saved)
 
     def install(self, prepared: PreparedAdapter) -> int:
         """Put a prepared adapter into a free slot; returns the slot."""
         name = prepared.name
         if name in self.adapters:
             raise AdapterError(f"adapter {name!r} is already loaded; unload it first or pick another name")
-        return self._install(name, prepared.source, prepared.modules)
-
-    def _install(self, name: str, source: str | Path, prepared: _Prepared) -> int:
         slot = self._free_slot()
-        for module_name, a_t, b_t in prepared:
-            wrapper = self._wrap(module_name)
-            weight = wrapper.weight
-            a_t = a_t.to(device=weight.device, non_blocking=True)
-            b_t = b_t.to(device=weight.device, non_blocking=True)
-            wrapper.set_lora(slot, a_t, b_t)
+        modules = {}
+        for module_name, weights in prepared.modules.items():
+            wrapper = self._wrap_lora(module_name)
+            w = modules[module_name] = weights.to(wrapper.weight.device)
+            if isinstance(wrapper, LoraEmbedding):
+                wrapper.set_lora(slot, w.a, w.b, dora_scale=w.dora_scale)
+            else:
+                wrapper.set_lora(slot, w.a, w.b, bias=w.bias, dora_scale=w.dora_scale)
+        saved = {}
+        for module_name, params in prepared.saved.items():
+            wrapper = self._wrap_saved(module_name)
+            device = wrapper.original.weight.device
+            saved[module_name] = {k: v.to(device, non_blocking=True) for k, v in params.items()}
+            wrapper.set_saved(slot, saved[module_name])
+        self._installed[name] = PreparedAdapter(name, prepared.source, modules, saved)
         self.adapters[name] = AdapterInfo(
             name=name,
             slot=slot,
-            source=str(source),
-            modules=tuple(m for m, _, _ in prepared),
-            ranks={m: int(a.shape[1]) for m, a, _ in prepared},
-            num_params=sum(a.numel() + b.numel() for _, a, b in prepared),
+            source=prepared.source,
+            modules=tuple(prepared.modules),
+            ranks={m: w.rank for m, w in prepared.modules.items()},
+            num_params=sum(t.numel() for w in modules.values() for t in (w.a, w.b)),
+            saved=tuple(prepared.saved),
         )
         return slot
 
     def export(self, name: str) -> PreparedAdapter:
         """The installed weights of ``name`` as a ``PreparedAdapter`` (shares the tensors)."""
-        info = self.adapters[name]
-        modules = [(m, *self._wrappers[m].pairs[info.slot]) for m in info.modules]
-        return PreparedAdapter(name=name, source=info.source, modules=modules)
+        return self._installed[name]
 
     def unload(self, name: str) -> None:
         info = self.adapters.pop(name, None)
@@ -177,6 +176,9 @@ class LoraManager:
             raise KeyError(f"adapter {name!r} is not loaded; loaded: {self.names()}")
         for module_name in info.modules:
             self._wrappers[module_name].reset_lora(info.slot)
+        for module_name in info.saved:
+            self._saved[module_name].reset_saved(info.slot)
+        self._installed.pop(name, None)
 
     def _free_slot(self) -> int:
         used = {info.slot for info in self.adapters.values()}
@@ -185,63 +187,85 @@ class LoraManager:
             slot += 1
         return slot
 
-    def _wrap(self, module_name: str) -> LoraLinear:
+    def _wrap_lora(self, module_name: str) -> LoraLinear | LoraEmbedding:
         wrapper = self._wrappers.get(module_name)
         if wrapper is None:
             parent_name, _, child = module_name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            wrapper = LoraLinear(getattr(parent, child))
+            holder = self.model.get_submodule(parent_name) if parent_name else self.model
+            if isinstance(getattr(holder, child), SavedModules):  # LoRA goes under another's saved copies
+                holder, child = getattr(holder, child), "inner"
+            inner = getattr(holder, child)
+            wrapper = LoraEmbedding(inner) if isinstance(inner, nn.Embedding) else LoraLinear(inner)
             with self._tree_lock:
-                setattr(parent, child, wrapper)
+                setattr(holder, child, wrapper)
             self._wrappers[module_name] = wrapper
         return wrapper
 
-    def _linear_modules(self) -> dict[str, nn.Module]:
-        """Linear layers PEFT's 'all-linear' would target: all but the output head and our inner layers."""
-        out = {}
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        for name, module in self.model.named_modules():
-            if name.endswith(".base") and isinstance(
-                self.model.get_submodule(name.rpartition(".")[0]), LoraLinear
-            ):
-                continue
-            if (
-                is_linear(module)
-                and module is not head
-                and not (isinstance(module, LoraLinear) and module.base is head)
-            ):
-                out[name] = module
-        return out
+    def _wrap_saved(self, module_name: str) -> SavedModules:
+        wrapper = self._saved.get(module_name)
+        if wrapper is None:
+            parent_name, _, child = module_name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            current = getattr(parent, child)
+            wrapper = SavedModules(current, unwrap(current))
+            with self._tree_lock:
+                setattr(parent, child, wrapper)
+            self._saved[module_name] = wrapper
+        return wrapper
 
-    def _validate(self, files: AdapterFiles, max_rank: int | None, device=None) -> _Prepared:
+    def _module_table(self) -> tuple[dict[str, nn.Module], str | None]:
+        """Module name -> the model's own module (under our wrappers), and the output head's name."""
+        table: dict[str, nn.Module] = {}
+
+        def walk(module: nn.Module, prefix: str) -> None:
+            for child_name, child in module._modules.items():
+                if child is None:
+                    continue
+                name = prefix + child_name
+                table[name] = unwrap(child)
+                if not isinstance(child, _WRAPPERS):
+                    walk(child, name + ".")
+
+        with self._tree_lock:
+            walk(self.model, "")
+            getter = getattr(self.model, "get_output_embeddings", None)
+            head = unwrap(getter()) if getter is not None and getter() is not None else None
+        head_name = next((n for n, m in table.items() if m is head), None) if head is not None else None
+        return table, head_name
+
+    def _validate(
+        self, files: AdapterFiles, max_rank: int | None, device=None
+    ) -> tuple[dict[str, LoraWeights], dict[str, dict[str, torch.Tensor]]]:
         where = f"adapter {files.name!r} ({files.path})"
         cfg = files.config
-        with self._tree_lock:
-            linear = self._linear_modules()
-            modules = dict(self.model.named_modules())
-        prepared: _Prepared = []
-        for module_name, pair in sorted(files.modules.items()):
-            module = modules.get(module_name)
-            if module is None:
-                raise AdapterError(
-                    f"{where}: weights for module {module_name!r}, which does not exist in the base model "
-                    f"({type(self.model).__name__}); was the adapter trained for another base model?"
-                )
-            if module_name not in linear:
+        table, head = self._module_table()
+        # what PEFT's "all-linear" targets: every linear layer but the output head
+        all_linear = {n for n, m in table.items() if is_linear(m) and n != head}
+        modules: dict[str, LoraWeights] = {}
+        for module_name, raw in sorted(files.modules.items()):
+            module = self._existing(where, table, module_name)
+            if not raw.embedding and not is_linear(module) and not isinstance(module, nn.Embedding):
                 raise AdapterError(
                     f"{where}: module {module_name!r} is a {type(module).__name__}; only LoRA on linear "
-                    "layers (nn.Linear, Conv1D) is supported yet"
+                    "layers (nn.Linear, Conv1D) and embeddings is supported yet"
                 )
-            if not cfg.targets(module_name, set(linear)):
+            if not cfg.targets(module_name, all_linear):
                 raise AdapterError(
                     f"{where}: the file has weights for {module_name!r} but adapter_config.json's "
                     "target_modules/exclude_modules/layers_to_transform do not select it; the config and "
                     "weights disagree"
                 )
-            prepared.append(
-                (module_name, *self._prepare(where, module_name, module, pair, cfg, max_rank, device))
-            )
-        targeted = [m for m in linear if cfg.targets(m, set(linear))]
+            key = f"{where}, module {module_name!r}"
+            modules[module_name] = prepare_module(key, module_name, module, raw, cfg, max_rank, device)
+        saved = {}
+        for module_name, params in sorted(files.saved.items()):
+            module = self._existing(where, table, module_name)
+            if module_name in modules:
+                raise AdapterError(
+                    f"{where}: module {module_name!r} is both LoRA-targeted and in modules_to_save"
+                )
+            saved[module_name] = prepare_saved(f"{where}, module {module_name!r}", module, params, device)
+        targeted = [m for m, mod in table.items() if is_linear(mod) and cfg.targets(m, all_linear)]
         missing = sorted(set(targeted) - set(files.modules))
         if missing:
             log.warning(
@@ -250,38 +274,13 @@ class LoraManager:
                 len(missing),
                 missing[0],
             )
-        return prepared
+        return modules, saved
 
-    def _prepare(
-        self, where, module_name, module, pair, cfg, max_rank, device=None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        in_f, out_f = base_features(module.base if isinstance(module, LoraLinear) else module)
-        a, b = pair.A, pair.B
-        key = f"{where}, module {module_name!r}"
-        if (
-            a.dim() != 2
-            or b.dim() != 2
-            or a.shape[1] != in_f
-            or b.shape[0] != out_f
-            or a.shape[0] != b.shape[1]
-        ):
+    def _existing(self, where: str, table: dict[str, nn.Module], module_name: str) -> nn.Module:
+        module = table.get(module_name)
+        if module is None:
             raise AdapterError(
-                f"{key}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base layer "
-                f"({in_f} -> {out_f}); the adapter was trained for a different base model"
+                f"{where}: weights for module {module_name!r}, which does not exist in the base model "
+                f"({type(self.model).__name__}); was the adapter trained for another base model?"
             )
-        r = a.shape[0]
-        if r != cfg.rank_for(module_name):
-            raise AdapterError(
-                f"{key}: weights have rank {r} but the config says r={cfg.rank_for(module_name)}"
-            )
-        if max_rank is not None and r > max_rank:
-            raise AdapterError(f"{key}: rank {r} is above the configured maximum {max_rank}")
-        for label, t in (("lora_A", a), ("lora_B", b)):
-            if not torch.isfinite(t).all():
-                raise AdapterError(f"{key}: {label} holds NaN or Inf values; the adapter is corrupt")
-        weight = module.weight
-        device = weight.device if device is None else device
-        scale = cfg.scale_for(module_name)
-        a_t = a.to(torch.float32).t().contiguous().to(device=device, dtype=weight.dtype)
-        b_t = (b.to(torch.float32) * scale).t().contiguous().to(device=device, dtype=weight.dtype)
-        return a_t, b_t
+        return module

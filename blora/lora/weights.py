@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from blora.lora.config import AdapterError, LoraConfig
 
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
-_KNOWN_UNSUPPORTED = {
-    "lora_embedding_A": "embedding LoRA (lora_embedding_A/B)",
-    "lora_embedding_B": "embedding LoRA (lora_embedding_A/B)",
-    "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
-    "modules_to_save": "modules_to_save",
-}
+_KEY = re.compile(
+    r"^(?P<module>.+)\.(?:(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.(?P<param>weight|bias)"
+    r"|(?P<extra>lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?"
+    r"|(?P<base>base_layer)\.weight)$"
+)
+_KNOWN_UNSUPPORTED = {"modules_to_save.": "an unsaved modules_to_save wrapper key"}
 _PREFIXES = ("base_model.model.", "base_model.")
 
 
 @dataclass
 class ModuleLora:
-    """One module's raw LoRA pair as saved by PEFT: ``A`` is [r, in], ``B`` is [out, r]."""
+    """One module's raw LoRA weights as saved by PEFT: ``A`` is [r, in], ``B`` is [out, r] (embedding
+    LoRA: ``lora_embedding_A`` [r, num_embeddings], ``lora_embedding_B`` [dim, r]); ``bias``: ``lora_B``'s
+    bias (``lora_bias=True``); ``magnitude``: DoRA's [out]; ``base_weight``: a copy of the base layer's
+    weight that PEFT saves with embedding / ``lm_head`` adapters (must equal the base model's)."""
 
     A: torch.Tensor
     B: torch.Tensor
+    bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    embedding: bool = False
+    base_weight: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -41,6 +47,7 @@ class AdapterFiles:
     path: Path
     config: LoraConfig
     modules: dict[str, ModuleLora]
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save params
 
 
 def resolve_adapter_dir(name: str, source: str | Path) -> Path:
@@ -71,10 +78,11 @@ def read_adapter(name: str, source: str | Path) -> AdapterFiles:
     where = f"adapter {name!r}"
     config = LoraConfig.from_file(path / "adapter_config.json", where)
     tensors, fname = _read_tensors(path, where)
+    saved = _saved_modules(tensors, config.modules_to_save or [], f"{where} ({fname})")
     modules = _group_keys(tensors, f"{where} ({fname})")
-    if not modules:
+    if not modules and not saved:
         raise AdapterError(f"{where} ({fname}): the file holds no lora_A/lora_B weights")
-    return AdapterFiles(name=name, source=str(source), path=path, config=config, modules=modules)
+    return AdapterFiles(name=name, source=str(source), path=path, config=config, modules=modules, saved=saved)
 
 
 def _read_tensors(path: Path, where: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -101,28 +109,62 @@ def _read_tensors(path: Path, where: str) -> tuple[dict[str, torch.Tensor], str]
     raise AdapterError(f"{where}: {path} has neither adapter_model.safetensors nor adapter_model.bin")
 
 
+def _saved_modules(
+    tensors: dict[str, torch.Tensor], modules_to_save: list[str], where: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Pop the full-module parameters of ``modules_to_save`` (PEFT saves them as ``<module>.<param>``,
+    matching a module when its name ends with an entry)."""
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key in list(tensors):
+        if _KEY.match(key):
+            continue
+        parts = _strip_prefix(key).split(".")
+        for i in range(1, len(parts)):  # the outermost module that matches, like PEFT's wrapping
+            module = ".".join(parts[:i])
+            if any(module.endswith(m) for m in modules_to_save):
+                saved.setdefault(module, {})[".".join(parts[i:])] = tensors.pop(key)
+                break
+    return saved
+
+
+_FIELDS = {"lora_embedding_A": "A", "lora_embedding_B": "B", "lora_magnitude_vector": "magnitude"}
+
+
 def _group_keys(tensors: dict[str, torch.Tensor], where: str) -> dict[str, ModuleLora]:
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    embedding: set[str] = set()
     for key, tensor in tensors.items():
         for marker, what in _KNOWN_UNSUPPORTED.items():
             if f".{marker}" in key or key.startswith(marker):
-                raise AdapterError(f"{where}: key {key!r} is {what}, which is not supported yet")
+                raise AdapterError(f"{where}: key {key!r} is {what}, which is not supported")
         match = _KEY.match(key)
         if match is None:
             raise AdapterError(
-                f"{where}: unexpected key {key!r}; expected '<module>.lora_A.weight' / 'lora_B'"
+                f"{where}: unexpected key {key!r}; expected '<module>.lora_A.weight' / 'lora_B' (or a "
+                "module listed in modules_to_save)"
             )
         module = _strip_prefix(match.group("module"))
-        slot = pairs.setdefault(module, {})
-        if match.group("kind") in slot:
-            raise AdapterError(f"{where}: module {module!r} has two {match.group('kind')} weights")
-        slot[match.group("kind")] = tensor
+        if match.group("kind"):
+            field_name = {"weight": match.group("kind")[-1], "bias": "bias"}[match.group("param")]
+            if match.group("kind") == "lora_A" and field_name == "bias":
+                raise AdapterError(f"{where}: unexpected key {key!r}; lora_A has no bias")
+        elif match.group("extra"):
+            field_name = _FIELDS[match.group("extra")]
+            embedding |= {module} if match.group("extra").startswith("lora_embedding") else set()
+        else:
+            field_name = "base_weight"
+        slot = parts.setdefault(module, {})
+        if field_name in slot:
+            raise AdapterError(f"{where}: module {module!r} has two {match.group(0)!r}-like weights")
+        slot[field_name] = tensor
     out: dict[str, ModuleLora] = {}
-    for module, pair in pairs.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            missing = ({"lora_A", "lora_B"} - set(pair)).pop()
+    for module, fields in parts.items():
+        if "A" not in fields or "B" not in fields:
+            if set(fields) == {"base_weight"}:
+                continue  # a base layer copy without LoRA: compared by nothing, ignored
+            missing = "lora_A" if "A" not in fields else "lora_B"
             raise AdapterError(f"{where}: module {module!r} has no {missing} weight")
-        out[module] = ModuleLora(A=pair["lora_A"], B=pair["lora_B"])
+        out[module] = ModuleLora(embedding=module in embedding, **fields)
     return out
 
 

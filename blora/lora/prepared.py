@@ -1,0 +1,208 @@
+"""Turning one module's saved PEFT weights into what a wrapper holds: checked, transposed, scaled.
+
+Everything here reads the base model and never changes it, so it may run in a background thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from blora.lora.config import AdapterError, LoraConfig
+from blora.lora.layers import base_features
+from blora.lora.saved import is_token_wise
+from blora.lora.weights import ModuleLora
+
+_NORM_CHUNK = 8192  # columns per step when computing DoRA's weight norm (bounds the temporary)
+
+
+@dataclass
+class LoraWeights:
+    """One module's prepared LoRA.
+
+    ``a`` [in, r] (embedding: [num_embeddings, r]); ``b`` [r, out] with the scaling (and DoRA's ``g``)
+    folded in; ``bias`` [out]: LoRA bias (``lora_bias``), scaled likewise; ``dora_scale`` [out]: DoRA's
+    ``g = m / ||W + s B A||`` (row norms), which multiplies the base output of the adapter's tokens.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    bias: torch.Tensor | None = None
+    dora_scale: torch.Tensor | None = None
+    embedding: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[1])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.a, self.b, self.bias, self.dora_scale) if t is not None]
+
+    def to(self, device: torch.device) -> LoraWeights:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return LoraWeights(move(self.a), move(self.b), move(self.bias), move(self.dora_scale), self.embedding)
+
+
+@dataclass
+class PreparedAdapter:
+    """A validated adapter ready to install into a slot: LoRA weights per module and full parameter sets of
+    its ``modules_to_save``. Built without touching the model (see ``LoraManager.prepare``)."""
+
+    name: str
+    source: str
+    modules: dict[str, LoraWeights]
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        tensors = [t for w in self.modules.values() for t in w.tensors()]
+        tensors += [t for params in self.saved.values() for t in params.values()]
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def uses_dora(self) -> bool:
+        return any(w.dora_scale is not None for w in self.modules.values())
+
+
+def weight_rows(module: nn.Module) -> torch.Tensor:
+    """The base weight as [out, in] rows (PEFT's ``transpose(weight, fan_in_fan_out)``; embedding: [dim, vocab])."""
+    if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
+        return module.weight.t()
+    return module.weight
+
+
+def dora_norm(w_rows: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+    """Row norms of ``W + scale * B @ A`` in float32, in column chunks. Semantics:
+    ``torch.linalg.norm(w_rows + scale * b @ a, dim=1)`` with ``w_rows`` [out, in], ``b`` [out, r], ``a`` [r, in]."""
+    device = w_rows.device
+    b = b.to(device=device, dtype=torch.float32)
+    squares = torch.zeros(w_rows.shape[0], dtype=torch.float32, device=device)
+    for i in range(0, w_rows.shape[1], _NORM_CHUNK):
+        a_part = a[:, i : i + _NORM_CHUNK].to(device=device, dtype=torch.float32)
+        chunk = w_rows[:, i : i + _NORM_CHUNK].float() + scale * (b @ a_part)
+        squares += chunk.square().sum(dim=1)
+    return squares.sqrt()
+
+
+def prepare_module(
+    key: str, name: str, module: nn.Module, raw: ModuleLora, cfg: LoraConfig, max_rank: int | None, device
+) -> LoraWeights:
+    """Check ``raw`` against the base ``module`` and the config, and fold the scaling in. ``key`` names the
+    adapter and module in errors."""
+    a, b = raw.A, raw.B
+    in_f, out_f = _features(key, module, raw)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+        names = ("lora_embedding_A", "lora_embedding_B") if raw.embedding else ("lora_A", "lora_B")
+        raise AdapterError(
+            f"{key}: {names[0]} {tuple(a.shape)} / {names[1]} {tuple(b.shape)} do not fit the base layer "
+            f"({in_f} -> {out_f}); the adapter was trained for a different base model"
+        )
+    r = a.shape[0]
+    if r != cfg.rank_for(name):
+        raise AdapterError(f"{key}: weights have rank {r} but the config says r={cfg.rank_for(name)}")
+    if max_rank is not None and r > max_rank:
+        raise AdapterError(f"{key}: rank {r} is above the configured maximum {max_rank}")
+    _check_extras(key, raw, cfg, out_f)
+    _check_base_copy(key, module, raw)
+    for label, t in (("lora_A", a), ("lora_B", b), ("lora_B bias", raw.bias), ("magnitude", raw.magnitude)):
+        if t is not None and not torch.isfinite(t).all():
+            raise AdapterError(f"{key}: {label} holds NaN or Inf values; the adapter is corrupt")
+    scale = cfg.scale_for(name)
+    g = None
+    if raw.magnitude is not None:
+        norm = dora_norm(weight_rows(module).detach(), b, a, scale).to(device=raw.magnitude.device)
+        g = raw.magnitude.float() / norm
+    b_t = b.float().t() * scale
+    bias = None if raw.bias is None else raw.bias.float() * scale
+    if g is not None:
+        b_t = b_t * g
+        bias = None if bias is None else bias * g
+    dtype = module.weight.dtype
+    device = module.weight.device if device is None else device
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.contiguous().to(device=device, dtype=dtype)
+
+    return LoraWeights(cast(a.float().t()), cast(b_t), cast(bias), cast(g), raw.embedding)
+
+
+def _features(key: str, module: nn.Module, raw: ModuleLora) -> tuple[int, int]:
+    if raw.embedding:
+        if not isinstance(module, nn.Embedding):
+            raise AdapterError(
+                f"{key}: embedding LoRA weights for a {type(module).__name__}, not an embedding"
+            )
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Embedding):
+        raise AdapterError(f"{key}: lora_A/lora_B on an embedding; PEFT saves lora_embedding_A/B there")
+    return base_features(module)
+
+
+def _check_extras(key: str, raw: ModuleLora, cfg: LoraConfig, out_f: int) -> None:
+    if cfg.use_dora and raw.magnitude is None:
+        raise AdapterError(f"{key}: use_dora=true but the file has no lora_magnitude_vector for this module")
+    if raw.magnitude is not None:
+        if not cfg.use_dora:
+            raise AdapterError(
+                f"{key}: DoRA magnitude in the file but use_dora is false; config and weights disagree"
+            )
+        if tuple(raw.magnitude.shape) != (out_f,):
+            raise AdapterError(
+                f"{key}: DoRA lora_magnitude_vector has shape {tuple(raw.magnitude.shape)}, expected ({out_f},)"
+            )
+    if raw.bias is not None and not cfg.lora_bias:
+        raise AdapterError(f"{key}: lora_B has a bias but lora_bias is false; config and weights disagree")
+    if cfg.lora_bias and raw.bias is None and not raw.embedding:
+        raise AdapterError(f"{key}: lora_bias=true but the file has no lora_B bias for this module")
+    if raw.bias is not None and tuple(raw.bias.shape) != (out_f,):
+        raise AdapterError(f"{key}: lora_B bias has shape {tuple(raw.bias.shape)}, expected ({out_f},)")
+
+
+def _check_base_copy(key: str, module: nn.Module, raw: ModuleLora) -> None:
+    """PEFT saves the base weight with embedding / lm_head adapters; a different one (e.g. a resized or
+    retrained vocabulary) would change every row's base model, which a shared base cannot do."""
+    saved = raw.base_weight
+    if saved is None:
+        return
+    weight = module.weight.detach()
+    if saved.shape != weight.shape or not torch.allclose(
+        saved.to(device=weight.device, dtype=torch.float32), weight.float(), rtol=1e-2, atol=1e-3
+    ):
+        raise AdapterError(
+            f"{key}: the adapter saves a base layer weight ({tuple(saved.shape)}) that differs from the base "
+            "model's; it was trained on a changed (e.g. resized) base layer, which a shared base cannot serve"
+        )
+
+
+def prepare_saved(
+    key: str, module: nn.Module, params: dict[str, torch.Tensor], device
+) -> dict[str, torch.Tensor]:
+    """Check a ``modules_to_save`` copy against the base module: token-wise module, same parameters."""
+    if not is_token_wise(module):
+        raise AdapterError(
+            f"{key}: modules_to_save of a {type(module).__name__} is not supported in mixed batches (only "
+            "linear, embedding and norm layers, whose copy can run for a subset of the tokens)"
+        )
+    expected = dict(module.named_parameters(recurse=False))
+    if set(params) != set(expected):
+        raise AdapterError(
+            f"{key}: modules_to_save copy has parameters {sorted(params)}, the base module {sorted(expected)}"
+        )
+    out = {}
+    for pname, tensor in params.items():
+        ref = expected[pname]
+        if tensor.shape != ref.shape:
+            raise AdapterError(
+                f"{key}: modules_to_save {pname} has shape {tuple(tensor.shape)}, the base module "
+                f"{tuple(ref.shape)}; the adapter was trained for a different base model"
+            )
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(
+                f"{key}: modules_to_save {pname} holds NaN or Inf values; the adapter is corrupt"
+            )
+        out[pname] = tensor.to(device=ref.device if device is None else device, dtype=ref.dtype).contiguous()
+    return out
