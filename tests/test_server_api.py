@@ -544,3 +544,37 @@ def test_cli_arguments(tmp_path):
     with pytest.raises(SystemExit, match="not a directory"):
         _check_args(parser.parse_args(["--adapter-root", str(tmp_path / "nope")]))
     _check_args(parser.parse_args(["--adapter-root", str(tmp_path), "--allow-runtime-adapters"]))
+
+
+def test_adapter_mixture_extension(tokenizer):
+    engine = FakeEngine(tokenizer, {"sql": "/a/sql", "chat": "/a/chat"})
+    c, _ = make_client(tokenizer, engine=engine)
+    with c:
+        mix = {"sql": 0.7, "chat": 0.3}
+        r = c.post(
+            "/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 2, "adapter_mixture": mix}
+        )
+        assert r.status_code == 200, r.text
+        assert engine.calls[-1][2] == mix
+        msgs = [{"role": "user", "content": "hi"}]
+        body = {"model": BASE, "messages": msgs, "max_tokens": 2, "adapter_mixture": mix, "stream": True}
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            sse_events(r)
+        assert engine.calls[-1][2] == mix
+        n_calls = len(engine.calls)
+        bad = [
+            ({"model": "sql", "adapter_mixture": mix}, 400, "model"),
+            ({"model": BASE, "adapter_mixture": {"sql": 1, "nope": 1}}, 404, "adapter_mixture"),
+            ({"model": BASE, "adapter_mixture": {}}, 400, "adapter_mixture"),
+            ({"model": BASE, "adapter_mixture": {"sql": "heavy"}}, 400, "adapter_mixture"),
+            ({"model": BASE, "adapter_mixture": {f"a{i}": 1 for i in range(17)}}, 400, "adapter_mixture"),
+        ]
+        for extra, status, param in bad:
+            assert_error(c.post("/v1/completions", json={"prompt": "x", **extra}), status, param)
+        r = c.post(
+            "/v1/completions",
+            content=b'{"model": "tiny-base", "prompt": "x", "adapter_mixture": {"sql": NaN}}',
+            headers={"content-type": "application/json"},
+        )
+        assert_error(r, 400)
+        assert len(engine.calls) == n_calls

@@ -94,6 +94,21 @@ class AdapterManager:
             param="model",
         )
 
+    def resolve_mixture(self, model: str, mixture: dict[str, float]) -> dict[str, float]:
+        """Check an ``adapter_mixture`` request: ``model`` is the base, every component is loaded."""
+        if model != self.base_name:
+            raise InvalidRequestError(
+                f"With adapter_mixture, model must be the base model {self.base_name!r}, not {model!r}",
+                param="model",
+            )
+        known = self.adapters()
+        missing = sorted(name for name in mixture if name not in known)
+        if missing:
+            raise NotFoundError(
+                f"adapter_mixture names adapters that are not loaded: {missing}", param="adapter_mixture"
+            )
+        return dict(mixture)
+
     def cards(self) -> list[ModelCard]:
         max_len = getattr(self.engine, "max_model_len", None)
         base = ModelCard(id=self.base_name, root=self.base_source, max_model_len=max_len)

@@ -43,7 +43,7 @@ async def create_completion(serving: Serving, req: CompletionRequest) -> Any:
         serving.sampling_params(req, serving.check_length(ids, req.max_tokens), req.logprobs)
         for ids, _ in prompts
     ]
-    gen = await serving.start("cmpl", req.model, prompts, params, wait_first=not req.stream)
+    gen = await serving.start("cmpl", req, prompts, params, wait_first=not req.stream)
     text = TokenText(serving.tokenizer)
     k = req.logprobs
 
@@ -119,7 +119,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest) -
     ids = apply_chat_template(serving, req)
     k = req.num_logprobs()
     params = serving.sampling_params(req, serving.check_length(ids, req.token_limit()), k)
-    gen = await serving.start("chatcmpl", req.model, [(ids, None)], [params], wait_first=not req.stream)
+    gen = await serving.start("chatcmpl", req, [(ids, None)], [params], wait_first=not req.stream)
     text = TokenText(serving.tokenizer)
 
     if not req.stream:

@@ -6,12 +6,14 @@ unsupported features become a 400 with the offending field named in ``param``.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TOP_LOGPROBS = 20
+MAX_MIXTURE = 16
 
 
 class OpenAIModel(BaseModel):
@@ -45,6 +47,9 @@ class SamplingFields(OpenAIModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # blora extension: a weighted mixture of adapters for this request, e.g. {"sql": 0.7, "chat": 0.3};
+    # ``model`` must then be the base model. Served as one adapter computing sum_i w_i * LoRA_i.
+    adapter_mixture: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -59,6 +64,17 @@ class SamplingFields(OpenAIModel):
     def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value:
             raise ValueError("logit_bias is not supported by blora")
+        return value
+
+    @field_validator("adapter_mixture")
+    @classmethod
+    def _mixture(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if not 1 <= len(value) <= MAX_MIXTURE:
+            raise ValueError(f"adapter_mixture must name 1 to {MAX_MIXTURE} adapters")
+        if any(not math.isfinite(w) for w in value.values()):
+            raise ValueError("adapter_mixture weights must be finite numbers")
         return value
 
     @model_validator(mode="after")

@@ -215,7 +215,7 @@ class Serving:
     async def start(
         self,
         prefix: str,
-        model: str,
+        req: SamplingFields,
         prompts: list[tuple[list[int], str | None]],
         params: list[Any],
         wait_first: bool,
@@ -226,7 +226,12 @@ class Serving:
         for the first outputs; streaming ones only let the submissions run (a few event-loop turns), so
         that a request queued behind a full batch still gets its response headers at once.
         """
-        adapter = self.adapters.resolve(model)
+        if req.adapter_mixture is not None:
+            adapter: str | dict[str, float] | None = self.adapters.resolve_mixture(
+                req.model, req.adapter_mixture
+            )
+        else:
+            adapter = self.adapters.resolve(req.model)
         choices = len(prompts) * (params[0].n if params else 1)
         if choices > MAX_CHOICES:
             raise InvalidRequestError(
