@@ -89,7 +89,7 @@ class AsyncLLM:
         self,
         prompt: str | list[int],
         sampling_params: SamplingParams | None = None,
-        adapter: str | None = None,
+        adapter: str | dict[str, float] | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output as tokens arrive; the last one has ``finished=True``. An invalid

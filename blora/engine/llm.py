@@ -96,9 +96,11 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        adapters: str | Sequence[str | None] | None = None,
+        adapters: str | dict | Sequence[str | dict | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; returns the final outputs in prompt order."""
+        """Generate for every prompt; returns the final outputs in prompt order. ``adapters``: one per
+        prompt or one for all: a name, None (base model) or a weighted mixture ``{"a": 0.5, "b": 0.5}``
+        (the weighted sum of the adapters' LoRA terms, computed in the batch)."""
         final: dict[str, RequestOutput] = {}
         ids = self._add(prompts, sampling_params, adapters)
         for out in self._run(ids):
@@ -110,7 +112,7 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        adapters: str | Sequence[str | None] | None = None,
+        adapters: str | dict | Sequence[str | dict | None] | None = None,
     ) -> Iterator[RequestOutput]:
         """Yield each request's output whenever it progresses (``delta_text`` holds what is new)."""
         yield from self._run(self._add(prompts, sampling_params, adapters))
@@ -119,7 +121,7 @@ class LLM:
         self,
         messages: list[dict] | Sequence[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        adapters: str | Sequence[str | None] | None = None,
+        adapters: str | dict | Sequence[str | dict | None] | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """``generate`` on conversations rendered with the tokenizer's chat template."""
@@ -142,6 +144,8 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         params = _per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams)
+        if isinstance(adapters, dict):  # one mixture {"a": 0.5, "b": 0.5} for every prompt
+            adapters = [adapters] * len(prompts)
         names = _per_prompt(adapters, len(prompts), "adapters", str)
         ids = []
         try:

@@ -23,6 +23,7 @@ from blora.engine.sampling_params import SamplingParams
 from blora.engine.scheduler import Scheduler, SchedulerConfig
 from blora.engine.sequence import Request, Sequence, SequenceStatus
 from blora.lora.manager import LoraManager
+from blora.lora.mixtures import mixture_key
 from blora.lora.store import AdapterStore, StoreConfig
 
 log = logging.getLogger(__name__)
@@ -177,14 +178,16 @@ class LLMEngine:
         request_id: str | None,
         prompt: str | list[int],
         params: SamplingParams | None = None,
-        adapter: str | None = None,
+        adapter: str | dict[str, float] | None = None,
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
         prompt_token_ids: list[int] | None = None,
     ) -> str:
         """Queue a request (validated here, ``ValueError`` if invalid); returns its id.
-        ``prompt_token_ids``, when given, are used instead of tokenizing the ``prompt`` text."""
+        ``prompt_token_ids``, when given, are used instead of tokenizing the ``prompt`` text.
+        ``adapter``: a name, None (base model) or a weighted mixture ``{"a": 0.5, "b": 0.5}``."""
         params = params if params is not None else SamplingParams()
+        adapter = mixture_key(adapter)  # {"a": 0.5, "b": 0.5} -> one adapter name for the mixture
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")

@@ -15,6 +15,9 @@
   happens when its last request finishes. During a waiting replace, requests that already hold the adapter
   finish on the old weights and newer ones wait for the new weights; during a waiting unload new requests
   for it are refused.
+- **Mixtures** (``blora.lora.mixtures``): a request's ``{"a": 0.5, "b": 0.5}`` is an adapter named
+  ``mixture:{...}`` built (in the loader thread) from its components' cached weights; it holds its
+  components like their own requests do, and is dropped when a component is replaced or unloaded.
 
 Threads: every method except the loader's runs on the engine thread; the loader thread only prepares
 weights (``LoraManager.prepare`` reads no mutable engine state) and hands them over under ``_lock``.
@@ -33,6 +36,7 @@ from pathlib import Path
 
 from blora.lora.config import AdapterError
 from blora.lora.manager import LoraManager, PreparedAdapter
+from blora.lora.mixtures import PREFIX, Mixture, combine, is_mixture
 from blora.lora.weights import resolve_adapter_dir
 
 log = logging.getLogger(__name__)
@@ -78,6 +82,7 @@ class _Entry:
     pending: _Pending | None = None
     nbytes: int | None = None  # known after the first load
     error: Exception | None = None
+    mixture: Mixture | None = None
 
 
 @dataclass
@@ -153,6 +158,8 @@ class AdapterStore:
         """Make ``name`` available; nothing is read until a request uses it."""
         if not isinstance(name, str) or not name or "\x00" in name:
             raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
+        if name.startswith(PREFIX):
+            raise AdapterError(f"adapter names may not start with {PREFIX!r} (reserved for mixtures)")
         entry = self._entries.get(name)
         if entry is not None and not entry.from_root:
             raise AdapterError(f"adapter {name!r} is already registered (from {entry.source})")
@@ -187,6 +194,12 @@ class AdapterStore:
         """The entry for ``name``; adapters under a root get an entry on first use."""
         entry = self._entries.get(name)
         if entry is not None:
+            return entry
+        if is_mixture(name):
+            mixture = Mixture.from_key(name)
+            for component in mixture.names:
+                self._entry(component)
+            entry = self._entries[name] = _Entry(name, name, from_root=True, mixture=mixture)
             return entry
         for root in self.roots:
             path = contained_path(root, name)
@@ -283,6 +296,9 @@ class AdapterStore:
         if pending is None or self._users_of(entry, entry.generation):
             return
         self._evict_everywhere(entry.name)
+        for other in list(self._entries.values()):  # mixtures built from the old weights
+            if other.mixture is not None and entry.name in other.mixture.names:
+                self._evict_everywhere(other.name)
         entry.pending = None
         if pending.action == "unload":
             if not entry.users:
@@ -311,6 +327,16 @@ class AdapterStore:
         pending = entry.pending
         if pending is not None and pending.action == "unload":
             raise AdapterError(f"adapter {name!r} is being unloaded; it accepts no new requests")
+        if entry.mixture is not None:
+            done = []
+            try:
+                for component in entry.mixture.names:
+                    self.acquire(component, owner)
+                    done.append(component)
+            except AdapterError:
+                for component in done:
+                    self.release(component, owner)
+                raise
         entry.users[owner] = entry.generation + (1 if pending is not None else 0)
         with self._lock:
             tier = "slot" if name in self._slots else "cache" if name in self._cache else "disk"
@@ -320,6 +346,9 @@ class AdapterStore:
         entry = self._entries.get(name)
         if entry is None or entry.users.pop(owner, None) is None:
             return
+        if entry.mixture is not None:
+            for component in entry.mixture.names:
+                self.release(component, owner)
         self._maybe_finish_pending(entry)
 
     # -- engine step hooks -------------------------------------------------------------------------
@@ -330,9 +359,16 @@ class AdapterStore:
             return False
         if owner is not None and entry.users.get(owner, entry.generation) != entry.generation:
             return False  # arrived during a pending replace: waits for the new weights
+        if entry.mixture is not None and owner is not None:
+            for component in entry.mixture.names:
+                c = self._entries.get(component)
+                if c is None or c.users.get(owner, c.generation) != c.generation:
+                    return False
         if self._promise(name):
             return True
         if not self.config.background:
+            for component in entry.mixture.names if entry.mixture is not None else ():
+                self._load_now(component)
             self._load_now(name)
             return self._promise(name)
         return False
@@ -350,11 +386,11 @@ class AdapterStore:
         depth = self.config.prefetch_depth or self.config.max_loras
         window: list[str] = []
         budget = self.config.cpu_cache_bytes
-        for name in dict.fromkeys(names):
+        for name in dict.fromkeys(self._expand(names)):
             entry = self._entries.get(name)
             if entry is None or entry.error is not None:
                 continue
-            size = entry.nbytes or _estimate_bytes(entry.source, self._element_size)
+            size = entry.nbytes or self._estimate(entry)
             if window and size > budget:
                 break
             budget -= size
@@ -368,6 +404,20 @@ class AdapterStore:
             if any(n not in self._cache and n not in self._slots and n not in self._loading for n in window):
                 self._start_thread()
                 self._lock.notify_all()
+
+    def _expand(self, names: Iterable[str]) -> Iterable[str]:
+        """Mixtures come after their components (which they are built from)."""
+        for name in names:
+            entry = self._entries.get(name)
+            if entry is not None and entry.mixture is not None:
+                yield from entry.mixture.names
+            yield name
+
+    def _estimate(self, entry: _Entry) -> int:
+        if entry.mixture is None:
+            return _estimate_bytes(entry.source, self._element_size)
+        parts = [self._entries.get(n) for n in entry.mixture.names]
+        return sum(p.nbytes or _estimate_bytes(p.source, self._element_size) for p in parts if p is not None)
 
     def activate(self, names: Iterable[str], busy: set[str]) -> None:
         """Install ``names`` in slots (from the CPU cache), evicting LRU slots that ``busy`` adapters and
@@ -465,7 +515,7 @@ class AdapterStore:
             generation, source = entry.generation, entry.source
             self._loading[name] = generation
         try:
-            prepared = self._prepare(name, source)
+            prepared = self._mix(entry) if entry.mixture is not None else self._prepare(name, source)
         except Exception as exc:
             with self._lock:
                 self.stats_.load_failures += 1
@@ -483,6 +533,14 @@ class AdapterStore:
                 entry.nbytes = prepared.nbytes
                 self._cache_put_locked(name, prepared)
             self._lock.notify_all()
+
+    def _mix(self, entry: _Entry) -> PreparedAdapter:
+        with self._lock:
+            parts = [(self._cache.get(n) or self._slots.get(n), w) for n, w in entry.mixture.weights]
+        missing = [n for (p, _), n in zip(parts, entry.mixture.names, strict=True) if p is None]
+        if missing:
+            raise RuntimeError(f"mixture {entry.name}: components {missing} are not loaded")
+        return combine(entry.name, parts)
 
     def _start_thread(self) -> None:
         if self._thread is None and self.config.background and not self._closed:
@@ -509,9 +567,13 @@ class AdapterStore:
                 and name not in self._cache
                 and name not in self._slots
                 and name not in self._loading
+                and (entry.mixture is None or all(self._loaded(n) for n in entry.mixture.names))
             ):
                 return name
         return None
+
+    def _loaded(self, name: str) -> bool:
+        return name in self._cache or name in self._slots
 
     def close(self) -> None:
         with self._lock:
