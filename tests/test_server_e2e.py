@@ -6,6 +6,7 @@ reference for every greedy result is ``blora.LLM`` in this process on the same f
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -94,9 +95,14 @@ def work(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def reference(work) -> LLM:
+def reference(work):
     adapters = {k: str(work[k]) for k in ("a", "b", "c")}
-    return LLM(model=str(work["model"]), adapters=adapters, dtype="float32", device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the servers (see launch); restored after this module
+    try:
+        yield LLM(model=str(work["model"]), adapters=adapters, dtype="float32", device="cpu")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port() -> int:
@@ -163,7 +169,10 @@ def launch(work: dict[str, Path], *extra: str) -> Server:
         sys.executable, "-m", "blora.server", "--model", str(work["model"]), "--served-model-name", NAME,
         "--port", str(port), "--dtype", "float32", "--device", "cpu", "--log-level", "info", *extra,
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    # One intra-op thread: the tiny model gains nothing from more, and on a shared 2-core machine
+    # spinning OpenMP workers slow every engine step down many times over.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     server = Server(proc, port, log)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -220,15 +229,19 @@ def test_greedy_completions_equal_llm_generate(server, reference):
     client = server.client()
     cases = [(p, m) for p in PROMPTS[:3] for m in (NAME, "a", "b")]
     expected = greedy(reference, [p for p, _ in cases], [adapter_of(m) for _, m in cases])
-    for (prompt, model), exp in zip(cases, expected, strict=True):
-        r = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
-        assert r.choices[0].text == exp.text, (prompt, model)
+
+    def run(case):
+        prompt, model = case
+        kw = dict(model=model, prompt=prompt, max_tokens=12, temperature=0)
+        return client.completions.create(**kw), list(client.completions.create(**kw, stream=True))
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(run, cases))
+    for case, exp, (r, chunks) in zip(cases, expected, results, strict=True):
+        assert r.choices[0].text == exp.text, case
         assert r.choices[0].finish_reason == exp.finish_reason
         assert r.usage.completion_tokens == len(exp.token_ids)
-        chunks = list(
-            client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True)
-        )
-        assert len({c.id for c in chunks}) == 1
+        assert len({c.id for c in chunks}) == 1 and chunks[0].id != r.id
         assert "".join(c.choices[0].text for c in chunks) == exp.text
         assert chunks[-1].choices[0].finish_reason == exp.finish_reason
     texts = {e.text for e in expected[:3]}
@@ -254,6 +267,23 @@ def test_chat_applies_template_and_equals_llm_chat(server, reference):
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == exp.text
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(exp.token_ids)
         assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+
+
+def test_adapter_mixture_extension_equals_llm_generate(server, reference):
+    mix = {"a": 0.7, "b": 0.3}
+    params = SamplingParams(max_tokens=10, temperature=0)
+    (exp,) = reference.generate([PROMPTS[1]], params, adapters=[mix])
+    client = server.client()
+    kw = dict(
+        model=NAME, prompt=PROMPTS[1], max_tokens=10, temperature=0, extra_body={"adapter_mixture": mix}
+    )
+    assert client.completions.create(**kw).choices[0].text == exp.outputs[0].text
+    assert (
+        "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+        == exp.outputs[0].text
+    )
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(**(kw | {"extra_body": {"adapter_mixture": {"a": 1, "zzz": 1}}}))
 
 
 def test_32_concurrent_requests_over_mixed_adapters(server, reference):
@@ -389,7 +419,7 @@ def test_disconnect_aborts_and_frees_kv_blocks(server):
     stream = client.completions.create(
         model="a",
         prompt="Count forever:",
-        max_tokens=3000,
+        max_tokens=4000,
         temperature=0,
         stream=True,
         extra_body={"ignore_eos": True},
@@ -419,7 +449,7 @@ def test_disconnect_aborts_and_frees_kv_blocks(server):
 
 
 def test_disconnect_of_non_streaming_request_aborts_it(server):
-    body = {"model": "b", "prompt": "Count:", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+    body = {"model": "b", "prompt": "Count:", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         server.http("POST", "/v1/completions", json=body, timeout=1.5)
     deadline = time.monotonic() + 15
@@ -447,7 +477,7 @@ def test_metrics_moved(server):
 
 @pytest.fixture(scope="module")
 def small(work):
-    s = launch(work, "--max-num-seqs", "1", "--max-queue", "1", "--drain-timeout", "6")
+    s = launch(work, "--max-num-seqs", "1", "--max-queue", "1", "--drain-timeout", "2")
     yield s
     s.stop()
 
@@ -487,7 +517,7 @@ def test_sigterm_drains_in_flight_then_exits_cleanly(small):
     timeout expires is aborted, and the process exits with status 0."""
     running = iter(long_stream(small, 8))
     texts = [next(running).choices[0].text]
-    queued = iter(long_stream(small, 3000))  # waits behind `running` (max_num_seqs=1)
+    queued = iter(long_stream(small, 4000))  # waits behind `running` (max_num_seqs=1); can't end in 2 s
     small.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
     while httpx.get(small.url + "/health", timeout=5).status_code != 503:
@@ -498,7 +528,7 @@ def test_sigterm_drains_in_flight_then_exits_cleanly(small):
     rest = list(running)  # the in-flight request finishes normally
     texts += [c.choices[0].text for c in rest]
     assert rest[-1].choices[0].finish_reason == "length"
-    assert list(queued)[-1].choices[0].finish_reason == "abort"  # outlived the 6 s drain timeout
+    assert list(queued)[-1].choices[0].finish_reason == "abort"  # outlived the 2 s drain timeout
     assert small.proc.wait(30) == 0, small.log_tail()
     log = small.log.read_text()
     assert "Traceback" not in log and "drain timeout: aborting 1 engine request" in log
