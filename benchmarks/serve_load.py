@@ -9,8 +9,10 @@ p50/p99 of TTFT / TPOT / e2e, and failures.
 
     # blora, 16 adapters, launched by the script (embedded SmolLM2 by default)
     python benchmarks/serve_load.py --launch blora --adapters 16 --rates 0.5 1 2 --duration 60
-    # the same base-model workload against `transformers serve`
-    python benchmarks/serve_load.py --launch transformers --adapters 0 --rates 0.5 1 2 --duration 60
+    # the same base-model workload against `transformers serve` (which refuses ignore_eos: compare
+    # both servers with --no-ignore-eos; output tok/s counts the tokens actually generated)
+    python benchmarks/serve_load.py --launch blora --adapters 0 --no-ignore-eos --rates 0.5 1 2
+    python benchmarks/serve_load.py --launch transformers --adapters 0 --no-ignore-eos --rates 0.5 1 2
     # an already running server
     python benchmarks/serve_load.py --base-url http://127.0.0.1:8000 --model my-model --adapters 0
 """
@@ -314,6 +316,9 @@ def main() -> None:
 
     from blora.models import default_model_dir
 
+    if args.launch == "transformers" and args.ignore_eos:
+        print("transformers serve refuses ignore_eos (HTTP 422): sending none", file=sys.stderr)
+        args.ignore_eos = False
     model_dir = args.model_dir or str(default_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     proc, adapters = None, {}
