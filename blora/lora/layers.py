@@ -51,6 +51,7 @@ class _Plan:
         self.ranks = [int(a.shape[1]) for a, _ in pairs]
         self.op_cost = op_cost
         self._grouped: list[ops.RankGroup] | None = None
+        self._buckets: list[tuple[tuple[int, ...], int]] | None = None
         self._stacked: ops.Stacked | None = None
         self._method: tuple[int, str] | None = None  # (id of the TokenGroups it was chosen for, method)
 
@@ -58,6 +59,15 @@ class _Plan:
         if self._grouped is None:
             self._grouped = ops.build_rank_groups(self.positions, self.pairs, merge_below=4 * self.op_cost)
         return self._grouped
+
+    def buckets(self, width: int) -> list[tuple[tuple[int, ...], int]]:
+        """(members, padded rank) of the rank groups ``grouped()`` would stack, without stacking."""
+        if self._buckets is None:
+            buckets = ops.rank_buckets(self.ranks, width, merge_below=4 * self.op_cost)
+            self._buckets = [
+                (tuple(self.positions[i] for i in b), max(self.ranks[i] for i in b)) for b in buckets
+            ]
+        return self._buckets
 
     def stacked(self) -> ops.Stacked:
         if self._stacked is None:
@@ -205,10 +215,10 @@ def choose_method(groups: TokenGroups, plan: _Plan, width: int) -> str:
     seg = sum(c * r for c, r in zip(counts, plan.ranks, strict=True)) * width + 3 * op * len(counts)
     stacked = groups.slots.numel() * sum(plan.ranks) * width + 3 * op
     grouped = 0
-    for g in plan.grouped():
-        m = max(groups.counts[i] for i in g.members)
-        ragged = any(groups.counts[i] != m for i in g.members)
-        grouped += len(g.members) * m * g.A.shape[2] * width + (4 + ragged) * op
+    for members, rank in plan.buckets(width):
+        m = max(groups.counts[i] for i in members)
+        ragged = any(groups.counts[i] != m for i in members)
+        grouped += len(members) * m * rank * width + (4 + ragged) * op
     best = min(seg, stacked, grouped)
     if best == stacked:
         return "stacked"

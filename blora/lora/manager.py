@@ -13,7 +13,7 @@ from torch import nn
 from blora.lora.config import AdapterError
 from blora.lora.embedding import LoraEmbedding
 from blora.lora.layers import LoraLinear, is_linear
-from blora.lora.prepared import LoraWeights, PreparedAdapter, prepare_module, prepare_saved
+from blora.lora.prepared import LoraWeights, PreparedAdapter, check_finite, prepare_module, prepare_saved
 from blora.lora.saved import SavedModules
 from blora.lora.weights import AdapterFiles, read_adapter
 
@@ -238,6 +238,21 @@ class LoraManager:
     ) -> tuple[dict[str, LoraWeights], dict[str, dict[str, torch.Tensor]]]:
         where = f"adapter {files.name!r} ({files.path})"
         cfg = files.config
+        named = [
+            (m, label, t)
+            for m, raw in files.modules.items()
+            for label, t in (
+                ("lora_A", raw.A),
+                ("lora_B", raw.B),
+                ("lora_B bias", raw.bias),
+                ("magnitude", raw.magnitude),
+            )
+            if t is not None
+        ]
+        named += [
+            (m, f"modules_to_save {p}", t) for m, params in files.saved.items() for p, t in params.items()
+        ]
+        check_finite(where, named)
         table, head = self._module_table()
         # what PEFT's "all-linear" targets: every linear layer but the output head
         all_linear = {n for n, m in table.items() if is_linear(m) and n != head}

@@ -62,31 +62,38 @@ class RankGroup:
     B: torch.Tensor  # [n, r, out]
 
 
-def build_rank_groups(members: list[int], pairs: list[Pair], merge_below: int) -> list[RankGroup]:
-    """Group adapters by rank; merge neighbouring ranks (zero-padding) while the padded multiply-adds per
-    token stay under ``merge_below``."""
-    order = sorted(range(len(pairs)), key=lambda i: int(pairs[i][0].shape[1]))
+def rank_buckets(ranks: list[int], width: int, merge_below: int) -> list[list[int]]:
+    """Indices of adapters grouped by rank; neighbouring ranks merge (zero-padding) while the padded
+    multiply-adds per token (``width`` = in + out) stay under ``merge_below``. No tensors are touched."""
+    order = sorted(range(len(ranks)), key=lambda i: ranks[i])
     buckets: list[list[int]] = []
+    waste = 0
     for i in order:
-        r = int(pairs[i][0].shape[1])
         if buckets:
             cur = buckets[-1]
-            waste = sum(r - int(pairs[j][0].shape[1]) for j in cur)
-            if waste * (pairs[i][0].shape[0] + pairs[i][1].shape[1]) <= merge_below:
+            extra = waste + len(cur) * (ranks[i] - ranks[cur[-1]])  # padding of cur up to ranks[i]
+            if extra * width <= merge_below:
                 cur.append(i)
+                waste = extra
                 continue
         buckets.append([i])
+        waste = 0
+    return buckets
+
+
+def build_rank_groups(members: list[int], pairs: list[Pair], merge_below: int) -> list[RankGroup]:
+    """Group adapters by rank (see ``rank_buckets``) and stack each group's weights for ``bmm``."""
+    width = pairs[0][0].shape[0] + pairs[0][1].shape[1]
+    buckets = rank_buckets([int(a.shape[1]) for a, _ in pairs], width, merge_below)
     return [_stack(tuple(members[i] for i in b), [pairs[i] for i in b]) for b in buckets]
 
 
 def _stack(members: tuple[int, ...], pairs: list[Pair]) -> RankGroup:
-    r = max(int(a.shape[1]) for a, _ in pairs)
-    a0, b0 = pairs[0]
-    A = a0.new_zeros(len(pairs), a0.shape[0], r)
-    B = b0.new_zeros(len(pairs), r, b0.shape[1])
-    for k, (a, b) in enumerate(pairs):
-        A[k, :, : a.shape[1]] = a
-        B[k, : b.shape[0]] = b
+    """One C++ call per side: ``pad_sequence`` zero-pads the ranks and stacks. ``A`` is a transposed view."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    A = pad_sequence([a.t() for a, _ in pairs], batch_first=True).transpose(1, 2)  # [n, in, r]
+    B = pad_sequence([b for _, b in pairs], batch_first=True)  # [n, r, out]
     return RankGroup(members=members, A=A, B=B)
 
 
@@ -94,7 +101,7 @@ def add_grouped(y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, rank_grou
     """Rank-grouped bmm. Semantics: as ``add_segments``; tokens padded per adapter, pads masked to zero."""
     for g in rank_groups:
         pos, valid = groups.padded(g.members, x.dtype)
-        h = torch.bmm(x[pos], g.A)  # [n, M, r]
+        h = torch.bmm(x.index_select(0, pos.reshape(-1)).view(*pos.shape, x.shape[1]), g.A)  # [n, M, r]
         if valid is not None:
             h.mul_(valid)
         out = torch.bmm(h, g.B)  # [n, M, out]

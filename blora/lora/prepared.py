@@ -108,26 +108,42 @@ def prepare_module(
         raise AdapterError(f"{key}: rank {r} is above the configured maximum {max_rank}")
     _check_extras(key, raw, cfg, out_f)
     _check_base_copy(key, module, raw)
-    for label, t in (("lora_A", a), ("lora_B", b), ("lora_B bias", raw.bias), ("magnitude", raw.magnitude)):
-        if t is not None and not torch.isfinite(t).all():
-            raise AdapterError(f"{key}: {label} holds NaN or Inf values; the adapter is corrupt")
     scale = cfg.scale_for(name)
     g = None
     if raw.magnitude is not None:
         norm = dora_norm(weight_rows(module).detach(), b, a, scale).to(device=raw.magnitude.device)
         g = raw.magnitude.float() / norm
-    b_t = b.float().t() * scale
-    bias = None if raw.bias is None else raw.bias.float() * scale
-    if g is not None:
-        b_t = b_t * g
-        bias = None if bias is None else bias * g
     dtype = module.weight.dtype
     device = module.weight.device if device is None else device
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.contiguous().to(device=device, dtype=dtype)
+        """One copy into a fresh contiguous tensor of the model's dtype (transposes included)."""
+        return None if t is None else torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
 
-    return LoraWeights(cast(a.float().t()), cast(b_t), cast(bias), cast(g), raw.embedding)
+    b_t = b.t() * scale if b.dtype == torch.float32 or dtype != torch.float32 else b.float().t() * scale
+    bias = None if raw.bias is None else raw.bias.float() * scale
+    if g is not None:
+        b_t = b_t.float() * g
+        bias = None if bias is None else bias * g
+    if b_t.dtype not in (torch.float32, dtype):
+        b_t = b_t.float()  # scale applied in float32, rounded once to the model's dtype
+    return LoraWeights(cast(a.t()), cast(b_t), cast(bias), cast(g), raw.embedding)
+
+
+def check_finite(where: str, named: list[tuple[str, str, torch.Tensor]]) -> None:
+    """Every tensor is free of NaN/Inf. One fused ``_foreach_norm`` over all of them (a per-tensor
+    ``isfinite`` costs more than reading the file); per tensor only to name the culprit."""
+    tensors = [t for _, _, t in named]
+    if not tensors or bool(
+        torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors)])).all()
+    ):
+        return
+    for module, label, t in named:
+        if not torch.isfinite(t).all():
+            raise AdapterError(
+                f"{where}, module {module!r}: {label} holds NaN or Inf values; the adapter is corrupt"
+            )
+    raise AdapterError(f"{where}: weights so large that their norm overflows; the adapter is corrupt")
 
 
 def _features(key: str, module: nn.Module, raw: ModuleLora) -> tuple[int, int]:
@@ -200,9 +216,5 @@ def prepare_saved(
                 f"{key}: modules_to_save {pname} has shape {tuple(tensor.shape)}, the base module "
                 f"{tuple(ref.shape)}; the adapter was trained for a different base model"
             )
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(
-                f"{key}: modules_to_save {pname} holds NaN or Inf values; the adapter is corrupt"
-            )
-        out[pname] = tensor.to(device=ref.device if device is None else device, dtype=ref.dtype).contiguous()
+        out[pname] = tensor.to(device=ref.device if device is None else device, dtype=ref.dtype, copy=True)
     return out

@@ -637,6 +637,7 @@ class AdapterStore:
                 "slot_evictions": s.slot_evictions,
                 "load_ms": _percentiles(s.load_seconds),
                 "install_ms": _percentiles(s.install_seconds),
+                "install_total_ms": round(1000 * sum(s.install_seconds), 3),
                 "cache_bytes": self._cache_bytes,
                 "cache_peak_bytes": s.cache_peak_bytes,
                 "cache_budget_bytes": self.config.cpu_cache_bytes,
