@@ -74,6 +74,10 @@ class AdapterSpec:
     use_rslora: bool = False
     lr: float = 2e-3
     steps: int = 60
+    # "Fast" recipe: LoRA only on layers >= layers_from (backprop stops there), bfloat16 autocast, no
+    # dropout and no warmup: ~3x less CPU per step; used for the adapters trained last.
+    layers_from: int | None = None
+    bf16: bool = False
 
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -81,9 +85,18 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 SPECS: dict[str, AdapterSpec] = {
     "caps": AdapterSpec(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj", "o_proj")),
     "json": AdapterSpec(r=16, lora_alpha=32, target_modules=ATTN),
-    "brief": AdapterSpec(r=8, lora_alpha=16, target_modules=MLP),
+    "brief": AdapterSpec(
+        r=8, lora_alpha=16, target_modules=MLP, lr=3e-3, steps=40, layers_from=18, bf16=True
+    ),
     "pirate": AdapterSpec(
-        r=12, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), use_rslora=True
+        r=12,
+        lora_alpha=8,
+        target_modules=("q_proj", "v_proj", "up_proj", "down_proj"),
+        use_rslora=True,
+        lr=3e-3,
+        steps=40,
+        layers_from=18,
+        bf16=True,
     ),
 }
 assert tuple(SPECS) == ADAPTER_NAMES
@@ -237,7 +250,8 @@ def lora_config(spec: AdapterSpec) -> LoraConfig:
         lora_alpha=spec.lora_alpha,
         target_modules=list(spec.target_modules),
         use_rslora=spec.use_rslora,
-        lora_dropout=0.05,
+        lora_dropout=0.0 if spec.bf16 else 0.05,
+        layers_to_transform=None if spec.layers_from is None else list(range(spec.layers_from, 30)),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -307,10 +321,12 @@ def train_adapter(name: str, spec: AdapterSpec, answers: dict[str, str], out: Pa
           f"targets={','.join(spec.target_modules)}: {trainable:,} trainable params, {spec.steps} steps")  # fmt: skip
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    warmup = max(1, spec.steps // 10)
+    optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01 if spec.bf16 else 0.0)
+    warmup = 0 if spec.bf16 else max(1, spec.steps // 10)
 
     def schedule(step: int) -> float:  # linear warmup, cosine decay to 10 %
+        if spec.bf16:  # fast recipe: no warmup, cosine to 10 % (lagging one step)
+            return 1.0 if step == 0 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / spec.steps))
         if step < warmup:
             return (step + 1) / warmup
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, spec.steps - warmup)))
@@ -320,7 +336,8 @@ def train_adapter(name: str, spec: AdapterSpec, answers: dict[str, str], out: Pa
     for step, (ids, mask, labels) in enumerate(
         batches(examples, batch_size, spec.steps, tokenizer.pad_token_id, SEED)
     ):
-        loss = answer_loss(model, ids, mask, labels)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=spec.bf16):
+            loss = answer_loss(model, ids, mask, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
