@@ -338,7 +338,11 @@ def main() -> None:
             report = asyncio.run(run_rate(args, planned, rate))
             reports.append(report)
             print(json.dumps(asdict(report)), file=sys.stderr)
-        title = f"{args.launch or args.base_url}: {len(names)} adapters (zipf s={args.zipf}), {args.dtype}"
+        server = args.launch or args.base_url
+        if args.launch == "transformers" and args.continuous_batching:
+            server += " (continuous batching)"
+        eos = "ignore_eos" if args.ignore_eos else "stops at EOS"
+        title = f"{server}: {len(names)} adapters (zipf s={args.zipf}), {args.dtype}, {eos}"
         print(table(title, reports))
         if args.json:
             args.json.write_text(
