@@ -22,7 +22,7 @@ def op_cost(device_type: str, dtype: torch.dtype) -> int:
     return OP_COST.get((device_type, dtype), OP_COST.get(device_type, OP_COST["cuda"]))
 
 
-_PLAN_CACHE_SIZE = 8
+_PLAN_CACHE_SIZE = 2  # each plan holds stacked copies of its adapters: bound that memory
 
 
 def base_features(module: nn.Module) -> tuple[int, int]:

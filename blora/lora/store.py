@@ -98,6 +98,7 @@ class StoreStats:
     load_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100_000))
     install_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100_000))
     cache_peak_bytes: int = 0
+    waited: int = 0  # requests that could not be admitted at least once because their adapter was loading
 
 
 def contained_path(root: str | Path, name: str) -> Path:
@@ -144,6 +145,7 @@ class AdapterStore:
         self._promised: set[str] = set()  # ready() said yes; kept in the cache until activated
         self._loading: dict[str, int] = {}  # name -> generation being loaded
         self._failures: dict[str, Exception] = {}
+        self._waiting_owners: set[str] = set()
         self.stats_ = StoreStats()
         self._lock = threading.Condition()
         self._closed = False
@@ -178,7 +180,8 @@ class AdapterStore:
 
     def list(self) -> dict[str, str]:
         """Registered adapters and the adapters found under the roots (scanned now): name -> source."""
-        out = {n: e.source for n, e in self._entries.items() if not e.from_root}
+        entries = list(self._entries.items())  # atomic copy: callers may be on another thread
+        out = {n: e.source for n, e in entries if not e.from_root}
         for root in self.roots:
             for child in sorted(root.iterdir()):
                 if child.name not in out and (child / "adapter_config.json").is_file():
@@ -343,6 +346,7 @@ class AdapterStore:
             self.stats_.arrivals[tier] += 1
 
     def release(self, name: str, owner: str) -> None:
+        self._waiting_owners.discard(owner)
         entry = self._entries.get(name)
         if entry is None or entry.users.pop(owner, None) is None:
             return
@@ -366,6 +370,9 @@ class AdapterStore:
                     return False
         if self._promise(name):
             return True
+        if owner is not None and owner not in self._waiting_owners:
+            self._waiting_owners.add(owner)
+            self.stats_.waited += 1
         if not self.config.background:
             for component in entry.mixture.names if entry.mixture is not None else ():
                 self._load_now(component)
@@ -630,6 +637,7 @@ class AdapterStore:
                 "active": list(self._slots),
                 "pinned": [n for n, e in self._entries.items() if e.pinned],
                 "arrivals": dict(s.arrivals),
+                "requests_waited_for_load": s.waited,
                 "activations": dict(s.activations),
                 "loads": s.loads,
                 "load_failures": s.load_failures,
