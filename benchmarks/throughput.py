@@ -316,6 +316,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sweep", type=int, nargs="*", default=[1, 4, 16, 64])
     parser.add_argument("--runs", type=int, default=2, help="timed runs per system; the best one is reported")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the whole plan, interleaved; keep the best"
+    )
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--quick", action="store_true", help="8 requests x 8 tokens, sweep 1 4: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("bench_results/throughput"))
@@ -336,10 +339,13 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes:
         adapter_dir = prepare_adapters(dtype, args.adapter_cache, max([16, *args.sweep]))
-        for system, k in plan(args):
-            row = measure(system, dtype, k, args, adapter_dir)
-            if row:
-                rows.append(row)
+        best: dict[tuple[str, int], dict] = {}
+        for _ in range(args.rounds):  # interleaved: a burst of outside load hits every system alike
+            for system, k in plan(args):
+                row = measure(system, dtype, k, args, adapter_dir)
+                if row and ((system, k) not in best or row["tok_s"] > best[(system, k)]["tok_s"]):
+                    best[(system, k)] = row
+        rows += best.values()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
     md = table(rows)
