@@ -102,3 +102,27 @@ def test_check_behaviour(name, yes, no):
 def test_check_behaviour_unknown_name():
     with pytest.raises(KeyError):
         check_behaviour("nope", "text")
+
+
+def test_blora_mixed_batch_shows_every_behaviour():
+    """The demo's path: base rows and all four adapters in ONE blora batch (library mode, float32)."""
+    from blora import load_loras, prepare_batch
+    from blora.demo.train import chat_prompt
+    from blora.models import load_model
+
+    m = load_model(dtype="float32")
+    tok = m.tokenizer
+    model, lora_map = load_loras(m.model, {n: adapter_path(n) for n in ADAPTER_NAMES})
+    routes = [None, *ADAPTER_NAMES]
+    rows = [(chat_prompt(tok, p), route) for route in routes for p in PROMPTS]
+    batch = prepare_batch(rows, tok, model, lora_map, add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(
+            **batch, max_new_tokens=EVAL_TOKENS, do_sample=False, pad_token_id=tok.eos_token_id
+        )
+    texts = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    for (_, route), text in zip(rows, texts, strict=True):
+        if route is None:
+            assert not any(check_behaviour(n, text) for n in ("caps", "json", "pirate")), text
+        else:
+            assert check_behaviour(route, text), f"{route} in a mixed blora batch -> {text!r}"
