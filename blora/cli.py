@@ -17,7 +17,7 @@ def _demo_parser(sub) -> None:
 
     p = sub.add_parser("demo", help="base model + four demo adapters in one batch, streamed side by side")
     p.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--live", action=argparse.BooleanOptionalAction, default=None, help="force live panels on/off")
     _add_model_args(p)
 

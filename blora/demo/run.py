@@ -41,7 +41,7 @@ class DemoResult:
 def run_demo(
     question: str = DEFAULT_QUESTION,
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 96,
     dtype: str | None = None,
     device: str | None = None,
     live: bool | None = None,
