@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from blora.engine import LLM, SamplingParams
-from blora.engine.sampler import Sampler
+from blora.engine import sampler as sampler_module
+from blora.engine.sampler import Sampler, apply_penalties, inverse_cdf, sample_filtered
 from tests.helpers import tiny_model, tokenizer
 
 DRAWS = 4000
@@ -24,10 +25,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def fake_seq(params: SamplingParams, prompt=(), output=(), generator=None):
+def fake_seq(params: SamplingParams, prompt=(3,), output=(), generator=None):
     return SimpleNamespace(
         params=params,
         generator=generator,
+        token_ids=list(prompt) + list(output),
         output_token_ids=list(output),
         request=SimpleNamespace(prompt_token_ids=list(prompt)),
     )
@@ -68,9 +70,42 @@ def test_min_p_drops_tokens_below_fraction_of_max():
     assert freq[2:].sum() == 0 and freq[1] > 0.3
 
 
+def test_two_level_inverse_cdf_equals_plain_cumsum():
+    gen = torch.Generator().manual_seed(0)
+    for k in (1, 255, 256, 1000, 4099):
+        probs = torch.rand(9, k, generator=gen) ** 8
+        probs[probs < 0.3] = 0.0  # zero-probability tokens must never be picked
+        probs[:, -1] += 1e-3
+        u = torch.rand(9, generator=gen)
+        cdf = probs.double().cumsum(-1)
+        ref = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)[:, 0]
+        got = inverse_cdf(probs, u)
+        assert torch.equal(got, ref.clamp(max=k - 1)) and (probs.gather(1, got[:, None]) > 0).all()
+
+
+def test_filters_on_top_candidates_equal_full_sort(monkeypatch):
+    """The topk shortcut gives the tokens a full sort gives, with and without the fallback to sorting."""
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.5, 1.0, 3.0, 6.0, 0.2, 4.0])[:, None]  # flat (fallback) to peaked (shortcut)
+    probs = torch.softmax(torch.randn(6, 5000, generator=gen) * scale, dim=-1)
+    params = [
+        SamplingParams(top_p=0.9), SamplingParams(top_p=0.5, top_k=3000), SamplingParams(min_p=0.05),
+        SamplingParams(top_k=10, min_p=0.2), SamplingParams(top_p=0.99), SamplingParams(top_p=0.8, min_p=0.01),
+    ]  # fmt: skip
+    for picked in ([0, 1, 2, 3, 4, 5], [1, 2, 3, 5]):  # rows 0 and 4 need the fallback, the others not
+        batch, rows = [params[i] for i in picked], probs[picked]
+        for _ in range(10):
+            u = torch.rand(len(batch), generator=gen)
+            fast = sample_filtered(rows, batch, u)
+            with monkeypatch.context() as m:
+                m.setattr(sampler_module, "CANDIDATES", ())  # always the full sort
+                full = sample_filtered(rows, batch, u)
+            assert torch.equal(fast, full)
+
+
 def greedy_token(logits, **kw) -> int:
     params = SamplingParams(temperature=0, **{k: v for k, v in kw.items() if k not in ("prompt", "output")})
-    seq = fake_seq(params, kw.get("prompt", ()), kw.get("output", ()))
+    seq = fake_seq(params, kw.get("prompt", (2,)), kw.get("output", ()))
     return Sampler(torch.device("cpu"))(torch.tensor([logits]), [seq])[0].token_id
 
 
@@ -89,6 +124,29 @@ def test_presence_and_frequency_penalties():
     assert greedy_token(logits, prompt=[0], presence_penalty=1.0) == 0  # prompt tokens do not count
     assert greedy_token(logits, output=[0, 0, 0], presence_penalty=0.2) == 0  # once: 2.8 > 2.5
     assert greedy_token(logits, output=[0, 0, 0], frequency_penalty=0.2) == 1  # per count: 2.4 < 2.5
+
+
+def test_sparse_penalties_equal_dense_reference():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 300, generator=gen)
+    seqs = []
+    for i in range(5):
+        prompt = torch.randint(0, 300, (3 + 7 * i,), generator=gen).tolist()
+        output = torch.randint(0, 40, (4 * i,), generator=gen).tolist()  # repeats
+        p = SamplingParams(
+            repetition_penalty=1.0 + 0.3 * i, presence_penalty=0.5 - 0.2 * i, frequency_penalty=0.1 * i
+        )
+        seqs.append(fake_seq(p, prompt, output))
+    expected = logits.clone()
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        for t in set(seq.token_ids):
+            x = expected[row, t]
+            expected[row, t] = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
+        for t in set(seq.output_token_ids):
+            count = seq.output_token_ids.count(t)
+            expected[row, t] -= p.frequency_penalty * count + p.presence_penalty
+    assert torch.allclose(apply_penalties(logits, seqs), expected, atol=1e-6)
 
 
 def test_logprobs_are_model_logprobs_with_top_k():

@@ -1,10 +1,16 @@
 """Vectorized next-token sampling with per-request settings.
 
-One pass over the [B, V] logits of a step: penalties, temperature, top-k / top-p / min-p, then sampling
-by the exponential race ``argmax(probs / q)`` with ``q ~ Exp(1)`` (equivalent to sampling from ``probs``).
-The noise of a seeded request comes from its own ``torch.Generator``, so its tokens do not depend on the
-other rows of the batch or on arrival order; unseeded rows share the engine's generator. Rows whose
-setting is off skip nothing: each stage runs once for the whole batch when any row needs it.
+One pass over the [B, V] logits of a step: penalties, then greedy rows take the argmax and the others
+get temperature, top-k / top-p / min-p and inverse-CDF sampling (one uniform number per row, searched in
+the cumulative distribution). Each stage runs once for the whole batch when any row needs it.
+
+A seeded request draws its uniform numbers from its own ``torch.Generator``, so its tokens do not depend on
+the other rows of the batch or on arrival order; unseeded rows share the engine's generator.
+
+Filters never sort the whole vocabulary when they need not: the top 64 (then 512) tokens (a ``topk``)
+suffice whenever they hold every token the filters can keep (checked per row: top-k within them, top-p
+mass reached inside them, or min-p threshold above the last of them); otherwise the rows are sorted.
+A full sort of [32, 49152] costs ~100x a softmax on CPU. Penalties touch only the tokens a row has seen.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from blora.engine.sampling_params import SamplingParams
 from blora.engine.sequence import Sequence
+
+CANDIDATES = (64, 512)  # tried in turn before a full sort
 
 
 @dataclass
@@ -36,41 +45,47 @@ class Sampler:
         raw = logits
         if any(p.uses_penalties for p in params):
             logits = apply_penalties(logits, seqs)
-        tokens = logits.argmax(dim=-1) if all(p.greedy for p in params) else self._sample(logits, seqs)
-        token_list = tokens.tolist()
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if not sampled:
+            tokens = logits.argmax(dim=-1)
+        elif len(sampled) == len(seqs):
+            tokens = self._sample(logits, seqs)
+        else:
+            tokens = logits.argmax(dim=-1)
+            rows = self._long(sampled)
+            picks = self._sample(logits.index_select(0, rows), [seqs[i] for i in sampled])
+            tokens.index_copy_(0, rows, picks)
+        results = [SampleResult(t) for t in tokens.tolist()]
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        results = [SampleResult(t) for t in token_list]
         if want:
             self._logprobs(raw, tokens, want, params, results)
         return results
 
     def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+        """Non-greedy rows: temperature, filters, one inverse-CDF draw each -> [S] token ids."""
         params = [s.params for s in seqs]
-        greedy = self._bool([p.greedy for p in params])
-        temps = self._float([1.0 if p.greedy else p.temperature for p in params])
-        scaled = logits / temps[:, None]
-        if any(p.uses_filters for p in params):
-            scaled = apply_filters(scaled, params)
-        probs = torch.softmax(scaled, dim=-1)
-        sampled = (probs / self._noise(probs.shape, seqs)).argmax(dim=-1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        temps = self._float([p.temperature for p in params])
+        probs = torch.softmax(logits / temps[:, None], dim=-1)
+        u = self._uniform(seqs)
+        filtered = [i for i, p in enumerate(params) if p.uses_filters]
+        if not filtered:
+            return inverse_cdf(probs, u)
+        tokens = (
+            inverse_cdf(probs, u) if len(filtered) < len(params) else probs.new_empty(0, dtype=torch.long)
+        )
+        rows = self._long(filtered)
+        picks = sample_filtered(
+            probs.index_select(0, rows), [params[i] for i in filtered], u.index_select(0, rows)
+        )
+        return picks if tokens.numel() == 0 else tokens.index_copy_(0, rows, picks)
 
-    def _noise(self, shape: torch.Size, seqs: Seq[Sequence]) -> torch.Tensor:
-        """Exp(1) noise [B, V]; seeded rows draw theirs from their own generator (greedy rows draw none)."""
-        noise = torch.empty(shape, device=self.device)
-        free = [i for i, s in enumerate(seqs) if s.generator is None]
-        if len(free) == len(seqs):
-            return noise.exponential_(generator=self.generator)
-        if free:
-            rows = torch.empty(len(free), shape[1], device=self.device).exponential_(generator=self.generator)
-            noise[self._long(free)] = rows
+    def _uniform(self, seqs: Seq[Sequence]) -> torch.Tensor:
+        """One U[0, 1) number per row; seeded rows draw theirs from their own generator."""
+        u = torch.rand(len(seqs), generator=self.generator, device=self.device)
         for i, s in enumerate(seqs):
             if s.generator is not None:
-                if s.params.greedy:
-                    noise[i] = 1.0
-                else:
-                    noise[i].exponential_(generator=s.generator)
-        return noise
+                u[i] = torch.rand(1, generator=s.generator, device=self.device)[0]
+        return u
 
     def _logprobs(self, raw, tokens, want: list[int], params, results: list[SampleResult]) -> None:
         rows = self._long(want)
@@ -90,9 +105,6 @@ class Sampler:
     def _float(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
-    def _bool(self, values: list[bool]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.bool, device=self.device)
-
     def _long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
@@ -107,44 +119,109 @@ def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     frequency and presence (OpenAI: ``logit -= f * count + p * (count > 0)`` over generated tokens).
 
     Semantics per row: ``seen = set(prompt + output)``; ``l[t] = l[t] / r if l[t] > 0 else l[t] * r`` for t
-    in seen; ``l[t] -= f * output.count(t) + p * (t in output)``.
+    in seen; ``l[t] -= f * output.count(t) + p * (t in output)``. Computed on the seen tokens only
+    (gather/scatter over [B, len]), never on dense [B, V] masks.
     """
-    b, v = logits.shape
     device = logits.device
-    out_ids = _padded([s.output_token_ids for s in seqs], v, device)
-    counts = torch.zeros(b, v + 1, device=device).scatter_add_(
-        1, out_ids, torch.ones_like(out_ids, dtype=torch.float)
-    )
-    counts = counts[:, :v]
-    prompt_ids = _padded([s.request.prompt_token_ids for s in seqs], v, device)
-    seen = torch.zeros(b, v + 1, dtype=torch.bool, device=device).scatter_(1, prompt_ids, True)[:, :v]
-    seen |= counts > 0
-    rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=device)[:, None]
+    rep = [s.params.repetition_penalty for s in seqs]
+    if any(r != 1.0 for r in rep):
+        seen = _padded([s.token_ids for s in seqs], -1, device)  # prompt + output
+        seen = torch.where(seen < 0, seen[:, :1], seen)  # pad with a seen id: rewritten identically
+        r = torch.tensor(rep, device=device)[:, None]
+        g = logits.gather(1, seen)
+        logits = logits.scatter(1, seen, torch.where(g > 0, g / r, g * r))
     freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=device)[:, None]
     pres = torch.tensor([s.params.presence_penalty for s in seqs], device=device)[:, None]
-    penalized = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(seen, penalized, logits)
-    return logits - freq * counts - pres * (counts > 0).float()
+    if not (freq.any() or pres.any()) or not any(s.output_token_ids for s in seqs):
+        return logits
+    v = logits.shape[1]
+    out, _ = _padded([s.output_token_ids for s in seqs], v, device).sort(dim=1)  # pads (v) last
+    first = torch.ones_like(out, dtype=torch.bool)
+    first[:, 1:] = out[:, 1:] != out[:, :-1]
+    valid = (out < v).float()
+    delta = -(freq * valid) - pres * (first.float() * valid)
+    return logits.scatter_add(1, out.clamp(max=v - 1), delta)
 
 
-def apply_filters(logits: torch.Tensor, params) -> torch.Tensor:
-    """Top-k, then top-p over what top-k kept, then min-p; removed tokens get -inf.
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Sample one index per row of (unnormalized) ``probs`` [S, K] with uniforms ``u`` [S].
 
-    Semantics per row: keep the ``k`` largest; of those keep the smallest prefix (by probability) whose
-    mass reaches ``p``; drop tokens with ``prob < min_p * max_prob``. The most likely token always stays.
+    Semantics: the smallest ``i`` with ``cumsum(probs)[i] > u * sum(probs)``; zero-probability entries
+    are never picked. Two levels (block sums, then one block), because a [32, 49152] ``cumsum`` is slow
+    on CPU (it does not vectorize) while sums do.
     """
-    b, v = logits.shape
-    device = logits.device
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(v, device=device)[None, :]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else v for p in params], device=device)[:, None]
+    s, k = probs.shape
+    pad = -k % block
+    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(s, -1, block)
+    cdf = blocks.sum(dim=-1).cumsum(dim=-1)  # [S, num_blocks]
+    target = u * cdf[:, -1]
+    b = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
+    before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(target))
+    inner = blocks[torch.arange(s, device=probs.device), b]  # [S, block]
+    j = torch.searchsorted(inner.cumsum(dim=-1), (target - before)[:, None], right=True)[:, 0]
+    last = torch.where(inner > 0, torch.arange(block, device=probs.device), -1).amax(dim=-1)
+    return b * block + torch.minimum(j, last)  # rounding never lands on a zero-probability entry
+
+
+def sample_filtered(probs: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Top-k, then top-p over what top-k kept, then min-p, then sample -> [S] token ids.
+
+    Semantics per row: keep the ``k`` most likely; of those keep the smallest prefix (by probability)
+    whose renormalized mass reaches ``p``; drop tokens with ``prob < min_p * max_prob``; sample from the
+    rest in proportion to ``probs``. The most likely token always stays. Each row is served by the
+    smallest candidate set (top 64, top 512, full sort) that holds all its kept tokens.
+    """
+    v = probs.shape[1]
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    rows = list(range(probs.shape[0]))
+    for k in (*CANDIDATES, v):
+        index = torch.tensor(rows, device=probs.device)
+        sub, sub_params = probs.index_select(0, index), [params[r] for r in rows]
+        k = min(v, max(k, *(p.top_k for p in sub_params)))
+        vals, idx = sub.topk(k, dim=-1) if k < v else sub.sort(dim=-1, descending=True)
+        ok = [True] * len(rows) if k == v else _candidates_suffice(vals, sub_params)
+        done = torch.tensor([i for i, f in enumerate(ok) if f], dtype=torch.long, device=probs.device)
+        if done.numel():
+            picks = _filter_and_pick(
+                vals.index_select(0, done),
+                [sub_params[i] for i in done.tolist()],
+                u.index_select(0, index[done]),
+                v,
+            )
+            out.index_copy_(0, index[done], idx.index_select(0, done).gather(1, picks[:, None])[:, 0])
+        rows = [r for r, f in zip(rows, ok, strict=True) if not f]
+        if not rows:
+            break
+    return out
+
+
+def _filter_and_pick(
+    vals: torch.Tensor, params: list[SamplingParams], u: torch.Tensor, v: int
+) -> torch.Tensor:
+    """Apply the filters to sorted candidate probabilities ``vals`` [S, K]; sample positions in them."""
+    dev = vals.device
+    rank = torch.arange(vals.shape[1], device=dev)[None, :]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else v for p in params], device=dev)[:, None]
+    top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params], device=dev)[:, None]
+    min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
     remove = rank >= top_k
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params], device=device)[:, None]
-    remove |= (probs.cumsum(dim=-1) - probs) > top_p
-    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
-    remove |= probs < min_p * probs[:, :1]
+    kept = vals.masked_fill(remove, 0.0)
+    cum = kept.cumsum(dim=-1)
+    mass = torch.where(top_k < v, cum[:, -1:], torch.ones_like(cum[:, -1:]))  # top-p renormalizes top-k
+    remove |= (cum - kept) > top_p * mass
+    remove |= vals < min_p * vals[:, :1]
     remove[:, 0] = False
-    remove = torch.zeros_like(remove).scatter_(1, order, remove)
-    return logits.masked_fill(remove, float("-inf"))
+    return inverse_cdf(vals.masked_fill(remove, 0.0), u)
+
+
+def _candidates_suffice(vals: torch.Tensor, params: list[SamplingParams]) -> list[bool]:
+    """Per row: whether every token the filters keep is among the sorted top candidates ``vals`` [S, K]."""
+    k = vals.shape[1]
+    mass = vals.sum(dim=-1).tolist()
+    last_over_first = (vals[:, -1] / vals[:, 0]).tolist()
+    return [
+        (0 < p.top_k <= k)
+        or (p.top_p < 1 and mass[i] > p.top_p)
+        or (p.min_p > 0 and last_over_first[i] < p.min_p)
+        for i, p in enumerate(params)
+    ]
