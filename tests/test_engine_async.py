@@ -85,7 +85,7 @@ def test_abort_and_early_close_free_blocks():
             gen = llm.generate(PROMPTS[1], params, request_id="b")
             await anext(gen)
             await gen.aclose()  # the client went away
-            for _ in range(200):
+            for _ in range(1000):  # up to 10 s on a loaded machine
                 stats = llm.stats()
                 if stats["num_running"] == 0 and stats["kv_usage"] == 0:
                     break
