@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -29,38 +30,56 @@ def run_dtype(dtype: str, args, adapter_root: Path) -> list[dict]:
     paths = make_bench_adapters(base, adapter_root / dtype, max(args.adapters))
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     n_tokens = args.requests * args.new_tokens
-    rows: list[dict] = []
-
-    def record(system: str, fn) -> None:
-        fn()  # warm-up
-        med, times = median_time(fn, args.runs)
-        rows.append({"dtype": dtype, "system": system, "tok_s": n_tokens / med, "runs_s": times})
-        print(f"  {dtype:9s} {system:28s} {n_tokens / med:7.1f} tok/s  (median of {times})", flush=True)
-
+    systems: dict[str, object] = {}
     plain = prepare_batch([(t, None) for t in texts], tok, base, {})
     plain.pop("adapter_ids")
+    systems["transformers base-only"] = lambda: base.generate(**plain, **gen)
+    model = copy.deepcopy(base)
+    model, lora_map = load_loras(model, {p.name: p for p in paths})
+    for k in args.adapters:
+        names = [paths[i % k].name for i in range(args.requests)]
+        batch = prepare_batch(list(zip(texts, names, strict=True)), tok, model, lora_map)
+        systems[f"blora library, {k} adapters"] = lambda b=batch: model.generate(**b, **gen)
+    if not args.skip_peft:
+        from peft import PeftModel
+
+        k = max(args.adapters)
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name=paths[0].name)
+        for p in paths[1:k]:
+            peft_model.load_adapter(str(p), adapter_name=p.name)
+        names = [paths[i % k].name for i in range(args.requests)]
+        systems[f"PEFT mixed batch, {k} adapters"] = lambda: peft_model.generate(
+            **plain, adapter_names=names, **gen
+        )
+    return _interleaved(dtype, systems, args.runs, n_tokens)
+
+
+def _interleaved(dtype: str, systems: dict, runs: int, n_tokens: int) -> list[dict]:
+    """Warm every system up, then time them round-robin (``runs`` rounds): other load on a shared machine
+    then hits every system alike. Reports the median and the best run."""
+    times: dict[str, list[float]] = {name: [] for name in systems}
     with torch.inference_mode():
-        record("transformers base-only", lambda: base.generate(**plain, **gen))
-
-        model = copy.deepcopy(base)
-        model, lora_map = load_loras(model, {p.name: p for p in paths})
-        for k in args.adapters:
-            names = [paths[i % k].name for i in range(args.requests)]
-            batch = prepare_batch(list(zip(texts, names, strict=True)), tok, model, lora_map)
-            record(f"blora library, {k} adapters", lambda b=batch: model.generate(**b, **gen))
-
-        if not args.skip_peft:
-            from peft import PeftModel
-
-            k = max(args.adapters)
-            peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name=paths[0].name)
-            for p in paths[1:k]:
-                peft_model.load_adapter(str(p), adapter_name=p.name)
-            names = [paths[i % k].name for i in range(args.requests)]
-            record(
-                f"PEFT mixed batch, {k} adapters",
-                lambda: peft_model.generate(**plain, adapter_names=names, **gen),
-            )
+        for fn in systems.values():
+            fn()
+        for _ in range(runs):
+            for name, fn in systems.items():
+                times[name].append(median_time(fn, 1)[0])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append(
+            {
+                "dtype": dtype,
+                "system": name,
+                "tok_s": n_tokens / med,
+                "best_tok_s": n_tokens / min(ts),
+                "runs_s": ts,
+            }
+        )
+        print(
+            f"  {dtype:9s} {name:28s} {n_tokens / med:7.1f} tok/s median, {n_tokens / min(ts):7.1f} best  {ts}",
+            flush=True,
+        )
     return rows
 
 
@@ -72,7 +91,9 @@ def report(rows: list[dict]) -> str:
         peft = next((r["tok_s"] for r in sub if r["system"].startswith("PEFT")), None)
         for r in sub:
             vs_peft = f"{r['tok_s'] / peft:.2f}x" if peft else "-"
-            lines.append(f"| {dtype} | {r['system']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {vs_peft} |")
+            lines.append(
+                f"| {dtype} | {r['system']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {vs_peft} |"
+            )
     return "\n".join(lines)
 
 
@@ -86,7 +107,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench_results/library.json"))
-    parser.add_argument("--adapter-cache", type=Path, default=Path(tempfile.gettempdir()) / "blora-bench-adapters")
+    parser.add_argument(
+        "--adapter-cache", type=Path, default=Path(tempfile.gettempdir()) / "blora-bench-adapters"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [row for dtype in args.dtypes for row in run_dtype(dtype, args, args.adapter_cache)]
