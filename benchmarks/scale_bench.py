@@ -4,19 +4,23 @@ Workload (issue 4): SmolLM2-135M-Instruct; 1,000 PEFT adapters (ranks 8-16, targ
 attention / MLP / q+v; PEFT's adapter_config.json and key layout, random tensors, bf16 files) under one
 ``adapter_root``, scanned lazily; ``--requests`` chat requests whose adapters follow a power law (Zipf
 exponent ``--alpha`` over a shuffled ranking, S-LoRA style), all submitted at once; ``--new-tokens`` tokens
-each (EOS ignored); ``max_loras`` = ``max_num_seqs`` = 64 so ~64 distinct adapters run in one batch.
+each (EOS ignored); ``max_loras`` 64 slots; ``max_num_seqs`` 64 (or more: then the 64-adapter cap binds).
 
-Systems (each in its own subprocess, for a clean peak RSS): the engine base-only on the same prompts, and
-the engine with the adapters, starting cold (nothing loaded: every adapter comes from disk on first use,
-prefetched in the background while the batch runs). Reported: generated tok/s and the ratio to base-only,
-adapter hit rates (tier at arrival, slot hits), loads and evictions, distinct adapters per step, CPU cache
-peak against its budget, peak RSS, and the time the running batch spent installing adapters.
+Serving (one subprocess): one engine alternates ``--runs`` runs with adapters and base-only runs on the
+same prompts (this machine's load changes over minutes, so the pairs are interleaved). Run 0 with adapters
+starts cold (nothing loaded: every adapter comes from disk on first use, prefetched in the background while
+the batch runs); later runs draw new requests from the same popularity. A separate base-only subprocess
+gives the base peak RSS. Reported: generated tok/s and the ratio to base-only, adapter hit rates (tier at
+arrival, slot hits), requests held back while their adapter loaded, loads and evictions, distinct adapters
+per step, CPU cache peak against its budget, resident adapter memory, peak RSS, and the time the running
+batch spent installing adapters.
 
 Cold load (disk -> usable) is measured separately on ``--cold`` rank-16 all-linear adapters whose files
 were evicted from the page cache (``posix_fadvise(DONTNEED)``): read + validate + prepare, then install
 into a slot; p50/p99. Registration cost: time and RSS for 1,000 ``register_adapter`` calls and one root scan.
 
-Run: ``.venv/bin/python benchmarks/scale_bench.py`` (``--quick`` for a smoke run). Results:
+Run: ``.venv/bin/python benchmarks/scale_bench.py [--dtype bfloat16|float32] [--threads N]`` (``--quick``
+for a smoke run). Adapters are generated once into ``--adapter-dir`` (4 GB). Results:
 bench_results/scale.{json,md}.
 """
 
@@ -294,7 +298,7 @@ def report(args, base: dict, serve: dict, cold: dict) -> str:
         f"SmolLM2-135M-Instruct, {args.dtype}, {args.threads} thread(s); {args.num_adapters} adapters registered "
         f"(ranks 8-16) under one root; {args.requests} requests x {args.new_tokens} new tokens per run, Zipf "
         f"alpha {args.alpha} ({serve['distinct_requested'][0]} distinct adapters in the first trace); "
-        f"max_loras = max_num_seqs = {args.max_loras}; CPU cache budget {args.cpu_cache_mb:.0f} MiB.",
+        f"max_loras {args.max_loras}, max_num_seqs {args.max_num_seqs}; CPU cache budget {args.cpu_cache_mb:.0f} MiB.",
         "",
         "| measure | value | target |",
         "|---|---|---|",
