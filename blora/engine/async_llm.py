@@ -142,6 +142,13 @@ class AsyncLLM:
             await asyncio.wrap_future(future)
 
     def list_adapters(self) -> dict[str, str]:
+        """Registered adapters (name -> source). Read from the caller's thread while the engine thread may
+        register adapters found under a root: a concurrent change is retried, never raised."""
+        for _ in range(10):
+            try:
+                return dict(self.engine.adapter_paths)
+            except RuntimeError:  # "dictionary changed size during iteration"
+                time.sleep(0.001)
         return dict(self.engine.adapter_paths)
 
     def stats(self) -> dict:
