@@ -33,6 +33,7 @@ class TokenGroups:
     counts: list[int]
     full: bool
     _padded: dict = field(default_factory=dict, repr=False)
+    _flat: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, slots: torch.Tensor) -> TokenGroups:
@@ -47,6 +48,17 @@ class TokenGroups:
         counts = [len(positions[s]) for s in active]
         full = len(active) == 1 and counts[0] == len(cpu)
         return cls(slots=flat, active=active, index=index, counts=counts, full=full)
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``offsets`` [U + 1] and ``rows`` [sum of counts]: the tokens of ``active[i]`` are
+        ``rows[offsets[i]:offsets[i + 1]]`` (the CPU kernel's view of ``index``). Cached for the forward."""
+        if self._flat is None:
+            offsets = [0]
+            for c in self.counts:
+                offsets.append(offsets[-1] + c)
+            device = self.slots.device
+            self._flat = (torch.tensor(offsets, dtype=torch.long, device=device), torch.cat(self.index))
+        return self._flat
 
     def padded(
         self, members: tuple[int, ...], dtype: torch.dtype

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blora.lora import ops
+from blora.lora import cpu_kernel, ops
 from blora.lora.context import TokenGroups, current_batch
 
 # Cost model for picking an op (in multiply-adds): one extra kernel launch is worth about OP_COST MACs.
@@ -54,6 +54,9 @@ class _Plan:
         self._buckets: list[tuple[tuple[int, ...], int]] | None = None
         self._stacked: ops.Stacked | None = None
         self._method: tuple[int, str] | None = None  # (id of the TokenGroups it was chosen for, method)
+        self._kernel_pairs: list[ops.Pair] | None = None
+        self._kernel_meta: torch.Tensor | None = None
+        self._split: tuple[int, tuple] | None = None  # (id of the TokenGroups, kernel_split result)
 
     def grouped(self) -> list[ops.RankGroup]:
         if self._grouped is None:
@@ -73,6 +76,29 @@ class _Plan:
         if self._stacked is None:
             self._stacked = ops.build_stacked(self.slots, self.pairs)
         return self._stacked
+
+    def kernel_meta(self) -> torch.Tensor:
+        """The CPU kernel's per-adapter table; the plan holds the (re-laid-out, if needed) weights alive."""
+        if self._kernel_meta is None:
+            self._kernel_pairs = [cpu_kernel.kernel_layout(a, b) for a, b in self.pairs]
+            self._kernel_meta = cpu_kernel.kernel_meta(self._kernel_pairs, self.positions)
+        return self._kernel_meta
+
+    def kernel_split(self, groups: TokenGroups) -> tuple[torch.Tensor | None, list[int]]:
+        """(kernel table of the adapters with few tokens, or None; plan indices of those with many)."""
+        if self._split is None or self._split[0] != id(groups):
+            small, large = [], []
+            for k, (pos, r) in enumerate(zip(self.positions, self.ranks, strict=True)):
+                (small if groups.counts[pos] * r <= cpu_kernel.MAX_WORK else large).append(k)
+            meta = self.kernel_meta()
+            if not small:
+                table = None
+            elif not large:
+                table = meta
+            else:
+                table = meta.index_select(0, torch.tensor(small, dtype=torch.long))
+            self._split = (id(groups), (table, large))
+        return self._split[1]
 
     def method(self, groups: TokenGroups, width: int) -> str:
         if self._method is None or self._method[0] != id(groups):
@@ -184,6 +210,16 @@ class LoraLinear(nn.Module):
     def _apply(self, y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, plan: _Plan) -> None:
         if groups.full:
             ops.add_single(y, x, plan.pairs[0])
+            return
+        kernel = cpu_kernel.usable(x, plan.pairs[0][0].dtype) if y.stride(1) == 1 else None
+        if kernel is not None:
+            # CPU: adapters with few tokens (decode) in one kernel call, those with many (prefill) as GEMMs
+            table, large = plan.kernel_split(groups)
+            if table is not None:
+                kernel.add(y, x if x.stride(1) == 1 else x.contiguous(), table, *groups.flat())
+            if large:
+                sub = _subset(groups, [plan.positions[k] for k in large])
+                ops.add_segments(y, x, sub, [plan.pairs[k] for k in large])
             return
         method = plan.method(groups, self.in_features + self.out_features)
         if method == "stacked":

@@ -90,7 +90,10 @@ def combine(key: str, parts: list[tuple[PreparedAdapter, float]]) -> PreparedAda
     names = sorted({m for prepared, _ in parts for m in prepared.modules})
     for module in names:
         terms = [(p.modules[module], w) for p, w in parts if module in p.modules]
-        a = torch.cat([t.a for t, _ in terms], dim=1)
+        if terms[0][0].embedding:
+            a = torch.cat([t.a for t, _ in terms], dim=1)
+        else:  # keeps the row-major [r, in] storage that ``prepare_module`` gives ``a``
+            a = torch.cat([t.a.t() for t, _ in terms], dim=0).t()
         b = torch.cat([t.b * w for t, w in terms], dim=0)
         biases = [t.bias * w for t, w in terms if t.bias is not None]
         bias = torch.stack(biases).sum(0) if biases else None

@@ -22,8 +22,8 @@ _NORM_CHUNK = 8192  # columns per step when computing DoRA's weight norm (bounds
 class LoraWeights:
     """One module's prepared LoRA.
 
-    ``a`` [in, r] (embedding: [num_embeddings, r]); ``b`` [r, out] with the scaling (and DoRA's ``g``)
-    folded in; ``bias`` [out]: LoRA bias (``lora_bias``), scaled likewise; ``dora_scale`` [out]: DoRA's
+    ``a`` [in, r], a transposed view of a row-major [r, in] tensor (embedding: [num_embeddings, r]);
+    ``b`` [r, out] with the scaling (and DoRA's ``g``) folded in; ``bias`` [out]: LoRA bias (``lora_bias``), scaled likewise; ``dora_scale`` [out]: DoRA's
     ``g = m / ||W + s B A||`` (row norms), which multiplies the base output of the adapter's tokens.
     """
 
@@ -127,7 +127,10 @@ def prepare_module(
         bias = None if bias is None else bias * g
     if b_t.dtype not in (torch.float32, dtype):
         b_t = b_t.float()  # scale applied in float32, rounded once to the model's dtype
-    return LoraWeights(cast(a.t()), cast(b_t), cast(bias), cast(g), raw.embedding)
+    # ``a`` is held [in, r] as the transposed view of a row-major [r, in] copy (PEFT's lora_A layout): the
+    # CPU kernel streams its rows, matmuls take the view as it is.
+    a_t = cast(a.t()) if raw.embedding else cast(a).t()
+    return LoraWeights(a_t, cast(b_t), cast(bias), cast(g), raw.embedding)
 
 
 def check_finite(where: str, named: list[tuple[str, str, torch.Tensor]]) -> None:

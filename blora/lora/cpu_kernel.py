@@ -1,0 +1,198 @@
+"""The CPU multi-LoRA kernel (``csrc/lora_cpu.cpp``): compiled on first use, called through ``ctypes``.
+
+Why: at decode every adapter of a step has one or two tokens, so a LoRA layer is bound by reading the
+adapters' weights, and PyTorch's per-call overhead is the real cost: a small bfloat16 GEMM costs ~13 us on
+this CPU whatever its size (oneDNN), a ``bmm`` over zero-padded ranks reads padding and runs far below
+memory bandwidth. The kernel streams each active adapter's A and B once per layer for all its tokens, for
+every adapter of the layer in ONE call, accumulating in float32 (benchmarks/ops_bench.py measures it).
+
+The library is built with the system C++ compiler (``$CXX``, else ``c++``/``g++``; ~1 s) into
+``$BLORA_CACHE/kernels`` under a name that hashes the source, the flags, the compiler and this CPU, so a
+changed source or another machine never loads a stale build. No compiler, a failed build or
+``BLORA_CPU_KERNEL=0`` all mean the PyTorch ops are used instead (same results, slower decode), with one
+warning that says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("blora")
+
+SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
+ENV = "BLORA_CPU_KERNEL"  # "0" disables the kernel
+ABI_VERSION = 1
+# An adapter's tokens go through the kernel while tokens x rank stays at or under this; above it a GEMM pair
+# wins (measured, bf16 and fp32: r=64 crosses over at 16-32 tokens, r=8 beyond 128). Prefill goes to GEMMs.
+MAX_WORK = 2048
+DTYPES = (torch.float32, torch.bfloat16)
+
+# Flag sets tried in order: tuned for this CPU, then portable (e.g. a compiler without -march=native).
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3"],
+)
+_BASE_FLAGS = ["-shared", "-fPIC", "-std=c++17"]
+
+
+class CpuKernel:
+    """A loaded build of the kernel. ``add`` is the only entry point."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path, flags: list[str]) -> None:
+        self.path = path
+        self.flags = flags
+        self._lib = lib  # keeps the library loaded
+        args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]  # fmt: skip
+        self._fns = {}
+        for dtype, symbol in ((torch.float32, "blora_lora_add_f32"), (torch.bfloat16, "blora_lora_add_bf16")):
+            fn = getattr(lib, symbol)
+            fn.argtypes = args
+            fn.restype = None
+            self._fns[dtype] = fn
+
+    def add(
+        self, y: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor
+    ) -> None:
+        """``y[t] += x[t] @ A_u @ B_u`` for the tokens of each adapter ``u`` listed in ``meta``.
+
+        ``x`` [N, in], ``y`` [N, out]: CPU, same dtype (float32 or bfloat16), unit column stride.
+        ``meta`` [n, 4] int64 rows ``(A pointer, B pointer, rank, position)`` with ``A`` stored [r, in] and
+        ``B`` [r, out] row-major (``kernel_meta``); the tokens of an adapter at ``position`` are
+        ``rows[offsets[position]:offsets[position + 1]]`` (``TokenGroups.flat``). The caller keeps the
+        weights alive and checks shapes: the kernel trusts every pointer it is given.
+        """
+        self._fns[x.dtype](
+            x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1], y.shape[1], meta.shape[0],
+            meta.data_ptr(), offsets.data_ptr(), rows.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+
+
+def kernel_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` [in, r] as a transposed view of a row-major [r, in] tensor, ``b`` [r, out] row-major; copies only
+    what is not laid out so already (prepared adapters are; mixtures' concatenations may not be)."""
+    if a.stride() != (1, a.shape[0]):
+        a = a.t().contiguous().t()
+    return a, b.contiguous()
+
+
+def kernel_meta(pairs: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int]) -> torch.Tensor:
+    """[n, 4] int64 ``(A pointer, B pointer, rank, position)`` for pairs already in ``kernel_layout``."""
+    return torch.tensor(
+        [[a.data_ptr(), b.data_ptr(), a.shape[1], p] for (a, b), p in zip(pairs, positions, strict=True)],
+        dtype=torch.long,
+    )
+
+
+_lock = threading.Lock()
+_loaded: dict[bool, CpuKernel | None] = {}
+_warned = False
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def get(*, generic: bool = False) -> CpuKernel | None:
+    """The kernel for this machine (built and cached on first call), or None where it cannot be used."""
+    if not enabled():
+        return None
+    hit = _loaded.get(generic, False)
+    if hit is not False:
+        return hit
+    with _lock:
+        if generic not in _loaded:
+            _loaded[generic] = _load(generic)
+        return _loaded[generic]
+
+
+def usable(x: torch.Tensor, weight_dtype: torch.dtype) -> CpuKernel | None:
+    """The kernel if it can run a layer whose input is ``x`` and whose LoRA weights have ``weight_dtype``."""
+    if x.device.type != "cpu" or x.dtype not in DTYPES or weight_dtype != x.dtype:
+        return None
+    return get()
+
+
+def _load(generic: bool) -> CpuKernel | None:
+    global _warned
+    try:
+        path, flags = build(generic=generic)
+        lib = ctypes.CDLL(str(path))
+        version = lib.blora_lora_abi_version()
+        if version != ABI_VERSION:
+            raise RuntimeError(f"{path} reports ABI {version}, expected {ABI_VERSION}")
+        return CpuKernel(lib, path, flags)
+    except Exception as exc:  # any failure means: use the PyTorch ops
+        if not _warned:
+            _warned = True
+            logger.warning(
+                "blora: the CPU LoRA kernel is not available (%s); using PyTorch ops instead (same results, "
+                "slower decode with many adapters). Install a C++ compiler (g++) to enable it, or set %s=0 "
+                "to silence this.",
+                exc,
+                ENV,
+            )
+        return None
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build(*, generic: bool = False, cache: Path | None = None) -> tuple[Path, list[str]]:
+    """Compile the kernel (or reuse the cached build); returns (library path, flags used).
+    ``generic`` forces the portable code path (tests check it against the reference)."""
+    if sys.platform == "win32":
+        raise RuntimeError("the CPU kernel is built for Linux/macOS only")
+    from blora.models.loader import cache_root
+
+    cache = cache or cache_root() / "kernels"
+    cache.mkdir(parents=True, exist_ok=True)
+    compiler = _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        flags = [*flags, *(["-DBLORA_GENERIC"] if generic else [])]
+        key = hashlib.sha256(
+            b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_fingerprint().encode()])
+        ).hexdigest()[:16]
+        target = cache / f"lora_cpu-{key}.so"
+        if target.is_file():
+            return target, flags
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        cmd = [compiler, *flags, *_BASE_FLAGS, "-o", tmp, str(SOURCE)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            os.replace(tmp, target)  # atomic: a concurrent builder never sees a partial file
+            return target, flags
+        os.unlink(tmp)
+        errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-300:]}")
+    raise RuntimeError("compiling the kernel failed: " + " | ".join(errors))
