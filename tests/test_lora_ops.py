@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from blora.lora import cpu_kernel, ops
+from blora import kernels
+from blora.lora import ops
 from blora.lora.context import TokenGroups, current_batch, lora_batch
 from blora.lora.layers import OP_COST, LoraLinear, _Plan, choose_method
 
@@ -75,20 +76,20 @@ def _run_op(method: str, y, x, groups: TokenGroups, weights) -> None:
         ops.add_stacked(y, x, groups, ops.build_stacked(groups.active, pairs))
     elif method in ("kernel", "kernel_generic"):
         kernel = _kernel(generic=method == "kernel_generic")
-        laid_out = [cpu_kernel.kernel_layout(a, b) for a, b in pairs]
-        kernel.add(y, x, cpu_kernel.kernel_meta(laid_out, list(range(len(pairs)))), *groups.flat())
+        laid_out = [kernels.kernel_layout(a, b) for a, b in pairs]
+        kernel.add(y, x, kernels.kernel_meta(laid_out, list(range(len(pairs)))), *groups.flat())
     else:
         raise AssertionError(method)
 
 
-def _kernel(generic: bool = False) -> cpu_kernel.CpuKernel:
+def _kernel(generic: bool = False) -> kernels.CpuKernel:
     """The CPU kernel; a build failure fails the test (skipped only on a machine without a C++ compiler)."""
     try:
-        cpu_kernel._compiler()
+        kernels._compiler()
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    path, flags = cpu_kernel.build(generic=generic)
-    kernel = cpu_kernel.get(generic=generic)
+    path, flags = kernels.build(generic=generic)
+    kernel = kernels.get(generic=generic)
     assert kernel is not None and kernel.path == path, "the kernel built but did not load"
     return kernel
 
@@ -131,9 +132,9 @@ def test_kernel_layer_sizes_and_row_strides(dtype, in_f, out_f, generic):
     y = y_buf[:, :out_f]
     y0, rest = y.clone(), y_buf[:, out_f:].clone()
     groups = TokenGroups.build(slots)
-    laid_out = [cpu_kernel.kernel_layout(a, b) for a, b in (weights[s] for s in groups.active)]
+    laid_out = [kernels.kernel_layout(a, b) for a, b in (weights[s] for s in groups.active)]
     assert laid_out[0][0].stride() == (1, in_f) and torch.equal(laid_out[0][0], weights[0][0])
-    kernel.add(y, x, cpu_kernel.kernel_meta(laid_out, [0, 1, 2]), *groups.flat())
+    kernel.add(y, x, kernels.kernel_meta(laid_out, [0, 1, 2]), *groups.flat())
     assert_close_rel(y, reference_out(y0, x, slots, weights), dtype)
     assert torch.equal(y[slots < 0], y0[slots < 0])
     assert torch.equal(y_buf[:, out_f:], rest), "the kernel wrote outside the rows' columns"
@@ -229,7 +230,7 @@ def _wrapped(kind: str, ranks: dict[int, int], dtype=torch.float32) -> tuple[Lor
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("method", ["segments", "grouped", "stacked"])
 def test_wrapper_forced_method_matches_reference(kind, method, monkeypatch):
-    monkeypatch.setenv(cpu_kernel.ENV, "0")  # the PyTorch ops path (the CPU kernel bypasses choose_method)
+    monkeypatch.setenv(kernels.ENV, "0")  # the PyTorch ops path (the CPU kernel bypasses choose_method)
     calls = []
 
     def forced(*args, **kwargs):
@@ -257,7 +258,7 @@ def test_wrapper_forced_method_matches_reference(kind, method, monkeypatch):
 @pytest.mark.parametrize("method", ["segments", "grouped", "stacked"])
 def test_wrapper_per_row_3d_input(method, monkeypatch):
     """[B, T, in] input with one slot per row (what ``generate`` passes); bf16 weights and activations."""
-    monkeypatch.setenv(cpu_kernel.ENV, "0")
+    monkeypatch.setenv(kernels.ENV, "0")
     monkeypatch.setattr("blora.lora.layers.choose_method", lambda *a, **k: method)
     layer, weights = _wrapped("linear", {0: 4, 1: 16, 2: 1}, torch.bfloat16)
     row_slots = torch.tensor([1, -1, 0, 1, 2])
@@ -281,7 +282,7 @@ def test_wrapper_kernel_with_gemm_for_large_segments(dtype, monkeypatch):
     ``MAX_WORK``) to GEMMs, in the same forward; both must be used and the sum must match the reference."""
     _kernel()
     calls = {"kernel": 0, "segments": 0}
-    real_add, real_segments = cpu_kernel.CpuKernel.add, ops.add_segments
+    real_add, real_segments = kernels.CpuKernel.add, ops.add_segments
 
     def count_add(self, *args):
         calls["kernel"] += 1
@@ -291,10 +292,10 @@ def test_wrapper_kernel_with_gemm_for_large_segments(dtype, monkeypatch):
         calls["segments"] += 1
         return real_segments(*args)
 
-    monkeypatch.setattr(cpu_kernel.CpuKernel, "add", count_add)
+    monkeypatch.setattr(kernels.CpuKernel, "add", count_add)
     monkeypatch.setattr(ops, "add_segments", count_segments)
     layer, weights = _wrapped("linear", {0: 4, 1: 64, 2: 2}, dtype)
-    big = cpu_kernel.MAX_WORK // 64 + 5  # adapter 1's tokens x rank exceed MAX_WORK
+    big = kernels.MAX_WORK // 64 + 5  # adapter 1's tokens x rank exceed MAX_WORK
     slots = slots_tensor([(0, 3), (1, big), (2, 1), (-1, 4)], seed=6)
     x = torch.randn(slots.numel(), IN).to(dtype)
     with torch.no_grad():
@@ -307,17 +308,17 @@ def test_wrapper_kernel_with_gemm_for_large_segments(dtype, monkeypatch):
 
 
 def test_kernel_disabled_or_unbuildable_falls_back(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv(cpu_kernel.ENV, "0")
-    assert cpu_kernel.get() is None
-    monkeypatch.delenv(cpu_kernel.ENV)
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert kernels.get() is None
+    monkeypatch.delenv(kernels.ENV)
     # no compiler: one clear warning, then the PyTorch ops give the same result
-    monkeypatch.setattr(cpu_kernel, "_loaded", {})
-    monkeypatch.setattr(cpu_kernel, "_warned", False)
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "_warned", False)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
     with caplog.at_level("WARNING", logger="blora"):
-        assert cpu_kernel.get() is None
-    assert "no C++ compiler found" in caplog.text and cpu_kernel.ENV in caplog.text
+        assert kernels.get() is None
+    assert "no C++ compiler found" in caplog.text and kernels.ENV in caplog.text
     layer, weights = _wrapped("linear", {0: 4, 1: 8})
     slots = torch.tensor([0, 1, -1, 1])
     x = torch.randn(4, IN)

@@ -14,8 +14,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from blora import load_loras, prepare_batch
-from blora.lora import cpu_kernel
+from blora import kernels, load_loras, prepare_batch
 from tests.helpers import ARCHS, make_adapter, targets, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,7 +150,7 @@ def row_logits(model, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 def test_mixed_batch_rows_match_peft_alone(case, tok, kernel, monkeypatch):
     """Also covers ``model(**batch)`` with padded rows on GPT-2 (absolute positions). Both LoRA paths on
     CPU: the compiled kernel (where it builds) and the PyTorch ops."""
-    monkeypatch.setenv(cpu_kernel.ENV, "1" if kernel == "cpu_kernel" else "0")
+    monkeypatch.setenv(kernels.ENV, "1" if kernel == "cpu_kernel" else "0")
     batch = prepare_batch(case.rows(), tok, case.model, case.lora_map)
     assert batch["attention_mask"].sum(1).min() < batch["attention_mask"].shape[1]  # rows really are padded
     got = row_logits(case.model, batch)
@@ -209,7 +208,7 @@ def assert_same_greedy(got: list[int], ref: RowRef, what: str) -> None:
 
 @pytest.mark.parametrize("kernel", ["cpu_kernel", "torch_ops"])
 def test_greedy_generate_matches_peft_alone(case, tok, kernel, monkeypatch):
-    monkeypatch.setenv(cpu_kernel.ENV, "1" if kernel == "cpu_kernel" else "0")
+    monkeypatch.setenv(kernels.ENV, "1" if kernel == "cpu_kernel" else "0")
     batch = prepare_batch(case.rows(), tok, case.model, case.lora_map)
     width = batch["input_ids"].shape[1]
     with torch.no_grad():

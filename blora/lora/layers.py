@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blora.lora import cpu_kernel, ops
+from blora import kernels
+from blora.lora import ops
 from blora.lora.context import TokenGroups, current_batch
 
 # Cost model for picking an op (in multiply-adds): one extra kernel launch is worth about OP_COST MACs.
@@ -80,8 +81,8 @@ class _Plan:
     def kernel_meta(self) -> torch.Tensor:
         """The CPU kernel's per-adapter table; the plan holds the (re-laid-out, if needed) weights alive."""
         if self._kernel_meta is None:
-            self._kernel_pairs = [cpu_kernel.kernel_layout(a, b) for a, b in self.pairs]
-            self._kernel_meta = cpu_kernel.kernel_meta(self._kernel_pairs, self.positions)
+            self._kernel_pairs = [kernels.kernel_layout(a, b) for a, b in self.pairs]
+            self._kernel_meta = kernels.kernel_meta(self._kernel_pairs, self.positions)
         return self._kernel_meta
 
     def kernel_split(self, groups: TokenGroups) -> tuple[torch.Tensor | None, list[int]]:
@@ -89,7 +90,7 @@ class _Plan:
         if self._split is None or self._split[0] != id(groups):
             small, large = [], []
             for k, (pos, r) in enumerate(zip(self.positions, self.ranks, strict=True)):
-                (small if groups.counts[pos] * r <= cpu_kernel.MAX_WORK else large).append(k)
+                (small if groups.counts[pos] * r <= kernels.MAX_WORK else large).append(k)
             meta = self.kernel_meta()
             if not small:
                 table = None
@@ -211,7 +212,7 @@ class LoraLinear(nn.Module):
         if groups.full:
             ops.add_single(y, x, plan.pairs[0])
             return
-        kernel = cpu_kernel.usable(x, plan.pairs[0][0].dtype) if y.stride(1) == 1 else None
+        kernel = kernels.usable(x, plan.pairs[0][0].dtype) if y.stride(1) == 1 else None
         if kernel is not None:
             # CPU: adapters with few tokens (decode) in one kernel call, those with many (prefill) as GEMMs
             table, large = plan.kernel_split(groups)

@@ -7,7 +7,7 @@
 // a GEMM library call per adapter costs more in overhead than the work itself. Adapters own disjoint
 // tokens, so threads split the adapters without write conflicts.
 //
-// Built on first use by blora/lora/cpu_kernel.py (g++ -O3 -march=native -fopenmp) and called via ctypes.
+// Built on first use by blora/kernels/__init__.py (g++ -O3 -march=native -fopenmp) and called via ctypes.
 // An AVX-512 path (x86 with AVX512F/BW) and a portable path the compiler vectorizes (-DBLORA_GENERIC
 // forces it; tests check both against the reference op).
 

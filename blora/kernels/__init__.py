@@ -1,4 +1,4 @@
-"""The CPU multi-LoRA kernel (``csrc/lora_cpu.cpp``): compiled on first use, called through ``ctypes``.
+"""The CPU multi-LoRA kernel (``csrc/cpu_kernels.cpp``): compiled on first use, called through ``ctypes``.
 
 Why: at decode every adapter of a step has one or two tokens, so a LoRA layer is bound by reading the
 adapters' weights, and PyTorch's per-call overhead is the real cost: a small bfloat16 GEMM costs ~13 us on
@@ -31,7 +31,7 @@ import torch
 
 logger = logging.getLogger("blora")
 
-SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 ENV = "BLORA_CPU_KERNEL"  # "0" disables the kernel
 ABI_VERSION = 1
 # An adapter's tokens go through the kernel while tokens x rank stays at or under this; above it a GEMM pair
@@ -183,7 +183,7 @@ def build(*, generic: bool = False, cache: Path | None = None) -> tuple[Path, li
         key = hashlib.sha256(
             b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_fingerprint().encode()])
         ).hexdigest()[:16]
-        target = cache / f"lora_cpu-{key}.so"
+        target = cache / f"cpu_kernels-{key}.so"
         if target.is_file():
             return target, flags
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
