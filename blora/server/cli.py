@@ -61,7 +61,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
     a("--device", default=None, help="cpu | cuda | mps (default: best available)")
     a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_ray_arguments(parser)
     return parser
+
+
+def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ray``: N engine replicas behind one ingress on Ray Serve (``blora.ray``; ``blora[ray]`` extra)."""
+    g = parser.add_argument_group("Ray Serve scale-out (pip install 'blora[ray]')")
+    g.add_argument("--ray", action="store_true",
+                   help="serve from engine replicas on a Ray cluster, routed by adapter (see blora.ray)")  # fmt: skip
+    g.add_argument("--replicas", type=int, default=None, help="engine replicas (default 2)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (HOST:6379 or auto); default: start a local one")  # fmt: skip
+    g.add_argument("--max-adapters-per-replica", type=int, default=None,
+                   help="adapters resident in one replica, LRU beyond (default: --max-loras)")  # fmt: skip
+    g.add_argument("--replica-cpus", type=float, default=None, help="Ray CPUs per replica (default 1)")
+    g.add_argument("--replica-gpus", type=float, default=None, help="Ray GPUs per replica (default 0)")
+    g.add_argument("--no-adapter-affinity", action="store_true",
+                   help="route with Ray's default policy instead of by adapter (for comparison)")  # fmt: skip
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -72,6 +89,14 @@ def _check_args(args: argparse.Namespace) -> None:
     names = [name for name, _ in args.lora_modules]
     if len(set(names)) != len(names):
         raise SystemExit(f"--lora-modules has duplicate names: {names}")
+    ray_only = ["replicas", "ray_address", "max_adapters_per_replica", "replica_cpus", "replica_gpus"]
+    given = [f"--{k.replace('_', '-')}" for k in ray_only if getattr(args, k, None) is not None]
+    if getattr(args, "no_adapter_affinity", False):
+        given.append("--no-adapter-affinity")
+    if given and not getattr(args, "ray", False):
+        raise SystemExit(f"{', '.join(given)} only apply with --ray")
+    if getattr(args, "replicas", None) is not None and args.replicas < 1:
+        raise SystemExit(f"--replicas must be >= 1, got {args.replicas}")
 
 
 def build_engine(args: argparse.Namespace):
@@ -100,6 +125,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from blora.server.lifecycle import DrainingServer
 
     _check_args(args)
+    if args.ray:
+        from blora.ray.cli import run_ray_serve
+
+        return run_ray_serve(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -1,0 +1,214 @@
+"""``ClusterEngine``: the ingress's engine. It has ``AsyncLLM``'s interface, so ``create_app`` serves the
+cluster with the single-process server's code (routes, validation, errors, streaming, metrics), while every
+request runs on an engine replica behind a Serve handle.
+
+- ``generate``: routed with ``multiplexed_model_id=<adapter>`` (Ray's model multiplexing), base-model and
+  mixture requests to any replica; replica errors are unwrapped to the exception the engine raised, so the
+  server turns them into the same responses. A replica that dies before the first output is retried on
+  another one; after it, the request fails with 503 (``replica_unavailable``) for the client to retry.
+- ``abort``: cancels the request's stream; the replica's ``AsyncLLM`` aborts it and frees its blocks.
+- ``list_adapters`` / ``stats``: the registry and the replicas' reports, refreshed in the background
+  (the server reads both synchronously).
+- ``load_adapter`` / ``unload_adapter``: validate on one replica, then register for all; unregister for all
+  (each replica unloads at its next sync, once its running requests are done).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import DeploymentUnavailableError
+
+from blora.lora import AdapterInUseError
+from blora.ray.registry import ClusterState
+from blora.ray.wire import Unpacker
+from blora.server.errors import APIError
+
+logger = logging.getLogger("blora.ray")
+
+STALE_S = 5.0  # a replica silent for this long no longer counts in gauges (its counters still do)
+RETRIES_BEFORE_OUTPUT = 3
+
+
+class ReplicaUnavailableError(APIError):
+    """The replica running a request died after it had produced output; the client should retry."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "replica_unavailable"
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The exception a replica raised, without Ray's wrapper (so messages match the single-process server)."""
+    cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
+    return cause if isinstance(cause, Exception) else exc
+
+
+def _adapter_names(adapter: str | dict[str, float] | None) -> list[str]:
+    return [] if adapter is None else [adapter] if isinstance(adapter, str) else list(adapter)
+
+
+class ClusterEngine:
+    """Engine replicas behind a Serve handle, with ``AsyncLLM``'s interface (see the module docstring)."""
+
+    def __init__(
+        self,
+        replicas: Any,
+        registry: Any,
+        info: dict,
+        affinity: bool = True,
+        refresh_s: float = 0.5,
+        retry_after_s: int = 1,
+    ) -> None:
+        self.replicas = replicas
+        self.registry = registry
+        self.tokenizer = info["tokenizer"]
+        self.max_model_len: int = info["max_model_len"]
+        self.affinity = affinity
+        self.refresh_s = refresh_s
+        self.retry_after_s = retry_after_s
+        self._state = ClusterState(0, {})
+        self._running: dict[str, tuple[Any, list[str]]] = {}  # request id -> (Serve response, adapters)
+        self._refresher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Stop refreshing; the replicas belong to Serve, which shuts them down itself."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+
+    # -- generation ----------------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | list[int],
+        sampling_params: Any = None,
+        adapter: str | dict[str, float] | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """Like ``AsyncLLM.generate``: the request's outputs as they arrive; closing it early aborts it."""
+        if request_id is None or request_id in self._running:
+            raise ValueError(f"request id {request_id!r} is missing or already in use")
+        options: dict[str, Any] = {"stream": True}
+        if self.affinity and isinstance(adapter, str):
+            options["multiplexed_model_id"] = adapter
+        handle = self.replicas.options(**options)
+        unpacker, produced, attempt, finished = Unpacker(), False, 0, False
+        try:
+            while not finished:
+                args = (prompt, sampling_params, adapter, request_id, self._state.version)
+                response = handle.generate.remote(*args)
+                self._running[request_id] = (response, _adapter_names(adapter))
+                try:
+                    async for packed in response:
+                        out = unpacker.unpack(packed)
+                        produced, finished = True, out.finished
+                        yield out
+                    finished = True
+                except (RayActorError, DeploymentUnavailableError) as exc:
+                    response.cancel()  # in case the replica is only unreachable, not dead
+                    attempt += 1
+                    if produced or attempt > RETRIES_BEFORE_OUTPUT:
+                        raise self._unavailable(request_id, exc) from None
+                    logger.warning("replica lost before request %s started; retrying: %s", request_id, exc)
+                    await asyncio.sleep(0.2 * attempt)
+                except RayTaskError as exc:
+                    raise unwrap(exc) from None
+        finally:
+            entry = self._running.pop(request_id, None)
+            if entry is not None and not finished:
+                entry[0].cancel()
+
+    def _unavailable(self, request_id: str, exc: BaseException) -> ReplicaUnavailableError:
+        logger.warning("request %s lost its replica: %s", request_id, exc)
+        return ReplicaUnavailableError(
+            "The engine replica serving this request became unavailable; retry the request",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
+
+    async def abort(self, request_id: str) -> bool:
+        """Cancel the request on its replica (its ``AsyncLLM`` aborts it and frees the KV blocks)."""
+        entry = self._running.get(request_id)
+        if entry is None:
+            return False
+        entry[0].cancel()
+        return True
+
+    # -- adapters ------------------------------------------------------------------------------------
+    def list_adapters(self) -> dict[str, str]:
+        return dict(self._state.adapters)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Validate on one replica (which keeps it resident), then register it for the whole cluster."""
+        handle = self.replicas.options(multiplexed_model_id=name) if self.affinity else self.replicas
+        try:
+            await handle.load.remote(name, str(path), self._state.version)
+            await self.registry.register.remote(name, str(path))
+        except RayTaskError as exc:
+            raise unwrap(exc) from None
+        await self.refresh()
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unregister for the whole cluster; refused while requests through this ingress still use it."""
+        users = sorted(rid for rid, (_, names) in self._running.items() if name in names)
+        if users:
+            raise AdapterInUseError(
+                f"adapter {name!r} is used by {len(users)} unfinished request(s) (e.g. {users[0]}); "
+                "abort them or wait for them to finish before the unload"
+            )
+        try:
+            await self.registry.remove.remote(name)
+        except RayTaskError as exc:
+            raise unwrap(exc) from None
+        await self.refresh()
+
+    # -- state ---------------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        state: ClusterState = await self.registry.state.remote()
+        if state.version >= self._state.version:
+            self._state = state
+        else:  # an older read finished after a newer one: keep the newer adapters, take the reports
+            self._state.reports = state.reports
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception:
+                logger.warning("reading the adapter registry failed", exc_info=True)
+
+    def replica_reports(self) -> dict[str, tuple[bool, dict]]:
+        """Each replica's latest stats with whether it reported recently (live)."""
+        now = time.time()
+        return {name: (now - t < STALE_S, s) for name, (t, s) in self._state.reports.items()}
+
+    def stats(self) -> dict:
+        """The replicas' ``LLMEngine.stats`` combined: gauges of live replicas, counters of all."""
+        total: dict[str, Any] = {"num_running": 0, "num_waiting": 0, "prompt_tokens_total": 0}
+        total["generation_tokens_total"] = 0
+        running, waiting, usage = Counter(), Counter(), []
+        for live, s in self.replica_reports().values():
+            total["prompt_tokens_total"] += s.get("prompt_tokens_total", 0)
+            total["generation_tokens_total"] += s.get("generation_tokens_total", 0)
+            if not live:
+                continue
+            total["num_running"] += s.get("num_running", 0)
+            total["num_waiting"] += s.get("num_waiting", 0)
+            usage.append(s.get("kv_usage", 0.0))
+            running.update(s.get("running_adapters") or {})
+            waiting.update(s.get("waiting_adapters") or {})
+        total["kv_usage"] = sum(usage) / len(usage) if usage else 0.0
+        total["running_adapters"], total["waiting_adapters"] = dict(running), dict(waiting)
+        return total
