@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -37,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from blora.engine import LLM, AsyncLLM, SamplingParams
 from blora.ray import ClusterConfig, build_app
 from blora.ray.app import builder_argv
+from blora.ray.routing_bench import power_law_trace, run_trace
 from blora.ray.wire import Packer, Unpacker
 from blora.server.app import ServerConfig, create_app
 from blora.server.cli import _check_args, add_serve_arguments
@@ -417,66 +417,25 @@ def wait_for(check, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def power_law_trace(n: int, seed: int = 0) -> list[str]:
-    """Adapter names with Zipf(1.1) popularity: t0 most requested."""
-    rng = random.Random(seed)
-    weights = [1 / (k + 1) ** 1.1 for k in range(TRACE_ADAPTERS)]
-    return rng.choices([f"t{k}" for k in range(TRACE_ADAPTERS)], weights, k=n)
-
-
-def counts(cluster: Cluster) -> dict[str, tuple[int, int, int]]:
-    """replica -> (adapter requests, of which resident on arrival, adapter loads)."""
-    return {
-        r["replica"]: (r["adapter_requests"], r["adapter_hits"], r["adapter_loads"])
-        for r in cluster.reports().values()
-    }
-
-
-def run_trace(cluster: Cluster, prefix: str, warmup: int, measured: int) -> dict:
-    """Send the trace 4 at a time; hit rate and loads per replica over the measured part."""
-    trace = power_law_trace(warmup + measured)
-
-    def send(model: str) -> int:
-        body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}
-        return httpx.post(
-            cluster.url + prefix + "/v1/completions", json=body, headers=AUTH, timeout=60
-        ).status_code
-
-    def settled(total: int) -> dict:
-        wait_for(lambda: sum(c[0] for c in counts(cluster).values()) >= total, "replica reports")
-        return counts(cluster)
-
-    base = sum(c[0] for c in counts(cluster).values())
-    with ThreadPoolExecutor(4) as pool:
-        assert set(pool.map(send, trace[:warmup])) == {200}
-        before = settled(base + warmup)
-        assert set(pool.map(send, trace[warmup:])) == {200}
-    after = settled(base + warmup + measured)
-    requests = sum(after[r][0] - before.get(r, (0, 0, 0))[0] for r in after)
-    hits = sum(after[r][1] - before.get(r, (0, 0, 0))[1] for r in after)
-    loads = {r: after[r][2] - before.get(r, (0, 0, 0))[2] for r in after}
-    assert requests == measured
-    return {"hit_rate": hits / requests, "loads": loads, "total_loads": {r: c[2] for r, c in after.items()}}
-
-
 def test_adapter_affinity_keeps_requests_where_their_adapter_is(cluster, work):
-    with_affinity = run_trace(cluster, "", warmup=60, measured=200)
+    """The same power-law trace with multiplexed routing and with Ray's default routing (another app)."""
+    trace = power_law_trace([f"t{k}" for k in range(TRACE_ADAPTERS)], 260)
+    with_affinity = run_trace(cluster.url, cluster.app, trace, warmup=60, headers=AUTH)
     deploy(work, "baseline", "/baseline", affinity=False)
     try:
-        baseline = run_trace(Cluster(cluster.url, "baseline"), "/baseline", warmup=60, measured=200)
+        baseline = run_trace(cluster.url + "/baseline", "baseline", trace, warmup=60, headers=AUTH)
     finally:
         serve.delete("baseline")
     print(
         f"\npower-law trace over {TRACE_ADAPTERS} adapters, 2 replicas x {RESIDENT_PER_REPLICA} resident, "
         f"200 requests after 60 of warm-up:\n"
-        f"  multiplexed routing:  hit rate {with_affinity['hit_rate']:.1%}, adapter loads per replica "
-        f"{sorted(with_affinity['loads'].values())} (since start {sorted(with_affinity['total_loads'].values())})\n"
-        f"  Ray default routing:  hit rate {baseline['hit_rate']:.1%}, adapter loads per replica "
-        f"{sorted(baseline['loads'].values())} (since start {sorted(baseline['total_loads'].values())})"
+        f"  multiplexed routing: hit rate {with_affinity['hit_rate']:.1%}, loads per replica {with_affinity['loads']}\n"
+        f"  Ray default routing: hit rate {baseline['hit_rate']:.1%}, loads per replica {baseline['loads']}"
     )
+    assert with_affinity["requests"] == baseline["requests"] == 200
     assert with_affinity["hit_rate"] >= 0.9
     assert baseline["hit_rate"] < with_affinity["hit_rate"]
-    assert sum(baseline["loads"].values()) > sum(with_affinity["loads"].values())
+    assert sum(baseline["loads"]) > sum(with_affinity["loads"])
 
 
 # --- failure ----------------------------------------------------------------------------------------

@@ -82,8 +82,8 @@ def run_trace(url: str, app: str, trace: list[str], warmup: int, concurrency: in
             time.sleep(0.1)
         return replica_counts(app)
 
-    start = settled(0)
-    base = sum(c[0] for c in start.values())
+    time.sleep(0.5)  # let earlier requests reach the reports (replicas report every report_interval_s)
+    base = sum(c[0] for c in replica_counts(app).values())
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(send, trace[:warmup]))
         before = settled(base + warmup)
