@@ -501,15 +501,17 @@ def test_killed_replica_loses_no_retried_request_and_is_replaced(cluster, refere
 
 
 def test_blora_serve_ray_joins_a_cluster_serves_and_drains(cluster, reference, work):
-    """``blora serve --ray --ray-address``: deploys into an existing cluster, answers as one process would,
-    and on SIGTERM refuses new requests (503) while the running ones finish, then exits 0."""
+    """``blora serve --ray --ray-address``: deploys into an existing cluster and answers as one process
+    would; on SIGTERM new requests get 503 while running ones may finish, those left at the drain timeout
+    end with finish_reason "abort" (as in one process), and the command exits 0."""
     serve.delete(cluster.app)  # the module's application holds "/" and one of the CPUs
     address = ray.get_runtime_context().gcs_address
     cmd = [
         sys.executable, "-m", "blora.cli", "serve", "--ray", "--ray-address", address, "--replicas", "1",
         "--replica-cpus", "0.5", "--model", str(work["model"]), "--served-model-name", NAME, "--dtype",
-        "float32", "--device", "cpu", "--max-model-len", "256", "--max-loras", "4", "--api-key", KEY,
-        "--lora-modules", f"a={work['a']}", "--drain-timeout", "20", "--log-level", "warning",
+        "float32", "--device", "cpu", "--max-model-len", "512", "--max-loras", "4", "--api-key", KEY,
+        "--lora-modules", f"a={work['a']}", "--max-num-seqs", "1", "--drain-timeout", "1",
+        "--log-level", "warning",
     ]  # fmt: skip
     log = work["model"].parent / "blora-serve-ray.log"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -521,24 +523,33 @@ def test_blora_serve_ray_joins_a_cluster_serves_and_drains(cluster, reference, w
         body = {"model": "a", "prompt": PROMPTS[2], "max_tokens": 10, "temperature": 0}
         ours, theirs = both(cluster, reference, "POST", "/v1/completions", body)
         assert ours == theirs and ours[0] == 200
-        long = {**body, "max_tokens": 150, "ignore_eos": True, "stream": True}
-        with httpx.stream(
-            "POST", cluster.url + "/v1/completions", json=long, headers=AUTH, timeout=120
-        ) as resp:
-            lines = resp.iter_lines()
+        # One sequence at a time: the second long request waits behind the first, past the drain timeout.
+        long = {**body, "max_tokens": 480, "ignore_eos": True, "stream": True}
+        post = dict(json=long, headers=AUTH, timeout=120)
+        with (
+            httpx.stream("POST", cluster.url + "/v1/completions", **post) as first,
+            httpx.stream("POST", cluster.url + "/v1/completions", **post) as second,
+        ):
+            lines = first.iter_lines()
             assert next(lines).startswith("data: ")
             proc.send_signal(signal.SIGTERM)
             wait_for(lambda: cluster.request("GET", "/health").status_code == 503, "draining")
             refused = cluster.request("POST", "/v1/completions", json=body)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
-            rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length", rest[-2]
+            ends = [finish_reason(list(lines)), finish_reason(list(second.iter_lines()))]
+        assert ends[0] in ("length", "abort") and ends[1] == "abort", ends
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def finish_reason(lines: list[str]) -> str:
+    """The finish reason of a single-choice SSE stream (its last chunk before ``[DONE]``)."""
+    events = [line for line in lines if line]
+    assert events[-1] == "data: [DONE]", events[-3:]
+    return json.loads(events[-2][len("data: ") :])["choices"][0]["finish_reason"]
 
 
 def ready(cluster: Cluster) -> bool:

@@ -6,7 +6,8 @@ request runs on an engine replica behind a Serve handle.
   mixture requests to any replica; replica errors are unwrapped to the exception the engine raised, so the
   server turns them into the same responses. A replica that dies before the first output is retried on
   another one; after it, the request fails with 503 (``replica_unavailable``) for the client to retry.
-- ``abort``: cancels the request's stream; the replica's ``AsyncLLM`` aborts it and frees its blocks.
+- ``abort``: cancels the request's stream; the replica's ``AsyncLLM`` aborts it and frees its blocks, and
+  the stream ends as an aborted ``AsyncLLM`` stream does (a final output with finish_reason "abort").
 - ``list_adapters`` / ``stats``: the registry and the replicas' reports, refreshed in the background
   (the server reads both synchronously).
 - ``load_adapter`` / ``unload_adapter``: validate on one replica, then register for all; unregister for all
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -24,8 +26,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
+from blora.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from blora.lora import AdapterInUseError
 from blora.ray.registry import ClusterState
 from blora.ray.wire import Unpacker
@@ -49,6 +52,29 @@ def unwrap(exc: BaseException) -> BaseException:
     """The exception a replica raised, without Ray's wrapper (so messages match the single-process server)."""
     cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
     return cause if isinstance(cause, Exception) else exc
+
+
+def aborted_output(
+    last: RequestOutput | None, request_id: str, prompt: Any, params: Any, adapter: Any
+) -> RequestOutput:
+    """The final output ``AsyncLLM`` yields for an aborted request: what it had, unfinished choices "abort"."""
+    if last is None:
+        n, logprobs = getattr(params, "n", 1), getattr(params, "logprobs", None)
+        outputs = [CompletionOutput(i, "", [], logprobs=None if logprobs is None else []) for i in range(n)]
+        ids = list(prompt) if isinstance(prompt, list) else []
+        name = adapter if isinstance(adapter, str) else None
+        last = RequestOutput(request_id, None, ids, outputs, False, name, RequestMetrics(time.time()))
+    outputs = [
+        dataclasses.replace(
+            c,
+            finish_reason=c.finish_reason or "abort",
+            delta_text="",
+            delta_token_ids=[],
+            delta_logprobs=None if c.delta_logprobs is None else [],
+        )
+        for c in last.outputs
+    ]
+    return dataclasses.replace(last, outputs=outputs, finished=True)
 
 
 def _adapter_names(adapter: str | dict[str, float] | None) -> list[str]:
@@ -76,6 +102,7 @@ class ClusterEngine:
         self.retry_after_s = retry_after_s
         self._state = ClusterState(0, {})
         self._running: dict[str, tuple[Any, list[str]]] = {}  # request id -> (Serve response, adapters)
+        self._aborted: set[str] = set()
         self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -116,16 +143,23 @@ class ClusterEngine:
                         produced, finished = True, out.finished
                         yield out
                     finished = True
-                except (RayActorError, DeploymentUnavailableError) as exc:
+                except (RayActorError, RayTaskError, DeploymentUnavailableError) as exc:
+                    cause = unwrap(exc)
+                    if not isinstance(cause, (RayActorError, DeploymentUnavailableError)):
+                        raise cause from None  # what the engine raised
                     response.cancel()  # in case the replica is only unreachable, not dead
                     attempt += 1
                     if produced or attempt > RETRIES_BEFORE_OUTPUT:
-                        raise self._unavailable(request_id, exc) from None
-                    logger.warning("replica lost before request %s started; retrying: %s", request_id, exc)
+                        raise self._unavailable(request_id, cause) from None
+                    logger.warning("replica lost before request %s started; retrying: %s", request_id, cause)
                     await asyncio.sleep(0.2 * attempt)
-                except RayTaskError as exc:
-                    raise unwrap(exc) from None
+                except RequestCancelledError:
+                    if request_id not in self._aborted:
+                        raise
+                    finished = True  # as AsyncLLM's stream of an aborted request ends:
+                    yield aborted_output(unpacker.last, request_id, prompt, sampling_params, adapter)
         finally:
+            self._aborted.discard(request_id)
             entry = self._running.pop(request_id, None)
             if entry is not None and not finished:
                 entry[0].cancel()
@@ -142,6 +176,7 @@ class ClusterEngine:
         entry = self._running.get(request_id)
         if entry is None:
             return False
+        self._aborted.add(request_id)
         entry[0].cancel()
         return True
 

@@ -88,7 +88,7 @@ class EngineReplica:
         self._multiplexed = serve.multiplexed(max_num_models_per_replica=options.max_adapters)(load_adapter)
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
         # Serve calls ``__del__`` at graceful shutdown; set per instance so the garbage collector never does.
-        self.__del__ = self.shutdown
+        self.__del__ = self._shutdown
 
     # -- called by the ingress -----------------------------------------------------------------------
     async def describe(self) -> dict:
@@ -121,9 +121,6 @@ class EngineReplica:
             await self._ensure_resident([name])
         finally:
             self._announced.pop(name, None)
-
-    async def stats(self) -> dict:
-        return self._stats()
 
     # -- residency -------------------------------------------------------------------------------------
     async def _ensure_resident(self, names: list[str]) -> None:
@@ -218,7 +215,7 @@ class EngineReplica:
                 logger.warning("reporting to the adapter registry failed", exc_info=True)
             await asyncio.sleep(self.options.report_interval_s)
 
-    async def shutdown(self) -> None:
+    async def _shutdown(self) -> None:
         """Serve's graceful shutdown: stop reporting, let running requests finish, stop the engine."""
         self._reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):

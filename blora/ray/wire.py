@@ -72,6 +72,7 @@ class Unpacker:
     def __init__(self) -> None:
         self._last: dict[int, CompletionOutput] = {}
         self._prompt: list[int] = []
+        self.last: RequestOutput | None = None  # the latest rebuilt output
 
     def unpack(self, packed: Packed) -> RequestOutput:
         out = packed.output
@@ -92,4 +93,5 @@ class Unpacker:
                 )
             self._last[c.index] = c
             outputs.append(c)
-        return dataclasses.replace(out, outputs=outputs, prompt_token_ids=self._prompt)
+        self.last = dataclasses.replace(out, outputs=outputs, prompt_token_ids=self._prompt)
+        return self.last
