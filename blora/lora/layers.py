@@ -209,18 +209,20 @@ class LoraLinear(nn.Module):
         return plan
 
     def _apply(self, y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, plan: _Plan) -> None:
-        if groups.full:
-            ops.add_single(y, x, plan.pairs[0])
-            return
         kernel = kernels.usable(x, plan.pairs[0][0].dtype) if y.stride(1) == 1 else None
         if kernel is not None:
             # CPU: adapters with few tokens (decode) in one kernel call, those with many (prefill) as GEMMs
             table, large = plan.kernel_split(groups)
             if table is not None:
                 kernel.add(y, x if x.stride(1) == 1 else x.contiguous(), table, *groups.flat())
-            if large:
+            if large and groups.full:
+                ops.add_single(y, x, plan.pairs[0])
+            elif large:
                 sub = _subset(groups, [plan.positions[k] for k in large])
                 ops.add_segments(y, x, sub, [plan.pairs[k] for k in large])
+            return
+        if groups.full:
+            ops.add_single(y, x, plan.pairs[0])
             return
         method = plan.method(groups, self.in_features + self.out_features)
         if method == "stacked":
