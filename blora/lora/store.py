@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blora import kernels
 from blora.lora.config import AdapterError
 from blora.lora.manager import LoraManager, PreparedAdapter
 from blora.lora.mixtures import PREFIX, Mixture, combine, is_mixture
@@ -555,6 +556,7 @@ class AdapterStore:
             self._thread.start()
 
     def _loader(self) -> None:
+        kernels.one_openmp_thread()  # small copies; a second OpenMP team would slow the engine's ops
         while True:
             with self._lock:
                 name = self._next_wanted()
