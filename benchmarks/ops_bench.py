@@ -1,7 +1,10 @@
 """Micro-benchmark of the batched LoRA ops on SmolLM2 layer shapes (decode: 32 tokens).
 
-Prints microseconds per call (best of 3) for the base linear and each op, and what ``choose_method`` picks,
-so the cost model in ``blora/lora/layers.py`` (``OP_COST``) can be checked on a new machine.
+Prints microseconds per call (best of 3) for the base linear, each PyTorch op, the CPU kernel
+(``blora/kernels``; what LoraLinear runs for decode on CPU) and what ``choose_method`` picks for the
+PyTorch path, so the cost model in ``blora/lora/layers.py`` (``OP_COST``) can be checked on a new machine.
+Weights stay in cache here (the same tensors every call); inside a model they come from memory, which makes
+every op slower, the kernel ~1.5-2x (it is bound by reading the weights).
 Run: ``.venv/bin/python benchmarks/ops_bench.py [--threads 2]``.
 """
 
@@ -12,6 +15,7 @@ import time
 
 import torch
 
+from blora import kernels
 from blora.lora import ops
 from blora.lora.context import TokenGroups
 from blora.lora.layers import _Plan, choose_method, op_cost
@@ -45,8 +49,15 @@ def bench(dtype: torch.dtype, in_f: int, out_f: int, ranks: list[int], tokens: i
     plan = _Plan(groups.active, pairs, list(range(u)), op_cost(x.device.type, dtype))
     exact = ops.build_rank_groups(list(range(u)), pairs, merge_below=0)
     stacked = ops.build_stacked(groups.active, pairs)
+    kernel = kernels.get()
+    timings = {}
+    if kernel is not None:
+        laid_out = [kernels.kernel_layout(a, b) for a, b in pairs]
+        meta, flat = kernels.kernel_meta(laid_out, list(range(u))), groups.flat()
+        timings["cpu_kernel"] = best_us(lambda: kernel.add(y, x, meta, *flat))
     return {
         "base": best_us(lambda: torch.nn.functional.linear(x, weight)),
+        **timings,
         "segments": best_us(lambda: ops.add_segments(y, x, groups, pairs)),
         "grouped(exact ranks)": best_us(lambda: ops.add_grouped(y, x, groups, exact)),
         "grouped(auto merge)": best_us(lambda: ops.add_grouped(y, x, groups, plan.grouped())),
