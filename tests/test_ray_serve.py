@@ -463,7 +463,7 @@ def send_with_retries(cluster: Cluster, body: dict, attempts: int = 8) -> tuple[
 def test_killed_replica_loses_no_retried_request_and_is_replaced(cluster, reference):
     models = [NAME, "a", "b", "t0", "t1", "t2"]
     bodies = [
-        {"model": models[i % len(models)], "prompt": PROMPTS[i % 4] + f" {i}", "max_tokens": 32,
+        {"model": models[i % len(models)], "prompt": PROMPTS[i % 4] + f" {i}", "max_tokens": 96,
          "temperature": 0, "ignore_eos": True, "stream": i % 2 == 0}
         for i in range(36)
     ]  # fmt: skip
