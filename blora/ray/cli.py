@@ -27,34 +27,17 @@ def app_from_args(args: argparse.Namespace) -> Any:
     """The Serve application for ``blora serve`` options (the Ray ones included)."""
     from blora.models.loader import DEFAULT_MODEL
     from blora.ray.app import ClusterConfig, build_app
-    from blora.server.app import ServerConfig
-    from blora.server.cli import _check_args
+    from blora.server import cli
 
-    _check_args(args)
+    cli._check_args(args)
     replicas = args.replicas or 2
     model = _absolute(args.model) if args.model else None
-    engine_kwargs = dict(
-        model=model,
-        dtype=args.dtype,
-        device=args.device,
-        max_loras=args.max_loras,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        num_kv_blocks=args.num_kv_blocks,
-        seed=args.seed,
-    )
-    server = ServerConfig(
-        served_model_name=args.served_model_name or args.model or DEFAULT_MODEL,
+    engine_kwargs = cli.engine_kwargs(args, model)
+    server = cli.server_config(
+        args,
         model_source=model or DEFAULT_MODEL,
-        api_key=args.api_key or None,
         max_num_seqs=replicas * args.max_num_seqs,
-        max_queue=None if args.max_queue < 0 else args.max_queue,
-        max_loras=args.max_loras,
         adapter_root=args.adapter_root.resolve() if args.adapter_root else None,
-        allow_runtime_adapters=args.allow_runtime_adapters,
-        retry_after_s=args.retry_after,
-        drain_timeout_s=args.drain_timeout,
     )
     cluster = ClusterConfig(
         replicas=replicas,

@@ -99,12 +99,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--replicas must be >= 1, got {args.replicas}")
 
 
-def build_engine(args: argparse.Namespace):
-    from blora.engine import AsyncLLM
-
-    return AsyncLLM(
-        model=args.model,
-        adapters=dict(args.lora_modules) or None,
+def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
+    """``AsyncLLM`` arguments from the ``blora serve`` options (adapters aside)."""
+    return dict(
+        model=model,
         dtype=args.dtype,
         device=args.device,
         max_loras=args.max_loras,
@@ -116,12 +114,39 @@ def build_engine(args: argparse.Namespace):
     )
 
 
+def server_config(args: argparse.Namespace, **overrides):
+    """``ServerConfig`` from the ``blora serve`` options; ``overrides`` for what the caller decides
+    (``served_model_name``, ``model_source``, ``max_num_seqs``, ``adapter_root``)."""
+    from blora.models.loader import DEFAULT_MODEL
+    from blora.server.app import ServerConfig
+
+    fields = dict(
+        served_model_name=args.served_model_name or args.model or DEFAULT_MODEL,
+        model_source=args.model or DEFAULT_MODEL,
+        api_key=args.api_key or None,
+        max_num_seqs=args.max_num_seqs,
+        max_queue=None if args.max_queue < 0 else args.max_queue,
+        max_loras=args.max_loras,
+        adapter_root=args.adapter_root,
+        allow_runtime_adapters=args.allow_runtime_adapters,
+        retry_after_s=args.retry_after,
+        drain_timeout_s=args.drain_timeout,
+    )
+    return ServerConfig(**{**fields, **overrides})
+
+
+def build_engine(args: argparse.Namespace):
+    from blora.engine import AsyncLLM
+
+    return AsyncLLM(adapters=dict(args.lora_modules) or None, **engine_kwargs(args, args.model))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the engine, then serve until SIGTERM/SIGINT (drains first; exits 0)."""
     import uvicorn
 
     from blora.models.loader import DEFAULT_MODEL
-    from blora.server.app import ServerConfig, create_app
+    from blora.server.app import create_app
     from blora.server.lifecycle import DrainingServer
 
     _check_args(args)
@@ -133,19 +158,10 @@ def run_serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     engine = build_engine(args)
-    name = args.served_model_name or args.model or DEFAULT_MODEL
-    config = ServerConfig(
-        served_model_name=name,
-        model_source=str(getattr(engine, "model_source", None) or args.model or DEFAULT_MODEL),
-        api_key=args.api_key or None,
-        max_num_seqs=args.max_num_seqs,
-        max_queue=None if args.max_queue < 0 else args.max_queue,
-        max_loras=args.max_loras,
-        adapter_root=args.adapter_root,
-        allow_runtime_adapters=args.allow_runtime_adapters,
-        retry_after_s=args.retry_after,
-        drain_timeout_s=args.drain_timeout,
+    config = server_config(
+        args, model_source=str(getattr(engine, "model_source", None) or args.model or DEFAULT_MODEL)
     )
+    name = config.served_model_name
     app = create_app(engine, config)
     uv_config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
