@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import MistralConfig, MistralForCausalLM
 
+from blora import kernels
 from blora.engine import LLM, SamplingParams
 from blora.engine.llm import build_engine
 from tests.helpers import ARCHS, make_adapter, targets, tiny_model, tokenizer
@@ -104,7 +105,10 @@ def check(done, refs) -> None:
         )
 
 
-def test_mixed_batch_matches_generate_and_peft(family):
+@pytest.mark.parametrize("kernel", ["cpu_kernel", "torch_ops"])
+def test_mixed_batch_matches_generate_and_peft(family, kernel, monkeypatch):
+    """CPU: decode attention and LoRA through the compiled kernels (where they build), and through PyTorch."""
+    monkeypatch.setenv(kernels.ENV, "1" if kernel == "cpu_kernel" else "0")
     arch, dirs, refs = family
     engine = build_engine(
         tiny_model(arch), tokenizer=tokenizer(), max_num_batched_tokens=64, block_size=4, max_loras=4
@@ -134,7 +138,9 @@ def test_preemption_does_not_change_outputs(family):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_sliding_window_matches_generate():
+@pytest.mark.parametrize("kernel", ["cpu_kernel", "torch_ops"])
+def test_sliding_window_matches_generate(kernel, monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "1" if kernel == "cpu_kernel" else "0")
     torch.manual_seed(0)
     config = MistralConfig(
         vocab_size=len(tokenizer()), hidden_size=64, intermediate_size=96, num_hidden_layers=2,

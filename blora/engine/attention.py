@@ -24,6 +24,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from blora import kernels
+
 ATTN_IMPLEMENTATION = "blora_paged"
 
 
@@ -174,6 +176,34 @@ def _store(
 
 def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scaling, sliding_window) -> torch.Tensor:
     """All single-token queries at once over each sequence's cached tokens -> [Bd, H, D].
+
+    On CPU (float32 / bfloat16) the C++ kernel reads keys and values straight from the paged cache (no
+    gather copy) with float32 accumulation; elsewhere, or without a compiler, ``_decode_torch``.
+    """
+    kernel = _kernel_for(query, k_cache)
+    if kernel is None:
+        return _decode_torch(query, k_cache, v_cache, meta, scaling, sliding_window)
+    scale = query.shape[3] ** -0.5 if scaling is None else float(scaling)
+    rows = None if meta.all_decode else meta.decode_rows
+    return kernel.decode_attention(
+        query[0], rows, k_cache, v_cache, meta.decode_slots, meta.decode_context_lens, scale, sliding_window
+    )
+
+
+def _kernel_for(query: torch.Tensor, k_cache: torch.Tensor) -> kernels.CpuKernel | None:
+    if (
+        query.device.type != "cpu"
+        or query.dtype not in kernels.DTYPES
+        or k_cache.dtype != query.dtype
+        or query.stride(-1) != 1
+        or query.shape[1] % k_cache.shape[0]
+    ):
+        return None
+    return kernels.get()
+
+
+def _decode_torch(query, k_cache, v_cache, meta: AttentionMetadata, scaling, sliding_window) -> torch.Tensor:
+    """PyTorch decode attention (any device): gather + two ``bmm`` -> [Bd, H, D].
 
     Semantics per sequence b and head j: ``softmax(q[b, j] @ K[j // n_rep, slots_b].T * scaling) @ V[...]``.
     K/V heads are the outer batch dimension ([KVH * Bd, L, D] after one ``index_select``), and the

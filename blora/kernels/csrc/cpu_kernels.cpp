@@ -1,5 +1,7 @@
-// Batched multi-LoRA for few tokens per adapter (decode), on CPU.
+// CPU kernels of the engine's decode step: batched multi-LoRA for few tokens per adapter, and paged decode
+// attention (see the comment above run_attention).
 //
+// Batched multi-LoRA:
 // For every adapter u of a module and every token t routed to it:  y[t] += (x[t] @ A_u) @ B_u
 // with A_u given transposed (At_u [r_u, in], PEFT's lora_A layout) and B_u [r_u, out], both row-major
 // (scaling folded into B), accumulated in float32 and added to y once (one rounding for bfloat16). Each adapter's weights are streamed from memory once per
@@ -11,6 +13,7 @@
 // An AVX-512 path (x86 with AVX512F/BW) and a portable path the compiler vectorizes (-DBLORA_GENERIC
 // forces it; tests check both against the reference op).
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -219,11 +222,186 @@ void run(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t out, int6
     }
 }
 
+
+// ---- paged decode attention -----------------------------------------------------------------------------
+//
+// One query token per sequence b, attending over its cached tokens [start, len) (start > 0 only with a
+// sliding window). The cache is head-major: K/V [KVH, slots, D] row-major, so a token's key for K/V head g
+// is the D values at (g * slots + slot) * D. For each (b, g): the n_rep = H / KVH query heads sharing head
+// g (GQA) are done together, so each cached key/value row is read once for all of them:
+//   scores[h, p] = scale * q[h] . K[slot(p)],  w = softmax over p (float32),  out[h] = sum_p w[h, p] V[slot(p)]
+// Everything is accumulated in float32 and rounded once into out [B, H, D]. Tasks (b, g) are split over
+// threads; they write disjoint outputs.
+
+struct AttnArgs {
+    const void* q;              // query rows: element (b, h, d) at q[qrow(b) * q_stride_n + h * q_stride_h + d]
+    int64_t q_stride_n, q_stride_h;
+    const int64_t* q_rows;      // [B] row of each decode query in the flat batch, or null: row b
+    const void* k_cache;        // [KVH, cache_slots, D]
+    const void* v_cache;
+    int64_t cache_slots;
+    const int64_t* slots;       // [B, slots_stride]: cache slot of each position of sequence b
+    int64_t slots_stride;
+    const int64_t* lens;        // [B] context length (positions 0..len-1 are cached, including this token)
+    int64_t window;             // > 0: attend only to the last `window` positions
+    float scale;
+    void* out;                  // [B, H, D] contiguous
+    int64_t B, H, KVH, D;
+};
+
+template <typename T>
+void attend_generic(const AttnArgs& a, int64_t b, int64_t g, float* qf, float* scores) {
+    const int64_t rep = a.H / a.KVH, D = a.D, len = a.lens[b];
+    const int64_t start = (a.window > 0 && len > a.window) ? len - a.window : 0, n = len - start;
+    const T* q = static_cast<const T*>(a.q) + (a.q_rows ? a.q_rows[b] : b) * a.q_stride_n;
+    const T* kc = static_cast<const T*>(a.k_cache) + g * a.cache_slots * D;
+    const T* vc = static_cast<const T*>(a.v_cache) + g * a.cache_slots * D;
+    const int64_t* sl = a.slots + b * a.slots_stride + start;
+    for (int64_t j = 0; j < rep; ++j)
+        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = load(q + (g * rep + j) * a.q_stride_h, d) * a.scale;
+    for (int64_t p = 0; p < n; ++p) {
+        const T* kr = kc + sl[p] * D;
+        for (int64_t j = 0; j < rep; ++j) {
+            float s = 0.f;
+            for (int64_t d = 0; d < D; ++d) s += qf[j * D + d] * load(kr, d);
+            scores[j * n + p] = s;
+        }
+    }
+    T* out = static_cast<T*>(a.out) + (b * a.H + g * rep) * D;
+    for (int64_t j = 0; j < rep; ++j) {
+        float* sc = scores + j * n;
+        float m = sc[0];
+        for (int64_t p = 1; p < n; ++p) m = sc[p] > m ? sc[p] : m;
+        float sum = 0.f;
+        for (int64_t p = 0; p < n; ++p) {
+            sc[p] = std::exp(sc[p] - m);
+            sum += sc[p];
+        }
+        float* acc = qf + j * D;  // q of head j is no longer needed
+        for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+        for (int64_t p = 0; p < n; ++p) {
+            const T* vr = vc + sl[p] * D;
+            const float w = sc[p];
+            for (int64_t d = 0; d < D; ++d) acc[d] += w * load(vr, d);
+        }
+        const float inv = 1.f / sum;
+        for (int64_t d = 0; d < D; ++d) store(out + j * D, d, acc[d] * inv);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(BLORA_GENERIC)
+// exp(x) for x <= 0 (softmax after subtracting the max): 2^n * e^f with n = round(x / ln 2) and a degree-6
+// polynomial for e^f on |f| <= ln(2) / 2 (Cephes expf coefficients, ~1 ulp); inputs below -87 give ~0.
+inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+// G query heads (of one K/V head) at a time: G accumulators stay in registers while a key or value row is
+// converted once. qf: the G heads' scaled queries [G, Dp] (Dp = D rounded up to 16, zero padded).
+template <typename T, int G>
+void attend_heads(const T* kc, const T* vc, const int64_t* sl, int64_t n, int64_t D, const float* qf,
+                  float* scores, T* out) {
+    const int64_t Dp = (D + 15) / 16 * 16;
+    for (int64_t p = 0; p < n; ++p) {  // scores[j, p] = q_j . K[p]
+        const T* kr = kc + sl[p] * D;
+        __m512 s[G];
+        for (int j = 0; j < G; ++j) s[j] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m512 k = load16(kr + d, tail_mask(D - d));
+            for (int j = 0; j < G; ++j) s[j] = _mm512_fmadd_ps(k, _mm512_loadu_ps(qf + j * Dp + d), s[j]);
+        }
+        for (int j = 0; j < G; ++j) scores[j * n + p] = _mm512_reduce_add_ps(s[j]);
+    }
+    float inv[G];
+    for (int j = 0; j < G; ++j) {  // softmax numerators in place; 1 / sum applied to the output
+        float* sc = scores + j * n;
+        __m512 m = _mm512_set1_ps(-INFINITY);
+        for (int64_t p = 0; p < n; p += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail_mask(n - p), sc + p));
+        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t p = 0; p < n; p += 16) {
+            const __mmask16 km = tail_mask(n - p);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(km, sc + p), mx));
+            _mm512_mask_storeu_ps(sc + p, km, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(km, e));
+        }
+        inv[j] = 1.f / _mm512_reduce_add_ps(sum);
+    }
+    for (int64_t d = 0; d < D; d += 16) {  // out[j, d:d+16] = sum_p w[j, p] V[p, d:d+16]
+        const __mmask16 km = tail_mask(D - d);
+        __m512 acc[G];
+        for (int j = 0; j < G; ++j) acc[j] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < n; ++p) {
+            const __m512 v = load16(vc + sl[p] * D + d, km);
+            for (int j = 0; j < G; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(scores[j * n + p]), v, acc[j]);
+        }
+        for (int j = 0; j < G; ++j) store16(out + j * D + d, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv[j])), km);
+    }
+}
+
+template <typename T>
+void attend(const AttnArgs& a, int64_t b, int64_t g, float* qf, float* scores) {
+    const int64_t rep = a.H / a.KVH, D = a.D, Dp = (D + 15) / 16 * 16, len = a.lens[b];
+    const int64_t start = (a.window > 0 && len > a.window) ? len - a.window : 0, n = len - start;
+    const T* q = static_cast<const T*>(a.q) + (a.q_rows ? a.q_rows[b] : b) * a.q_stride_n;
+    const T* kc = static_cast<const T*>(a.k_cache) + g * a.cache_slots * D;
+    const T* vc = static_cast<const T*>(a.v_cache) + g * a.cache_slots * D;
+    const int64_t* sl = a.slots + b * a.slots_stride + start;
+    T* out = static_cast<T*>(a.out) + (b * a.H + g * rep) * D;
+    for (int64_t j0 = 0; j0 < rep; j0 += 4) {
+        const int64_t G = rep - j0 < 4 ? rep - j0 : 4;
+        for (int64_t j = 0; j < G; ++j) {
+            const T* qr = q + (g * rep + j0 + j) * a.q_stride_h;
+            for (int64_t d = 0; d < Dp; ++d) qf[j * Dp + d] = d < D ? load(qr, d) * a.scale : 0.f;
+        }
+        T* o = out + j0 * D;
+        switch (G) {
+            case 4: attend_heads<T, 4>(kc, vc, sl, n, D, qf, scores, o); break;
+            case 3: attend_heads<T, 3>(kc, vc, sl, n, D, qf, scores, o); break;
+            case 2: attend_heads<T, 2>(kc, vc, sl, n, D, qf, scores, o); break;
+            default: attend_heads<T, 1>(kc, vc, sl, n, D, qf, scores, o); break;
+        }
+    }
+}
+#else
+template <typename T>
+void attend(const AttnArgs& a, int64_t b, int64_t g, float* qf, float* scores) {
+    attend_generic<T>(a, b, g, qf, scores);
+}
+#endif
+
+template <typename T>
+void run_attention(const AttnArgs& a, int64_t threads) {
+    const int64_t tasks = a.B * a.KVH, rep = a.H / a.KVH, Dp = (a.D + 15) / 16 * 16;
+    int64_t max_len = 0;
+    for (int64_t b = 0; b < a.B; ++b) max_len = a.lens[b] > max_len ? a.lens[b] : max_len;
+    if (threads < 1) threads = 1;
+    if (threads > tasks) threads = tasks;
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> qf(rep * Dp), scores(rep * (max_len + 16));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; ++t) attend<T>(a, t / a.KVH, t % a.KVH, qf.data(), scores.data());
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
-int blora_lora_abi_version() { return 1; }
+int blora_lora_abi_version() { return 2; }
 
 void blora_lora_add_f32(const float* x, int64_t xs, float* y, int64_t ys, int64_t in, int64_t out, int64_t n,
                         const int64_t* adapters, const int64_t* offsets, const int64_t* rows, int64_t threads) {
@@ -235,4 +413,19 @@ void blora_lora_add_bf16(const uint16_t* x, int64_t xs, uint16_t* y, int64_t ys,
                          int64_t threads) {
     run<uint16_t>(x, xs, y, ys, in, out, n, adapters, offsets, rows, threads);
 }
+}
+
+extern "C" {
+
+// q/out/caches as in AttnArgs; dtype by symbol. lens[b] >= 1 for every b.
+#define BLORA_ATTN(NAME, T)                                                                                        \
+    void NAME(const T* q, int64_t q_stride_n, int64_t q_stride_h, const int64_t* q_rows, const T* k_cache,           \
+              const T* v_cache, int64_t cache_slots, const int64_t* slots, int64_t slots_stride, const int64_t* lens, \
+              int64_t window, float scale, T* out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t threads) {  \
+        AttnArgs a{q, q_stride_n, q_stride_h, q_rows, k_cache, v_cache, cache_slots, slots, slots_stride,           \
+                   lens, window, scale, out, B, H, KVH, D};                                                          \
+        run_attention<T>(a, threads);                                                                                \
+    }
+BLORA_ATTN(blora_decode_attention_f32, float)
+BLORA_ATTN(blora_decode_attention_bf16, uint16_t)
 }
