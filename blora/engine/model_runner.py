@@ -16,6 +16,7 @@ from torch import nn
 
 from blora.engine import attention
 from blora.engine.attention import AttentionMetadata, KVCache, PrefillChunk
+from blora.engine.fast_path import FastDecoder
 from blora.engine.scheduler import ScheduledSeq
 from blora.lora.context import lora_batch
 
@@ -46,6 +47,8 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.block_size = block_size
         self.cache = KVCache(num_blocks, block_size)
+        self.fast = FastDecoder.build(model)  # None: transformers' modules run every step
+        self.fast_steps = 0  # steps the fast decoder ran (the rest ran transformers' modules)
 
     @torch.inference_mode()
     def execute(
@@ -54,9 +57,17 @@ class ModelRunner:
         """Run one step; returns float32 logits [num sampled seqs, vocab] in ``scheduled`` order."""
         batch = self.prepare(scheduled, adapter_slot)
         lora = lora_batch(batch.lora_slots) if batch.lora_slots is not None else contextlib.nullcontext()
+        kernel = self.fast.usable() if self.fast is not None else None
         with attention.forward_context(self.cache, batch.attn), lora:
-            out = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-        hidden = out.last_hidden_state[0].index_select(0, batch.sample_rows)
+            if kernel is not None:
+                hidden = self.fast(kernel, batch.input_ids[0], batch.position_ids[0])
+                self.fast_steps += 1
+            else:
+                out = self.decoder(
+                    input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+                )
+                hidden = out.last_hidden_state[0]
+        hidden = hidden.index_select(0, batch.sample_rows)
         head_slots = None if batch.lora_slots is None else batch.lora_slots.index_select(0, batch.sample_rows)
         # looked up each step: an lm_head LoRA / modules_to_save wraps the head after the runner was built
         with lora_batch(head_slots) if head_slots is not None else contextlib.nullcontext():

@@ -40,7 +40,7 @@ logger = logging.getLogger("blora")
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 ENV = "BLORA_CPU_KERNEL"  # "0" disables the kernel
-ABI_VERSION = 2
+ABI_VERSION = 3
 # An adapter's tokens go through the kernel while tokens x rank stays at or under this; above it a GEMM pair
 # wins (measured, bf16 and fp32: r=64 crosses over at 16-32 tokens, r=8 beyond 128). Prefill goes to GEMMs.
 MAX_WORK = 2048
@@ -52,7 +52,8 @@ _FLAG_SETS = (
     ["-O3", "-fopenmp"],
     ["-O3"],
 )
-_BASE_FLAGS = ["-shared", "-fPIC", "-std=c++17"]
+# -ffp-contract=off: no implicit multiply-add fusion, so the elementwise ops round like PyTorch's
+_BASE_FLAGS = ["-shared", "-fPIC", "-std=c++17", "-ffp-contract=off"]
 
 
 class CpuKernel:
@@ -82,6 +83,19 @@ class CpuKernel:
             fn.argtypes = attn_args
             fn.restype = None
             self._attn[dtype] = fn
+        self.native_vector = bool(lib.blora_native_vector())
+        self._elementwise: dict[tuple[str, torch.dtype], object] = {}
+        signatures = {
+            "rms_norm": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_float, i64]),
+            "rotary": ([ptr, i64, i64, i64, ptr, ptr, i64, i64, i64]),
+            "silu_mul": ([ptr, i64, ptr, i64, i64, i64, i64]),
+        }
+        for name, argtypes in signatures.items():
+            for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+                fn = getattr(lib, f"blora_{name}_{suffix}")
+                fn.argtypes = argtypes
+                fn.restype = None
+                self._elementwise[name, dtype] = fn
 
     def add(
         self, y: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor
@@ -127,6 +141,39 @@ class CpuKernel:
             lens.data_ptr(), window or 0, scale, out.data_ptr(), b, h, k_cache.shape[0], d,
             torch.get_num_threads(),
         )  # fmt: skip
+        return out
+
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """transformers' Llama-style RMSNorm of the rows of ``x`` [N, hid] -> new [N, hid] tensor. With
+        ``residual`` [N, hid]: first ``residual += x`` in place (rounded to the dtype), then the norm of it.
+        Unit column stride everywhere; ``weight`` [hid] contiguous, same dtype."""
+        n, hid = x.shape
+        out = x.new_empty(n, hid)
+        res_ptr, res_stride = (0, 0) if residual is None else (residual.data_ptr(), residual.stride(0))
+        self._elementwise["rms_norm", x.dtype](
+            x.data_ptr(), x.stride(0), res_ptr, res_stride, weight.data_ptr(), out.data_ptr(), out.stride(0),
+            n, hid, eps, torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def rotary(self, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """In place: the first ``heads`` heads of ``head_dim`` values of each row of ``x`` [N, >= heads *
+        head_dim] get transformers' ``x * cos + rotate_half(x) * sin``; ``cos``/``sin`` [N, head_dim]."""
+        self._elementwise["rotary", x.dtype](
+            x.data_ptr(), x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr(), cos.stride(0),
+            x.shape[0], torch.get_num_threads(),
+        )  # fmt: skip
+
+    def silu_mul(self, gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+        """``silu(gate_up[:, :inter]) * gate_up[:, inter:]`` -> new [N, inter] tensor (rounded as torch)."""
+        n = gate_up.shape[0]
+        out = gate_up.new_empty(n, inter)
+        self._elementwise["silu_mul", gate_up.dtype](
+            gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), n, inter, torch.get_num_threads()
+        )
         return out
 
 

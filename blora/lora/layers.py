@@ -163,20 +163,24 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        self.add_lora(y.view(-1, self.out_features), x.reshape(-1, self.in_features))
+        return y
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """In place on ``y`` [N, out] = ``base(x)`` for ``x`` [N, in] (``y`` may be a column slice of a wider
+        output, as in a fused projection): the LoRA (and DoRA / LoRA bias) of each token's slot in the
+        current ``lora_batch``; nothing outside one."""
         batch = current_batch()
         if batch is None or not self.pairs or not batch.any_adapter:
-            return y
-        x2 = x.reshape(-1, self.in_features)
-        groups = batch.groups(x2.shape[0])
+            return
+        groups = batch.groups(x.shape[0])
         plan = self._plan(groups)
         if plan is None:
-            return y
-        y2 = y.view(-1, self.out_features)
+            return
         if self.extras:
-            self._apply_extras(y2, groups, plan)
+            self._apply_extras(y, groups, plan)
         w_dtype = plan.pairs[0][0].dtype
-        self._apply(y2, x2 if x2.dtype == w_dtype else x2.to(w_dtype), groups, plan)
-        return y
+        self._apply(y, x if x.dtype == w_dtype else x.to(w_dtype), groups, plan)
 
     def _apply_extras(self, y: torch.Tensor, groups: TokenGroups, plan: _Plan) -> None:
         """DoRA scale and LoRA bias: ``y[t] = g * y[t] + c`` for the tokens of slots that have them."""

@@ -397,11 +397,102 @@ void run_attention(const AttnArgs& a, int64_t threads) {
     }
 }
 
+
+// ---- elementwise ops of the Llama-family decoder (blora/engine/fast_path.py) ------------------------------
+//
+// Each reproduces the rounding of the PyTorch ops it replaces: every intermediate that PyTorch materializes
+// in the model dtype is rounded to it here too (a no-op for float32), and no multiply-add is fused
+// (-ffp-contract=off), so results match transformers' modules up to the order of a float32 sum.
+
+inline float round_to(float v, const float*) { return v; }
+inline float round_to(float v, const uint16_t*) { return bf16_to_f32(f32_to_bf16(v)); }
+
+// RMSNorm over rows of `hid` values, optionally after the residual add:
+//   res (if given): res = round(res + x), then out = round(w * round(res * rsqrt(mean(res^2) + eps)))
+//   otherwise:      out = round(w * round(x * rsqrt(mean(x^2) + eps)))
+// Rows have strides xs, rs, os (elements); weight w [hid].
+template <typename T>
+void rms_norm(const T* x, int64_t xs, T* res, int64_t rs, const T* w, T* out, int64_t os, int64_t n, int64_t hid,
+              float eps, int64_t threads) {
+#pragma omp parallel for num_threads(threads) if (n * hid >= 65536)
+    for (int64_t i = 0; i < n; ++i) {
+        const T* src = x + i * xs;
+        if (res) {
+            T* r = res + i * rs;
+            for (int64_t d = 0; d < hid; ++d) store(r, d, load(r, d) + load(src, d));
+            src = r;
+        }
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t d = 0; d < hid; ++d) {
+            const float v = load(src, d);
+            ss += v * v;
+        }
+        const float inv = 1.f / std::sqrt(ss / static_cast<float>(hid) + eps);
+        T* o = out + i * os;
+        for (int64_t d = 0; d < hid; ++d) store(o, d, load(w, d) * round_to(load(src, d) * inv, w));
+    }
+}
+
+// Rotary embedding in place on `heads` heads of D values per row (queries and keys of a fused qkv row):
+//   x = round(round(x * cos) + round(rotate_half(x) * sin)), rotate_half(x) = [-x[D/2:], x[:D/2]]
+// Head h of row i at x + i * xs + h * D; cos/sin [n, D] rows with stride cs.
+template <typename T>
+void rotary(T* x, int64_t xs, int64_t heads, int64_t D, const T* cos, const T* sin, int64_t cs, int64_t n,
+            int64_t threads) {
+    const int64_t half = D / 2;
+#pragma omp parallel for num_threads(threads) if (n * heads * D >= 65536)
+    for (int64_t i = 0; i < n; ++i) {
+        const T* c = cos + i * cs;
+        const T* s = sin + i * cs;
+        float tmp[1024];
+        for (int64_t h = 0; h < heads; ++h) {
+            T* v = x + i * xs + h * D;
+            for (int64_t d = 0; d < D; ++d) tmp[d] = load(v, d);
+            for (int64_t d = 0; d < D; ++d) {
+                const float rot = d < half ? -tmp[d + half] : tmp[d - half];
+                const float a = round_to(tmp[d] * load(c, d), v), b = round_to(rot * load(s, d), v);
+                store(v, d, a + b);
+            }
+        }
+    }
+}
+
+// out = round(round(silu(g)) * u) with g = gu[:, :inter], u = gu[:, inter:] (a fused gate/up projection).
+template <typename T>
+void silu_mul(const T* gu, int64_t gs, T* out, int64_t os, int64_t n, int64_t inter, int64_t threads) {
+#pragma omp parallel for num_threads(threads) if (n * inter >= 65536)
+    for (int64_t i = 0; i < n; ++i) {
+        const T* g = gu + i * gs;
+        const T* u = g + inter;
+        T* o = out + i * os;
+        int64_t d = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(BLORA_GENERIC)
+        for (; d + 16 <= inter; d += 16) {
+            const __m512 gv = load16(g + d, 0xffff);
+            const __m512 sig = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            __m512 a = sig;
+            if (sizeof(T) == 2) {  // round silu(g) to bfloat16 as torch's silu output is
+                __m512i bits = _mm512_castps_si512(sig);
+                __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+                bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+                a = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+            }
+            store16(o + d, _mm512_mul_ps(a, load16(u + d, 0xffff)), 0xffff);
+        }
+#endif
+        for (; d < inter; ++d) {
+            const float gv = load(g, d);
+            store(o, d, round_to(gv / (1.f + std::exp(-gv)), o) * load(u, d));
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
-int blora_lora_abi_version() { return 2; }
+int blora_lora_abi_version() { return 3; }
 
 void blora_lora_add_f32(const float* x, int64_t xs, float* y, int64_t ys, int64_t in, int64_t out, int64_t n,
                         const int64_t* adapters, const int64_t* offsets, const int64_t* rows, int64_t threads) {
@@ -428,4 +519,31 @@ extern "C" {
     }
 BLORA_ATTN(blora_decode_attention_f32, float)
 BLORA_ATTN(blora_decode_attention_bf16, uint16_t)
+}
+
+extern "C" {
+
+int blora_native_vector() {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(BLORA_GENERIC)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#define BLORA_ELEMENTWISE(SUFFIX, T)                                                                           \
+    void blora_rms_norm_##SUFFIX(const T* x, int64_t xs, T* res, int64_t rs, const T* w, T* out, int64_t os,   \
+                                 int64_t n, int64_t hid, float eps, int64_t threads) {                         \
+        rms_norm<T>(x, xs, res, rs, w, out, os, n, hid, eps, threads);                                          \
+    }                                                                                                         \
+    void blora_rotary_##SUFFIX(T* x, int64_t xs, int64_t heads, int64_t D, const T* cos, const T* sin,         \
+                               int64_t cs, int64_t n, int64_t threads) {                                       \
+        rotary<T>(x, xs, heads, D, cos, sin, cs, n, threads);                                                   \
+    }                                                                                                         \
+    void blora_silu_mul_##SUFFIX(const T* gu, int64_t gs, T* out, int64_t os, int64_t n, int64_t inter,        \
+                                 int64_t threads) {                                                            \
+        silu_mul<T>(gu, gs, out, os, n, inter, threads);                                                        \
+    }
+BLORA_ELEMENTWISE(f32, float)
+BLORA_ELEMENTWISE(bf16, uint16_t)
 }

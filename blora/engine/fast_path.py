@@ -1,0 +1,263 @@
+"""The engine's own decoder forward for the Llama family (Llama / SmolLM, Mistral, Qwen2) on CPU.
+
+The model runner drives transformers' modules for every architecture (``attention.py``). For the most
+common family it can instead run this forward over the same flat batch, which removes what a decode step
+spends outside the matmuls: ~45 small PyTorch ops per layer become ~10 calls.
+
+- q/k/v and gate/up run as ONE matmul each, over weights concatenated once at start-up; the modules'
+  own weights become views into them (no extra memory; transformers' modules still work on them).
+- RMSNorm with the residual add, rotary embedding and SiLU-times-up are C++ kernels (``blora.kernels``)
+  that round every intermediate as the PyTorch ops do: bfloat16 results equal transformers' bit for bit up
+  to the order of a float32 sum.
+- LoRA wrappers (``LoraLinear``) stay where they are: for fused projections their ``add_lora`` adds each
+  adapter's delta into its column slice of the fused output; o_proj, down_proj and the embedding are
+  called as modules. Attention is the same ``paged_attention`` transformers' modules call.
+
+Used only when the model is exactly one of these families (its layers, norms and MLP activation checked
+when built), on CPU in float32 / bfloat16 with the kernels built; before each step the runner checks that
+no module was swapped (``modules_to_save`` does), else that step runs transformers' modules. Everything else
+(rotary variants, biases, sliding windows) is read from the modules and config transformers built.
+``BLORA_FAST_PATH=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blora import kernels
+from blora.engine import attention
+from blora.lora.layers import LoraLinear
+
+logger = logging.getLogger("blora")
+
+ENV = "BLORA_FAST_PATH"
+LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
+NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+ACTIVATIONS = {"SiLU", "SiLUActivation"}
+_ATTN = {"q", "k", "v", "o"}
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class _Layer:
+    layer: nn.Module
+    attn: nn.Module
+    mlp: nn.Module
+    in_norm: nn.Module
+    post_norm: nn.Module
+    bases: dict[str, nn.Module]  # q k v o gate up down -> the plain linear layers
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    gu_w: torch.Tensor
+    gu_b: torch.Tensor | None
+    window: int | None
+    scaling: float
+
+
+class FastDecoder:
+    """``decoder(input_ids [N], position_ids [N]) -> [N, hidden]`` final-normed hidden states."""
+
+    def __init__(
+        self, model: nn.Module, layers: list[_Layer], heads: int, kv_heads: int, head_dim: int
+    ) -> None:
+        self.model = model
+        self.decoder = model.base_model
+        self.layers = layers
+        self.norm = self.decoder.norm
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.inter = layers[0].gu_w.shape[0] // 2
+        self._sections = (heads * head_dim, (heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)
+
+    @classmethod
+    def build(cls, model: nn.Module) -> FastDecoder | None:
+        """The fast decoder for ``model``, or None (with the reason at debug level) where it does not apply."""
+        reason = _unsupported(model)
+        if reason:
+            logger.debug("blora: transformers' modules run the model (%s)", reason)
+            return None
+        decoder = model.base_model
+        config = model.config
+        attn0 = decoder.layers[0].self_attn
+        head_dim = attn0.head_dim
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        layers = []
+        with torch.no_grad():
+            for layer in decoder.layers[: config.num_hidden_layers]:
+                attn, mlp = layer.self_attn, layer.mlp
+                bases = {name: _base(getattr(attn, f"{name}_proj")) for name in ("q", "k", "v", "o")}
+                bases |= {name: _base(getattr(mlp, f"{name}_proj")) for name in ("gate", "up", "down")}
+                qkv_w, qkv_b = _fuse([bases["q"], bases["k"], bases["v"]])
+                gu_w, gu_b = _fuse([bases["gate"], bases["up"]])
+                if hasattr(attn, "sliding_window"):
+                    window = attn.sliding_window
+                elif type(layer).__name__.startswith("Mistral"):
+                    window = getattr(config, "sliding_window", None)
+                else:
+                    window = None
+                layers.append(
+                    _Layer(
+                        layer,
+                        attn,
+                        mlp,
+                        layer.input_layernorm,
+                        layer.post_attention_layernorm,
+                        bases,
+                        qkv_w,
+                        qkv_b,
+                        gu_w,
+                        gu_b,
+                        window,
+                        float(attn.scaling),
+                    )  # fmt: skip
+                )
+        return cls(model, layers, heads, kv_heads, head_dim)
+
+    def usable(self) -> kernels.CpuKernel | None:
+        """The kernels if every module is still the one this decoder was built over (LoRA wrappers aside)."""
+        kernel = kernels.get()
+        if kernel is None or not enabled() or self.decoder.norm is not self.norm:
+            return None
+        for lay in self.layers:
+            attn, mlp = lay.attn, lay.mlp
+            if (
+                lay.layer.self_attn is not attn
+                or lay.layer.mlp is not mlp
+                or lay.layer.input_layernorm is not lay.in_norm
+                or lay.layer.post_attention_layernorm is not lay.post_norm
+            ):
+                return None
+            for name, base in lay.bases.items():
+                module = getattr(attn if name in _ATTN else mlp, f"{name}_proj")
+                if module is not base and not (isinstance(module, LoraLinear) and module.base is base):
+                    return None
+        return kernel
+
+    def __call__(
+        self, kernel: kernels.CpuKernel, input_ids: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        n = input_ids.shape[0]
+        h, kvh, d = self.heads, self.kv_heads, self.head_dim
+        q_end, k_end, v_end = self._sections
+        res = self.decoder.embed_tokens(input_ids[None])[0].contiguous()
+        cos, sin = self.decoder.rotary_emb(res[None], position_ids[None])
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        first = self.layers[0].in_norm
+        x = kernel.rms_norm(res, first.weight, first.variance_epsilon)
+        for i, lay in enumerate(self.layers):
+            attn, mlp = lay.attn, lay.mlp
+            qkv = F.linear(x, lay.qkv_w, lay.qkv_b)
+            _lora(qkv, x, ((attn.q_proj, 0, q_end), (attn.k_proj, q_end, k_end), (attn.v_proj, k_end, v_end)))
+            kernel.rotary(qkv, h + kvh, d, cos, sin)
+            q = qkv[:, :q_end].view(n, h, d).transpose(0, 1)[None]
+            k = qkv[:, q_end:k_end].view(n, kvh, d).transpose(0, 1)[None]
+            v = qkv[:, k_end:].view(n, kvh, d).transpose(0, 1)[None]
+            out, _ = attention.paged_attention(
+                attn, q, k, v, None, scaling=lay.scaling, sliding_window=lay.window
+            )
+            o = attn.o_proj(out.view(n, h * d))
+            x = kernel.rms_norm(o, lay.post_norm.weight, lay.post_norm.variance_epsilon, residual=res)
+            gu = F.linear(x, lay.gu_w, lay.gu_b)
+            _lora(gu, x, ((mlp.gate_proj, 0, self.inter), (mlp.up_proj, self.inter, 2 * self.inter)))
+            m = mlp.down_proj(kernel.silu_mul(gu, self.inter))
+            norm = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
+            x = kernel.rms_norm(m, norm.weight, norm.variance_epsilon, residual=res)
+        return x
+
+
+def _lora(y: torch.Tensor, x: torch.Tensor, parts) -> None:
+    for module, lo, hi in parts:
+        if isinstance(module, LoraLinear):
+            module.add_lora(y[:, lo:hi], x)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, LoraLinear) else module
+
+
+def _fuse(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the layers' weights (and biases) once; each layer's own parameters become views of it."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat(
+            [m.bias.detach() if m.bias is not None else weight.new_zeros(m.weight.shape[0]) for m in linears]
+        )
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[start : start + rows]
+        if m.bias is not None:
+            m.bias.data = bias[start : start + rows]
+        start += rows
+    return weight, bias
+
+
+def _unsupported(model: nn.Module) -> str | None:
+    """Why the fast decoder cannot run ``model`` (None: it can)."""
+    if not enabled():
+        return f"{ENV}=0"
+    decoder = getattr(model, "base_model", None)
+    layers = getattr(decoder, "layers", None)
+    if decoder is None or decoder is model or layers is None or len(layers) == 0:
+        return "not a decoder-only model with .layers"
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype not in kernels.DTYPES:
+        return f"{param.device.type} {param.dtype}: the fast path is for CPU float32/bfloat16"
+    kernel = kernels.get()
+    if kernel is None:
+        return "CPU kernels unavailable"
+    if not kernel.native_vector:
+        return "no AVX-512 build of the kernels on this CPU (PyTorch's vectorized ops are faster)"
+    for name in ("embed_tokens", "rotary_emb", "norm"):
+        if not hasattr(decoder, name):
+            return f"decoder has no {name}"
+    if type(decoder.norm).__name__ not in NORMS:
+        return f"final norm is {type(decoder.norm).__name__}"
+    config = model.config
+    if len(layers) < config.num_hidden_layers:
+        return "fewer layers than config.num_hidden_layers"
+    for layer in layers[: config.num_hidden_layers]:
+        kind = type(layer).__name__
+        if kind not in LAYERS:
+            return f"{kind} is not a Llama-family layer"
+        if (
+            type(layer.input_layernorm).__name__ not in NORMS
+            or type(layer.post_attention_layernorm).__name__ not in NORMS
+        ):
+            return f"{kind} norms are not RMSNorm"
+        if type(layer.mlp.act_fn).__name__ not in ACTIVATIONS:
+            return f"activation {type(layer.mlp.act_fn).__name__} is not SiLU"
+        attn = layer.self_attn
+        head_dim = attn.head_dim
+        if head_dim % 2 or head_dim > 1024:
+            return f"head_dim {head_dim}"
+        modules = [getattr(attn, f"{n}_proj", None) for n in "qkvo"]
+        modules += [getattr(layer.mlp, f"{n}_proj", None) for n in ("gate", "up", "down")]
+        for module in modules:
+            base = _base(module) if module is not None else None
+            if not isinstance(base, nn.Linear):
+                return f"{kind} projection {type(module).__name__} is not a linear layer"
+            if base.weight.dtype != param.dtype or base.weight.device != param.device:
+                return "mixed dtypes or devices"
+        heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+        kv_heads = kv_heads or heads
+        if _base(attn.q_proj).weight.shape[0] != heads * head_dim or heads % kv_heads:
+            return "q_proj does not match num_attention_heads * head_dim"
+        if _base(attn.k_proj).weight.shape[0] != kv_heads * head_dim:
+            return "k_proj does not match num_key_value_heads * head_dim"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if norm.weight.dtype != param.dtype:
+                return "norm weights in another dtype"
+    if decoder.norm.weight.dtype != param.dtype:
+        return "norm weights in another dtype"
+    return None
