@@ -170,6 +170,11 @@ def _store(
     k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
 ) -> None:
     """Semantics: ``k_cache[:, slots] = key[0]``, ``v_cache[:, slots] = value[0]``."""
+    k, v = key[0], value[0]
+    kernel = _kernel_for(key, k_cache)
+    if kernel is not None and v.dtype == k.dtype and v.stride() == k.stride() and slots.is_contiguous():
+        kernel.store_kv(k, v, k_cache, v_cache, slots)
+        return
     k_cache.index_copy_(1, slots, key[0].to(k_cache.dtype))
     v_cache.index_copy_(1, slots, value[0].to(v_cache.dtype))
 

@@ -54,7 +54,8 @@ class ModelRunner:
     def execute(
         self, scheduled: Sequence[ScheduledSeq], adapter_slot: Callable[[str | None], int]
     ) -> torch.Tensor:
-        """Run one step; returns float32 logits [num sampled seqs, vocab] in ``scheduled`` order."""
+        """Run one step; returns logits [num sampled seqs, vocab] in ``scheduled`` order, in the model's dtype
+        (the sampler converts to float32 only what needs it: greedy argmax does not)."""
         batch = self.prepare(scheduled, adapter_slot)
         lora = lora_batch(batch.lora_slots) if batch.lora_slots is not None else contextlib.nullcontext()
         kernel = self.fast.usable() if self.fast is not None else None
@@ -71,8 +72,9 @@ class ModelRunner:
         head_slots = None if batch.lora_slots is None else batch.lora_slots.index_select(0, batch.sample_rows)
         # looked up each step: an lm_head LoRA / modules_to_save wraps the head after the runner was built
         with lora_batch(head_slots) if head_slots is not None else contextlib.nullcontext():
-            logits = self.model.get_output_embeddings()(hidden).float()
+            logits = self.model.get_output_embeddings()(hidden)
         if self.softcap:
+            logits = logits.float()
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 

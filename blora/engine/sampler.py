@@ -40,8 +40,11 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[SampleResult]:
-        """``logits`` [B, V] float32, row i belongs to ``seqs[i]``."""
+        """``logits`` [B, V] (any float dtype), row i belongs to ``seqs[i]``."""
         params = [s.params for s in seqs]
+        plain_greedy = all(p.greedy and not p.uses_penalties and p.logprobs is None for p in params)
+        if not plain_greedy:
+            logits = logits.float()  # argmax alone is exact in the model's dtype (widening is exact)
         raw = logits
         if any(p.uses_penalties for p in params):
             logits = apply_penalties(logits, seqs)

@@ -40,7 +40,7 @@ logger = logging.getLogger("blora")
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 ENV = "BLORA_CPU_KERNEL"  # "0" disables the kernel
-ABI_VERSION = 3
+ABI_VERSION = 4
 # An adapter's tokens go through the kernel while tokens x rank stays at or under this; above it a GEMM pair
 # wins (measured, bf16 and fp32: r=64 crosses over at 16-32 tokens, r=8 beyond 128). Prefill goes to GEMMs.
 MAX_WORK = 2048
@@ -89,6 +89,7 @@ class CpuKernel:
             "rms_norm": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_float, i64]),
             "rotary": ([ptr, i64, i64, i64, ptr, ptr, i64, i64, i64]),
             "silu_mul": ([ptr, i64, ptr, i64, i64, i64, i64]),
+            "store_kv": ([ptr, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64]),
         }
         for name, argtypes in signatures.items():
             for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
@@ -175,6 +176,18 @@ class CpuKernel:
             gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), n, inter, torch.get_num_threads()
         )
         return out
+
+
+    def store_kv(
+        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """``k_cache[:, slots] = key``, ``v_cache[:, slots] = value``: ``key``/``value`` [KVH, N, D] with equal
+        strides and unit stride on D, caches [KVH, S, D] contiguous, ``slots`` [N] int64 (distinct, < S)."""
+        kvh, n, d = key.shape
+        self._elementwise["store_kv", key.dtype](
+            key.data_ptr(), value.data_ptr(), key.stride(1), key.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+            k_cache.shape[1], slots.data_ptr(), n, kvh, d,
+        )  # fmt: skip
 
 
 def kernel_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -219,11 +219,17 @@ class LoraLinear(nn.Module):
             table, large = plan.kernel_split(groups)
             if table is not None:
                 kernel.add(y, x if x.stride(1) == 1 else x.contiguous(), table, *groups.flat())
-            if large and groups.full:
-                ops.add_single(y, x, plan.pairs[0])
-            elif large:
-                sub = _subset(groups, [plan.positions[k] for k in large])
-                ops.add_segments(y, x, sub, [plan.pairs[k] for k in large])
+            if large:
+                # a column slice of a fused projection: in-place GEMM ops on it would copy the whole slice
+                # per adapter, so the deltas go to a dense buffer first (each row gets one delta: same rounding)
+                out = y if y.is_contiguous() else y.new_zeros(y.shape)
+                if groups.full:
+                    ops.add_single(out, x, plan.pairs[0])
+                else:
+                    sub = _subset(groups, [plan.positions[k] for k in large])
+                    ops.add_segments(out, x, sub, [plan.pairs[k] for k in large])
+                if out is not y:
+                    y.add_(out)
             return
         if groups.full:
             ops.add_single(y, x, plan.pairs[0])

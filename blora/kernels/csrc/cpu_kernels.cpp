@@ -488,11 +488,25 @@ void silu_mul(const T* gu, int64_t gs, T* out, int64_t os, int64_t n, int64_t in
     }
 }
 
+
+// Paged KV cache write: cache[g, slots[i], :] = src[i, g, :] for keys and values at once. src element
+// (i, g, d) at src + i * row_stride + g * head_stride + d; caches [KVH, cache_slots, D] contiguous.
+template <typename T>
+void store_kv(const T* k, const T* v, int64_t row_stride, int64_t head_stride, T* k_cache, T* v_cache,
+              int64_t cache_slots, const int64_t* slots, int64_t n, int64_t kvh, int64_t D) {
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t g = 0; g < kvh; ++g) {
+            const int64_t src = i * row_stride + g * head_stride, dst = (g * cache_slots + slots[i]) * D;
+            std::memcpy(k_cache + dst, k + src, sizeof(T) * D);
+            std::memcpy(v_cache + dst, v + src, sizeof(T) * D);
+        }
+}
+
 }  // namespace
 
 extern "C" {
 
-int blora_lora_abi_version() { return 3; }
+int blora_lora_abi_version() { return 4; }
 
 void blora_lora_add_f32(const float* x, int64_t xs, float* y, int64_t ys, int64_t in, int64_t out, int64_t n,
                         const int64_t* adapters, const int64_t* offsets, const int64_t* rows, int64_t threads) {
@@ -543,6 +557,11 @@ int blora_native_vector() {
     void blora_silu_mul_##SUFFIX(const T* gu, int64_t gs, T* out, int64_t os, int64_t n, int64_t inter,        \
                                  int64_t threads) {                                                            \
         silu_mul<T>(gu, gs, out, os, n, inter, threads);                                                        \
+    }                                                                                                           \
+    void blora_store_kv_##SUFFIX(const T* k, const T* v, int64_t row_stride, int64_t head_stride, T* k_cache,  \
+                                 T* v_cache, int64_t cache_slots, const int64_t* slots, int64_t n, int64_t kvh, \
+                                 int64_t D) {                                                                  \
+        store_kv<T>(k, v, row_stride, head_stride, k_cache, v_cache, cache_slots, slots, n, kvh, D);           \
     }
 BLORA_ELEMENTWISE(f32, float)
 BLORA_ELEMENTWISE(bf16, uint16_t)
