@@ -20,10 +20,21 @@ from dataclasses import dataclass
 
 import torch
 
+from blora import kernels
 from blora.engine.sampling_params import SamplingParams
 from blora.engine.sequence import Sequence
 
 CANDIDATES = (64, 512)  # tried in turn before a full sort
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax (first maximum). On CPU the C++ kernel: torch's argmax over [32, 49152] takes ~0.4 ms
+    in float32 and ~2.5 ms in bfloat16 here, a real share of a decode step."""
+    if logits.device.type == "cpu" and logits.dtype in kernels.DTYPES and logits.stride(-1) == 1:
+        kernel = kernels.get()
+        if kernel is not None:
+            return kernel.argmax(logits)
+    return logits.argmax(dim=-1)
 
 
 @dataclass
@@ -50,11 +61,11 @@ class Sampler:
             logits = apply_penalties(logits, seqs)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if not sampled:
-            tokens = logits.argmax(dim=-1)
+            tokens = _argmax(logits)
         elif len(sampled) == len(seqs):
             tokens = self._sample(logits, seqs)
         else:
-            tokens = logits.argmax(dim=-1)
+            tokens = _argmax(logits)
             rows = self._long(sampled)
             picks = self._sample(logits.index_select(0, rows), [seqs[i] for i in sampled])
             tokens.index_copy_(0, rows, picks)

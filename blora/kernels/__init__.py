@@ -40,7 +40,7 @@ logger = logging.getLogger("blora")
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 ENV = "BLORA_CPU_KERNEL"  # "0" disables the kernel
-ABI_VERSION = 4
+ABI_VERSION = 5
 # An adapter's tokens go through the kernel while tokens x rank stays at or under this; above it a GEMM pair
 # wins (measured, bf16 and fp32: r=64 crosses over at 16-32 tokens, r=8 beyond 128). Prefill goes to GEMMs.
 MAX_WORK = 2048
@@ -90,6 +90,7 @@ class CpuKernel:
             "rotary": ([ptr, i64, i64, i64, ptr, ptr, i64, i64, i64]),
             "silu_mul": ([ptr, i64, ptr, i64, i64, i64, i64]),
             "store_kv": ([ptr, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64]),
+            "argmax": ([ptr, i64, i64, i64, ptr, i64]),
         }
         for name, argtypes in signatures.items():
             for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
@@ -144,7 +145,6 @@ class CpuKernel:
         )  # fmt: skip
         return out
 
-
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -160,7 +160,9 @@ class CpuKernel:
         )  # fmt: skip
         return out
 
-    def rotary(self, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    def rotary(
+        self, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> None:
         """In place: the first ``heads`` heads of ``head_dim`` values of each row of ``x`` [N, >= heads *
         head_dim] get transformers' ``x * cos + rotate_half(x) * sin``; ``cos``/``sin`` [N, head_dim]."""
         self._elementwise["rotary", x.dtype](
@@ -173,13 +175,23 @@ class CpuKernel:
         n = gate_up.shape[0]
         out = gate_up.new_empty(n, inter)
         self._elementwise["silu_mul", gate_up.dtype](
-            gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), n, inter, torch.get_num_threads()
+            gate_up.data_ptr(),
+            gate_up.stride(0),
+            out.data_ptr(),
+            out.stride(0),
+            n,
+            inter,
+            torch.get_num_threads(),
         )
         return out
 
-
     def store_kv(
-        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
     ) -> None:
         """``k_cache[:, slots] = key``, ``v_cache[:, slots] = value``: ``key``/``value`` [KVH, N, D] with equal
         strides and unit stride on D, caches [KVH, S, D] contiguous, ``slots`` [N] int64 (distinct, < S)."""
@@ -188,6 +200,15 @@ class CpuKernel:
             key.data_ptr(), value.data_ptr(), key.stride(1), key.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
             k_cache.shape[1], slots.data_ptr(), n, kvh, d,
         )  # fmt: skip
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """``x.argmax(-1)`` for ``x`` [N, V] (unit column stride): first maximum, or first NaN, per row."""
+        n, v = x.shape
+        out = torch.empty(n, dtype=torch.long)
+        self._elementwise["argmax", x.dtype](
+            x.data_ptr(), x.stride(0), n, v, out.data_ptr(), torch.get_num_threads()
+        )
+        return out
 
 
 def kernel_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

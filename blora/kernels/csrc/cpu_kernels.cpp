@@ -502,11 +502,68 @@ void store_kv(const T* k, const T* v, int64_t row_stride, int64_t head_stride, T
         }
 }
 
+
+// Greedy pick: out[i] = index of the first maximum of row i of x [n, v] (row stride xs); a row holding NaN
+// gives its first NaN, as torch.argmax does.
+template <typename T>
+int64_t argmax_row_generic(const T* r, int64_t v) {
+    int64_t at = 0;
+    float best = load(r, 0);
+    for (int64_t j = 0; j < v; ++j) {
+        const float f = load(r, j);
+        if (f != f) return j;
+        if (f > best) {
+            best = f;
+            at = j;
+        }
+    }
+    return at;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(BLORA_GENERIC)
+// One pass: per lane the first maximum and its index (strict >), then the smallest index among the lanes
+// holding the row maximum. NaN anywhere: the portable scan finds the first one.
+template <typename T>
+int64_t argmax_row(const T* r, int64_t v) {
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __m512i idx = _mm512_setzero_si512();
+    __m512i cur = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i step = _mm512_set1_epi32(16);
+    __mmask16 nan = 0;
+    if (v >= (int64_t(1) << 31)) return argmax_row_generic(r, v);
+    for (int64_t j = 0; j < v; j += 16) {
+        const __mmask16 km = tail_mask(v - j);
+        const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), km, load16(r + j, km));
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        const __mmask16 gt = _mm512_cmp_ps_mask(x, best, _CMP_GT_OQ);
+        best = _mm512_mask_mov_ps(best, gt, x);
+        idx = _mm512_mask_mov_epi32(idx, gt, cur);
+        cur = _mm512_add_epi32(cur, step);
+    }
+    if (nan) return argmax_row_generic(r, v);
+    const float m = _mm512_reduce_max_ps(best);
+    const __mmask16 at = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ);
+    const int32_t first = _mm512_mask_reduce_min_epi32(at, idx);
+    return m == -INFINITY ? 0 : first;
+}
+#else
+template <typename T>
+int64_t argmax_row(const T* r, int64_t v) {
+    return argmax_row_generic(r, v);
+}
+#endif
+
+template <typename T>
+void argmax_rows(const T* x, int64_t xs, int64_t n, int64_t v, int64_t* out, int64_t threads) {
+#pragma omp parallel for num_threads(threads) if (n * v >= 65536)
+    for (int64_t i = 0; i < n; ++i) out[i] = argmax_row(x + i * xs, v);
+}
+
 }  // namespace
 
 extern "C" {
 
-int blora_lora_abi_version() { return 4; }
+int blora_lora_abi_version() { return 5; }
 
 void blora_lora_add_f32(const float* x, int64_t xs, float* y, int64_t ys, int64_t in, int64_t out, int64_t n,
                         const int64_t* adapters, const int64_t* offsets, const int64_t* rows, int64_t threads) {
@@ -562,6 +619,9 @@ int blora_native_vector() {
                                  T* v_cache, int64_t cache_slots, const int64_t* slots, int64_t n, int64_t kvh, \
                                  int64_t D) {                                                                  \
         store_kv<T>(k, v, row_stride, head_stride, k_cache, v_cache, cache_slots, slots, n, kvh, D);           \
+    }                                                                                                         \
+    void blora_argmax_##SUFFIX(const T* x, int64_t xs, int64_t n, int64_t v, int64_t* out, int64_t threads) {    \
+        argmax_rows<T>(x, xs, n, v, out, threads);                                                             \
     }
 BLORA_ELEMENTWISE(f32, float)
 BLORA_ELEMENTWISE(bf16, uint16_t)
