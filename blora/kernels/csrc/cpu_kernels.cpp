@@ -314,8 +314,15 @@ template <typename T, int G>
 void attend_heads(const T* kc, const T* vc, const int64_t* sl, int64_t n, int64_t D, const float* qf,
                   float* scores, T* out) {
     const int64_t Dp = (D + 15) / 16 * 16;
+    constexpr int64_t kAheadRows = 8;  // software prefetch distance, in cached positions
     for (int64_t p = 0; p < n; ++p) {  // scores[j, p] = q_j . K[p]
         const T* kr = kc + sl[p] * D;
+        if (p + kAheadRows < n) {  // rows are scattered by blocks: help the hardware prefetcher
+            const char* ahead = reinterpret_cast<const char*>(kc + sl[p + kAheadRows] * D);
+            for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+            const char* vahead = reinterpret_cast<const char*>(vc + sl[p + kAheadRows] * D);
+            for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(vahead + b, _MM_HINT_T0);
+        }
         __m512 s[G];
         for (int j = 0; j < G; ++j) s[j] = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
