@@ -7,7 +7,9 @@ import sys
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 where native)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 where native)"
+    )
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
@@ -18,19 +20,27 @@ def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="base model + four demo adapters in one batch, streamed side by side")
     p.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=None, help="force live panels on/off")
+    p.add_argument(
+        "--live", action=argparse.BooleanOptionalAction, default=None, help="force live panels on/off"
+    )
     _add_model_args(p)
 
 
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate for prompts, each through its own adapter (engine)")
     p.add_argument("prompts", nargs="+", help="prompts; prefix with NAME: to route through adapter NAME")
-    p.add_argument("--model", default=None, help="HF dir, hub id in the local cache, or .gguf (default: SmolLM2)")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="adapter to load (repeat)")
+    p.add_argument(
+        "--model", default=None, help="HF dir, hub id in the local cache, or .gguf (default: SmolLM2)"
+    )
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="NAME=PATH", help="adapter to load (repeat)"
+    )
     p.add_argument("--demo-adapters", action="store_true", help="load the four demo adapters")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
+    p.add_argument(
+        "--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template"
+    )
     _add_model_args(p)
 
 
@@ -84,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from blora.demo.run import run_demo
 
-        run_demo(args.question, max_new_tokens=args.max_tokens, dtype=args.dtype, device=args.device, live=args.live)
+        run_demo(
+            args.question,
+            max_new_tokens=args.max_tokens,
+            dtype=args.dtype,
+            device=args.device,
+            live=args.live,
+        )
         return 0
     if args.command == "generate":
         return _run_generate(args)

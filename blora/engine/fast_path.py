@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from torch import nn
 
 from blora import kernels
 from blora.engine import attention
+from blora.lora.context import current_batch
 from blora.lora.layers import LoraLinear
 
 logger = logging.getLogger("blora")
@@ -61,6 +62,8 @@ class _Layer:
     gu_b: torch.Tensor | None
     window: int | None
     scaling: float
+    qkv_lora: _FusedLora = field(default_factory=lambda: _FusedLora())
+    gu_lora: _FusedLora = field(default_factory=lambda: _FusedLora())
 
 
 class FastDecoder:
@@ -156,7 +159,12 @@ class FastDecoder:
         for i, lay in enumerate(self.layers):
             attn, mlp = lay.attn, lay.mlp
             qkv = F.linear(x, lay.qkv_w, lay.qkv_b)
-            _lora(qkv, x, ((attn.q_proj, 0, q_end), (attn.k_proj, q_end, k_end), (attn.v_proj, k_end, v_end)))
+            lay.qkv_lora(
+                kernel,
+                qkv,
+                x,
+                ((attn.q_proj, 0, q_end), (attn.k_proj, q_end, k_end), (attn.v_proj, k_end, v_end)),
+            )
             kernel.rotary(qkv, h + kvh, d, cos, sin)
             q = qkv[:, :q_end].view(n, h, d).transpose(0, 1)[None]
             k = qkv[:, q_end:k_end].view(n, kvh, d).transpose(0, 1)[None]
@@ -167,17 +175,50 @@ class FastDecoder:
             o = attn.o_proj(out.view(n, h * d))
             x = kernel.rms_norm(o, lay.post_norm.weight, lay.post_norm.variance_epsilon, residual=res)
             gu = F.linear(x, lay.gu_w, lay.gu_b)
-            _lora(gu, x, ((mlp.gate_proj, 0, self.inter), (mlp.up_proj, self.inter, 2 * self.inter)))
+            lay.gu_lora(
+                kernel, gu, x, ((mlp.gate_proj, 0, self.inter), (mlp.up_proj, self.inter, 2 * self.inter))
+            )
             m = mlp.down_proj(kernel.silu_mul(gu, self.inter))
             norm = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
             x = kernel.rms_norm(m, norm.weight, norm.variance_epsilon, residual=res)
         return x
 
 
-def _lora(y: torch.Tensor, x: torch.Tensor, parts) -> None:
-    for module, lo, hi in parts:
-        if isinstance(module, LoraLinear):
-            module.add_lora(y[:, lo:hi], x)
+class _FusedLora:
+    """LoRA of the projections that share one input and one fused output (q/k/v, gate/up).
+
+    At decode every adapter's tokens fit the CPU kernel: the entries of all the projections go to ONE
+    kernel call, largest first, each writing its own column range of the fused output (fewer calls, and the
+    two threads share out more, smaller pieces of work). Otherwise each wrapper adds its own part."""
+
+    def __init__(self) -> None:
+        self._cache: tuple[tuple, torch.Tensor, list] | None = None
+
+    def __call__(self, kernel: kernels.CpuKernel, y: torch.Tensor, x: torch.Tensor, parts) -> None:
+        batch = current_batch()
+        if batch is None or not batch.any_adapter:
+            return
+        lora = [(m, lo, hi) for m, lo, hi in parts if isinstance(m, LoraLinear) and m.pairs]
+        if not lora:
+            return
+        groups = batch.groups(x.shape[0])
+        tables = [m.kernel_table(x, groups) for m, _, _ in lora]
+        if any(t is None for t in tables):
+            for module, lo, hi in lora:
+                module.add_lora(y[:, lo:hi], x)
+            return
+        key = tuple((id(t), lo) for t, (_, lo, _) in zip(tables, lora, strict=True))
+        if self._cache is None or self._cache[0] != key:
+            shifted = []
+            for t, (_, lo, _) in zip(tables, lora, strict=True):
+                t = t.clone()
+                t[:, 4] = lo
+                shifted.append(t)
+            # the tables are kept alive with the key, so their ids cannot be reused while it is cached
+            self._cache = (key, kernels.largest_first(torch.cat(shifted)), tables)
+        combined = self._cache[1]
+        if combined.shape[0]:
+            kernel.add(y, x, combined, *groups.flat())
 
 
 def _base(module: nn.Module) -> nn.Module:

@@ -40,7 +40,7 @@ logger = logging.getLogger("blora")
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 ENV = "BLORA_CPU_KERNEL"  # "0" disables the kernel
-ABI_VERSION = 5
+ABI_VERSION = 6
 # An adapter's tokens go through the kernel while tokens x rank stays at or under this; above it a GEMM pair
 # wins (measured, bf16 and fp32: r=64 crosses over at 16-32 tokens, r=8 beyond 128). Prefill goes to GEMMs.
 MAX_WORK = 2048
@@ -64,7 +64,7 @@ class CpuKernel:
         self.flags = flags
         self._lib = lib  # keeps the library loaded
         args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]  # fmt: skip
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]  # fmt: skip
         self._fns = {}
         for dtype, symbol in ((torch.float32, "blora_lora_add_f32"), (torch.bfloat16, "blora_lora_add_bf16")):
             fn = getattr(lib, symbol)
@@ -102,16 +102,17 @@ class CpuKernel:
     def add(
         self, y: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor
     ) -> None:
-        """``y[t] += x[t] @ A_u @ B_u`` for the tokens of each adapter ``u`` listed in ``meta``.
+        """``y[t, c:c + w] += x[t] @ A_u @ B_u`` for the tokens of each entry ``u`` listed in ``meta``.
 
-        ``x`` [N, in], ``y`` [N, out]: CPU, same dtype (float32 or bfloat16), unit column stride.
-        ``meta`` [n, 4] int64 rows ``(A pointer, B pointer, rank, position)`` with ``A`` stored [r, in] and
-        ``B`` [r, out] row-major (``kernel_meta``); the tokens of an adapter at ``position`` are
-        ``rows[offsets[position]:offsets[position + 1]]`` (``TokenGroups.flat``). The caller keeps the
-        weights alive and checks shapes: the kernel trusts every pointer it is given.
+        ``x`` [N, in], ``y`` [N, >= c + w]: CPU, same dtype (float32 or bfloat16), unit column stride.
+        ``meta`` [n, 6] int64 rows ``(A pointer, B pointer, rank, position, c, w)`` with ``A`` stored [r, in]
+        and ``B`` [r, w] row-major (``kernel_meta``); the tokens of the entry at ``position`` are
+        ``rows[offsets[position]:offsets[position + 1]]`` (``TokenGroups.flat``). Entries with different
+        ``c`` let one call serve several projections of the same input (a fused q/k/v output). The caller
+        keeps the weights alive and checks shapes: the kernel trusts every pointer it is given.
         """
         self._fns[x.dtype](
-            x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1], y.shape[1], meta.shape[0],
+            x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1], meta.shape[0],
             meta.data_ptr(), offsets.data_ptr(), rows.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
 
@@ -219,12 +220,24 @@ def kernel_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return a, b.contiguous()
 
 
-def kernel_meta(pairs: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int]) -> torch.Tensor:
-    """[n, 4] int64 ``(A pointer, B pointer, rank, position)`` for pairs already in ``kernel_layout``."""
+def kernel_meta(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int], column: int = 0
+) -> torch.Tensor:
+    """[n, 6] int64 ``(A pointer, B pointer, rank, position, column, width)`` for pairs already in
+    ``kernel_layout``, writing output columns ``[column, column + width)``; row ``i`` is ``pairs[i]``."""
     return torch.tensor(
-        [[a.data_ptr(), b.data_ptr(), a.shape[1], p] for (a, b), p in zip(pairs, positions, strict=True)],
+        [
+            [a.data_ptr(), b.data_ptr(), a.shape[1], p, column, b.shape[1]]
+            for (a, b), p in zip(pairs, positions, strict=True)
+        ],
         dtype=torch.long,
     )
+
+
+def largest_first(meta: torch.Tensor) -> torch.Tensor:
+    """``meta`` rows ordered by weight size, largest first: the kernel hands entries to threads in order,
+    so the big ones start early and the threads finish together."""
+    return meta.index_select(0, torch.argsort(meta[:, 2] * meta[:, 5], descending=True, stable=True))
 
 
 _lock = threading.Lock()

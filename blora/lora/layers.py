@@ -57,6 +57,7 @@ class _Plan:
         self._method: tuple[int, str] | None = None  # (id of the TokenGroups it was chosen for, method)
         self._kernel_pairs: list[ops.Pair] | None = None
         self._kernel_meta: torch.Tensor | None = None
+        self._kernel_all: torch.Tensor | None = None  # every adapter through the kernel, largest first
         self._split: tuple[int, tuple] | None = None  # (id of the TokenGroups, kernel_split result)
 
     def grouped(self) -> list[ops.RankGroup]:
@@ -95,9 +96,11 @@ class _Plan:
             if not small:
                 table = None
             elif not large:
-                table = meta
+                table = self._kernel_all = (
+                    self._kernel_all if self._kernel_all is not None else kernels.largest_first(meta)
+                )
             else:
-                table = meta.index_select(0, torch.tensor(small, dtype=torch.long))
+                table = kernels.largest_first(meta.index_select(0, torch.tensor(small, dtype=torch.long)))
             self._split = (id(groups), (table, large))
         return self._split[1]
 
@@ -182,6 +185,19 @@ class LoraLinear(nn.Module):
         w_dtype = plan.pairs[0][0].dtype
         self._apply(y, x if x.dtype == w_dtype else x.to(w_dtype), groups, plan)
 
+    def kernel_table(self, x: torch.Tensor, groups: TokenGroups) -> torch.Tensor | None:
+        """This layer's whole LoRA for ``groups`` as CPU kernel entries (``kernels.kernel_meta``, output from
+        column 0; zero rows when no token's adapter targets it), for a caller that batches several layers
+        sharing ``x`` into one kernel call. None where the kernel alone cannot do it: no kernel for ``x``,
+        DoRA / LoRA-bias extras, or an adapter with many tokens (GEMMs): then use ``add_lora``."""
+        plan = self._plan(groups)
+        if plan is None:
+            return _NO_ENTRIES
+        if self.extras or kernels.usable(x, plan.pairs[0][0].dtype) is None:
+            return None
+        table, large = plan.kernel_split(groups)
+        return None if large else table
+
     def _apply_extras(self, y: torch.Tensor, groups: TokenGroups, plan: _Plan) -> None:
         """DoRA scale and LoRA bias: ``y[t] = g * y[t] + c`` for the tokens of slots that have them."""
         for slot, pos in zip(plan.slots, plan.positions, strict=True):
@@ -242,6 +258,9 @@ class LoraLinear(nn.Module):
         else:
             sub = groups if len(plan.positions) == len(groups.active) else _subset(groups, plan.positions)
             ops.add_segments(y, x, sub, plan.pairs)
+
+
+_NO_ENTRIES = torch.empty(0, 6, dtype=torch.long)
 
 
 def _subset(groups: TokenGroups, positions: list[int]) -> TokenGroups:

@@ -198,26 +198,34 @@ void one_adapter(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t o
 }
 #endif
 
-// adapters[u] = {A pointer, B pointer, rank, position into offsets}; tokens of adapter u are
-// rows[offsets[pos] .. offsets[pos + 1]).
+// adapters[u] = {A pointer, B pointer, rank, position into offsets, first output column, output width}:
+// y[t, col:col+width] += x[t] @ A_u @ B_u for the tokens rows[offsets[pos] .. offsets[pos + 1]). Several
+// projections sharing x (a fused q/k/v output) can be one call. Entries are taken largest first (the
+// caller orders them), so the two threads finish together.
+constexpr int64_t kMetaCols = 6;
+
 template <typename T>
-void run(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t out, int64_t n, const int64_t* adapters,
+void run(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t n, const int64_t* adapters,
          const int64_t* offsets, const int64_t* rows, int64_t threads) {
-    int64_t max_r = 0;
-    for (int64_t u = 0; u < n; ++u) max_r = adapters[4 * u + 2] > max_r ? adapters[4 * u + 2] : max_r;
+    int64_t max_r = 0, max_out = 0;
+    for (int64_t u = 0; u < n; ++u) {
+        const int64_t* e = adapters + kMetaCols * u;
+        max_r = e[2] > max_r ? e[2] : max_r;
+        max_out = e[5] > max_out ? e[5] : max_out;
+    }
     if (threads < 1) threads = 1;
     if (threads > n) threads = n;
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<float> h(kBlock * max_r), acc(kBlock * ((out + 15) / 16) * 16), xf(kBlock * in), af(in);
+        std::vector<float> h(kBlock * max_r), acc(kBlock * ((max_out + 15) / 16) * 16), xf(kBlock * in), af(in);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < n; ++u) {
-            const int64_t pos = adapters[4 * u + 3];
+            const int64_t* e = adapters + kMetaCols * u;
+            const int64_t pos = e[3];
             const int64_t m = offsets[pos + 1] - offsets[pos];
             if (m == 0) continue;
-            one_adapter<T>(x, xs, y, ys, in, out, rows + offsets[pos], m, reinterpret_cast<const T*>(adapters[4 * u]),
-                           reinterpret_cast<const T*>(adapters[4 * u + 1]), adapters[4 * u + 2], h.data(),
-                           acc.data(), xf.data(), af.data());
+            one_adapter<T>(x, xs, y + e[4], ys, in, e[5], rows + offsets[pos], m, reinterpret_cast<const T*>(e[0]),
+                           reinterpret_cast<const T*>(e[1]), e[2], h.data(), acc.data(), xf.data(), af.data());
         }
     }
 }
@@ -570,17 +578,16 @@ void argmax_rows(const T* x, int64_t xs, int64_t n, int64_t v, int64_t* out, int
 
 extern "C" {
 
-int blora_lora_abi_version() { return 5; }
+int blora_lora_abi_version() { return 6; }
 
-void blora_lora_add_f32(const float* x, int64_t xs, float* y, int64_t ys, int64_t in, int64_t out, int64_t n,
+void blora_lora_add_f32(const float* x, int64_t xs, float* y, int64_t ys, int64_t in, int64_t n,
                         const int64_t* adapters, const int64_t* offsets, const int64_t* rows, int64_t threads) {
-    run<float>(x, xs, y, ys, in, out, n, adapters, offsets, rows, threads);
+    run<float>(x, xs, y, ys, in, n, adapters, offsets, rows, threads);
 }
 
-void blora_lora_add_bf16(const uint16_t* x, int64_t xs, uint16_t* y, int64_t ys, int64_t in, int64_t out,
-                         int64_t n, const int64_t* adapters, const int64_t* offsets, const int64_t* rows,
-                         int64_t threads) {
-    run<uint16_t>(x, xs, y, ys, in, out, n, adapters, offsets, rows, threads);
+void blora_lora_add_bf16(const uint16_t* x, int64_t xs, uint16_t* y, int64_t ys, int64_t in, int64_t n,
+                         const int64_t* adapters, const int64_t* offsets, const int64_t* rows, int64_t threads) {
+    run<uint16_t>(x, xs, y, ys, in, n, adapters, offsets, rows, threads);
 }
 }
 
