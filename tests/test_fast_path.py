@@ -52,6 +52,7 @@ def test_every_step_matches_transformers_modules(arch, dtype, tmp_path, monkeypa
     engine = build_engine(model, tokenizer=tokenizer(), max_num_batched_tokens=48, block_size=4, max_loras=3)
     runner = engine.runner
     assert runner.fast is not None, "a Llama-family model on CPU must get the fast path"
+    assert runner.fast.layers[0].packed and runner.fast.head_packed is not None, "weights must be prepacked"
     execute = runner.execute
     worst = []
 
@@ -101,6 +102,50 @@ def test_swapped_module_falls_back_to_transformers(monkeypatch):
         for prompt, tokens in zip(prompts, first, strict=True):
             ref = model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, pad_token_id=0)
             assert ref[0, len(prompt) :].tolist() == tokens
+
+
+def test_unpacked_weights_and_wrapped_head(tmp_path, monkeypatch):
+    """Without prepacked weights (``BLORA_PACKED_WEIGHTS=0``) and with an lm_head LoRA (the head module
+    is wrapped, so the packed head copy must not be used), outputs still equal PEFT's."""
+    monkeypatch.setenv(fast_path.Packed.ENV, "0")
+    model = tiny_model("llama")
+    adapter = make_adapter(
+        model, tmp_path / "head", seed=5, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]
+    )
+    llm = LLM(tiny_model("llama"), tokenizer=tokenizer(), adapters={"head": str(adapter)})
+    assert llm.engine.runner.fast.layers[0].packed == {}
+    prompts = _prompts(3)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0), adapters="head")
+    assert llm.engine.runner.fast_steps > 0
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outs, strict=True):
+            ref = peft.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=5, do_sample=False, pad_token_id=0
+            )
+            assert ref[0, len(prompt) :].tolist() == out.outputs[0].token_ids
+
+
+def test_packed_head_is_not_used_when_the_head_is_wrapped(tmp_path):
+    model = tiny_model("llama")
+    adapter = make_adapter(
+        model, tmp_path / "head", seed=6, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]
+    )
+    llm = LLM(tiny_model("llama"), tokenizer=tokenizer(), adapters={"head": str(adapter)})
+    assert llm.engine.runner.fast.head_packed is not None
+    prompts = _prompts(2)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0), adapters="head")
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outs, strict=True):
+            ref = peft.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=0
+            )
+            assert ref[0, len(prompt) :].tolist() == out.outputs[0].token_ids
 
 
 def test_unsupported_models_use_transformers_modules(monkeypatch):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,7 @@ class _Layer:
     gu_b: torch.Tensor | None
     window: int | None
     scaling: float
+    packed: dict[str, torch.Tensor | None] = field(default_factory=dict)  # qkv / o / gu / down -> oneDNN
     qkv_lora: _FusedLora = field(default_factory=lambda: _FusedLora())
     gu_lora: _FusedLora = field(default_factory=lambda: _FusedLora())
 
@@ -79,6 +81,8 @@ class FastDecoder:
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.inter = layers[0].gu_w.shape[0] // 2
         self._sections = (heads * head_dim, (heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)
+        self.head: nn.Module | None = None  # the LM head module the packed copy was made of
+        self.head_packed: torch.Tensor | None = None
 
     @classmethod
     def build(cls, model: nn.Module) -> FastDecoder | None:
@@ -123,7 +127,36 @@ class FastDecoder:
                         float(attn.scaling),
                     )  # fmt: skip
                 )
-        return cls(model, layers, heads, kv_heads, head_dim)
+        fast = cls(model, layers, heads, kv_heads, head_dim)
+        fast._pack()
+        return fast
+
+    def _pack(self) -> None:
+        """oneDNN-prepacked copies of the decoder's linear weights and of the LM head (``Packed``), where the
+        machine has the memory for a second copy (the modules keep theirs: transformers' path and the LoRA
+        wrappers read them)."""
+        head = self.model.get_output_embeddings()
+        weights = [w for lay in self.layers for w in (lay.qkv_w, lay.bases["o"].weight, lay.gu_w, lay.bases["down"].weight)]
+        weights.append(head.weight)
+        need = sum(w.numel() * w.element_size() for w in weights)
+        if not Packed.worth_it(need):
+            return
+        try:
+            with torch.no_grad():
+                for lay in self.layers:
+                    lay.packed = {
+                        "qkv": Packed.of(lay.qkv_w),
+                        "o": Packed.of(lay.bases["o"].weight),
+                        "gu": Packed.of(lay.gu_w),
+                        "down": Packed.of(lay.bases["down"].weight),
+                    }
+                self.head = head
+                self.head_packed = Packed.of(head.weight) if getattr(head, "bias", None) is None else None
+        except (RuntimeError, AttributeError) as exc:  # an op this torch build lacks: plain F.linear then
+            logger.info("blora: no prepacked weights (%s)", exc)
+            for lay in self.layers:
+                lay.packed = {}
+            self.head, self.head_packed = None, None
 
     def usable(self) -> kernels.CpuKernel | None:
         """The kernels if every module is still the one this decoder was built over (LoRA wrappers aside)."""
@@ -158,7 +191,8 @@ class FastDecoder:
         x = kernel.rms_norm(res, first.weight, first.variance_epsilon)
         for i, lay in enumerate(self.layers):
             attn, mlp = lay.attn, lay.mlp
-            qkv = F.linear(x, lay.qkv_w, lay.qkv_b)
+            pk = lay.packed
+            qkv = Packed.linear(x, pk.get("qkv"), lay.qkv_w, lay.qkv_b)
             lay.qkv_lora(
                 kernel,
                 qkv,
@@ -172,16 +206,78 @@ class FastDecoder:
             out, _ = attention.paged_attention(
                 attn, q, k, v, None, scaling=lay.scaling, sliding_window=lay.window
             )
-            o = attn.o_proj(out.view(n, h * d))
+            o = _project(attn.o_proj, lay.bases["o"], pk.get("o"), out.view(n, h * d))
             x = kernel.rms_norm(o, lay.post_norm.weight, lay.post_norm.variance_epsilon, residual=res)
-            gu = F.linear(x, lay.gu_w, lay.gu_b)
+            gu = Packed.linear(x, pk.get("gu"), lay.gu_w, lay.gu_b)
             lay.gu_lora(
                 kernel, gu, x, ((mlp.gate_proj, 0, self.inter), (mlp.up_proj, self.inter, 2 * self.inter))
             )
-            m = mlp.down_proj(kernel.silu_mul(gu, self.inter))
+            m = _project(mlp.down_proj, lay.bases["down"], pk.get("down"), kernel.silu_mul(gu, self.inter))
             norm = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
             x = kernel.rms_norm(m, norm.weight, norm.variance_epsilon, residual=res)
         return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The LM head over ``hidden`` [B, hidden] with its packed copy, or None (the runner calls the head
+        module: it was wrapped, e.g. an lm_head LoRA, or has no packed copy)."""
+        head = self.model.get_output_embeddings()
+        if self.head_packed is None or head is not self.head:
+            return None
+        return Packed.linear(hidden.contiguous(), self.head_packed, head.weight, None)
+
+
+class Packed:
+    """oneDNN weights prepacked for small batches (``torch.ops.mkldnn._reorder_linear_weight``).
+
+    ``F.linear`` hands oneDNN a plain [out, in] weight, which it re-lays out into its blocked format on
+    every call; a decode GEMM (32 rows) then costs about twice what the arithmetic needs. Measured here on
+    a [32, 576] x [576, 3072] layer streamed from memory (30 layers): bfloat16 411 -> 207 us (same bits),
+    float32 1245 -> 366 us (float32 results, another summation order); large prefill GEMMs gain ~10%.
+    ``BLORA_PACKED_WEIGHTS=0`` turns it off; it is skipped when a second copy of the weights would take more
+    than half of the available memory."""
+
+    ENV = "BLORA_PACKED_WEIGHTS"
+    BATCH_HINT = 32
+
+    @classmethod
+    def worth_it(cls, nbytes: int) -> bool:
+        if os.environ.get(cls.ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+            return False
+        available = _available_memory()
+        if available is not None and nbytes > available // 2:
+            logger.info("blora: not prepacking %.1f GB of weights (%.1f GB available)", nbytes / 1e9, available / 1e9)
+            return False
+        return True
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), cls.BATCH_HINT)
+
+    @staticmethod
+    def linear(
+        x: torch.Tensor, packed: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if packed is None:
+            return F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _project(module: nn.Module, base: nn.Module, packed: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a projection that is ``base`` or a LoRA wrapper of it, through the packed weight."""
+    y = Packed.linear(x, packed, base.weight, base.bias)
+    if isinstance(module, LoraLinear):
+        module.add_lora(y, x)
+    return y
 
 
 class _FusedLora:

@@ -71,8 +71,10 @@ class ModelRunner:
         hidden = hidden.index_select(0, batch.sample_rows)
         head_slots = None if batch.lora_slots is None else batch.lora_slots.index_select(0, batch.sample_rows)
         # looked up each step: an lm_head LoRA / modules_to_save wraps the head after the runner was built
-        with lora_batch(head_slots) if head_slots is not None else contextlib.nullcontext():
-            logits = self.model.get_output_embeddings()(hidden)
+        logits = self.fast.logits(hidden) if kernel is not None else None
+        if logits is None:
+            with lora_batch(head_slots) if head_slots is not None else contextlib.nullcontext():
+                logits = self.model.get_output_embeddings()(hidden)
         if self.softcap:
             logits = logits.float()
             logits = torch.tanh(logits / self.softcap) * self.softcap
