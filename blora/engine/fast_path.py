@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from blora import kernels
 from blora.engine import attention
@@ -43,6 +44,18 @@ LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 ACTIVATIONS = {"SiLU", "SiLUActivation"}
 _ATTN = {"q", "k", "v", "o"}
+
+
+# Bumped on every submodule assignment in the process (a global torch hook; a counter increment): the fast
+# decoder re-checks its modules only when this moved, instead of walking every layer each step.
+_REGISTRATIONS = [0]
+
+
+def _count_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+register_module_module_registration_hook(_count_registration)
 
 
 def enabled() -> bool:
@@ -81,6 +94,7 @@ class FastDecoder:
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.inter = layers[0].gu_w.shape[0] // 2
         self._sections = (heads * head_dim, (heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)
+        self._checked, self._valid = -1, False  # module-registration count of the last check, its result
         self.head: nn.Module | None = None  # the LM head module the packed copy was made of
         self.head_packed: torch.Tensor | None = None
 
@@ -136,7 +150,11 @@ class FastDecoder:
         machine has the memory for a second copy (the modules keep theirs: transformers' path and the LoRA
         wrappers read them)."""
         head = self.model.get_output_embeddings()
-        weights = [w for lay in self.layers for w in (lay.qkv_w, lay.bases["o"].weight, lay.gu_w, lay.bases["down"].weight)]
+        weights = [
+            w
+            for lay in self.layers
+            for w in (lay.qkv_w, lay.bases["o"].weight, lay.gu_w, lay.bases["down"].weight)
+        ]
         weights.append(head.weight)
         need = sum(w.numel() * w.element_size() for w in weights)
         if not Packed.worth_it(need):
@@ -159,10 +177,20 @@ class FastDecoder:
             self.head, self.head_packed = None, None
 
     def usable(self) -> kernels.CpuKernel | None:
-        """The kernels if every module is still the one this decoder was built over (LoRA wrappers aside)."""
+        """The kernels if every module is still the one this decoder was built over (LoRA wrappers aside).
+        The module walk runs again only after some module was (re)assigned anywhere in the process."""
         kernel = kernels.get()
-        if kernel is None or not enabled() or self.decoder.norm is not self.norm:
+        if kernel is None or not enabled():
             return None
+        if self._checked == _REGISTRATIONS[0]:
+            return kernel if self._valid else None
+        self._checked = _REGISTRATIONS[0]
+        self._valid = self._modules_unchanged()
+        return kernel if self._valid else None
+
+    def _modules_unchanged(self) -> bool:
+        if self.decoder.norm is not self.norm:
+            return False
         for lay in self.layers:
             attn, mlp = lay.attn, lay.mlp
             if (
@@ -171,12 +199,12 @@ class FastDecoder:
                 or lay.layer.input_layernorm is not lay.in_norm
                 or lay.layer.post_attention_layernorm is not lay.post_norm
             ):
-                return None
+                return False
             for name, base in lay.bases.items():
                 module = getattr(attn if name in _ATTN else mlp, f"{name}_proj")
                 if module is not base and not (isinstance(module, LoraLinear) and module.base is base):
-                    return None
-        return kernel
+                    return False
+        return True
 
     def __call__(
         self, kernel: kernels.CpuKernel, input_ids: torch.Tensor, position_ids: torch.Tensor
@@ -245,7 +273,9 @@ class Packed:
             return False
         available = _available_memory()
         if available is not None and nbytes > available // 2:
-            logger.info("blora: not prepacking %.1f GB of weights (%.1f GB available)", nbytes / 1e9, available / 1e9)
+            logger.info(
+                "blora: not prepacking %.1f GB of weights (%.1f GB available)", nbytes / 1e9, available / 1e9
+            )
             return False
         return True
 
@@ -272,7 +302,9 @@ def _available_memory() -> int | None:
     return None
 
 
-def _project(module: nn.Module, base: nn.Module, packed: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def _project(
+    module: nn.Module, base: nn.Module, packed: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
     """``module(x)`` for a projection that is ``base`` or a LoRA wrapper of it, through the packed weight."""
     y = Packed.linear(x, packed, base.weight, base.bias)
     if isinstance(module, LoraLinear):
