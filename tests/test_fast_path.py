@@ -153,3 +153,14 @@ def test_unsupported_models_use_transformers_modules(monkeypatch):
     assert fast_path.FastDecoder.build(tiny_model("llama", dtype=torch.float16)) is None
     monkeypatch.setenv(fast_path.ENV, "0")
     assert fast_path.FastDecoder.build(tiny_model("llama")) is None
+
+
+def test_no_packed_copy_when_memory_is_short(monkeypatch):
+    """The prepacked copy needs as much memory as the linear weights: skipped when that is over half of
+    what is available (the fast path still runs, on the plain weights)."""
+    monkeypatch.setattr(fast_path, "_available_memory", lambda: 1024)
+    fast = fast_path.FastDecoder.build(tiny_model("llama"))
+    assert fast is not None and fast.layers[0].packed == {} and fast.head_packed is None
+    monkeypatch.setattr(fast_path, "_available_memory", lambda: 1 << 40)
+    fast = fast_path.FastDecoder.build(tiny_model("llama"))
+    assert fast.layers[0].packed and fast.head_packed is not None

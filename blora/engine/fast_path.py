@@ -170,7 +170,7 @@ class FastDecoder:
                     }
                 self.head = head
                 self.head_packed = Packed.of(head.weight) if getattr(head, "bias", None) is None else None
-        except (RuntimeError, AttributeError) as exc:  # an op this torch build lacks: plain F.linear then
+        except (RuntimeError, AttributeError, NotImplementedError) as exc:  # op missing in this torch build
             logger.info("blora: no prepacked weights (%s)", exc)
             for lay in self.layers:
                 lay.packed = {}
