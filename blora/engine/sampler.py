@@ -32,7 +32,7 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     in float32 and ~2.5 ms in bfloat16 here, a real share of a decode step."""
     if logits.device.type == "cpu" and logits.dtype in kernels.DTYPES and logits.stride(-1) == 1:
         kernel = kernels.get()
-        if kernel is not None:
+        if kernel is not None and kernel.native_vector:
             return kernel.argmax(logits)
     return logits.argmax(dim=-1)
 
