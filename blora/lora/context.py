@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -48,6 +49,11 @@ class TokenGroups:
         counts = [len(positions[s]) for s in active]
         full = len(active) == 1 and counts[0] == len(cpu)
         return cls(slots=flat, active=active, index=index, counts=counts, full=full)
+
+    @functools.cached_property
+    def max_count(self) -> int:
+        """Tokens of the busiest adapter (0 when none)."""
+        return max(self.counts, default=0)
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``offsets`` [U + 1] and ``rows`` [sum of counts]: the tokens of ``active[i]`` are

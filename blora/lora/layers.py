@@ -50,6 +50,7 @@ class _Plan:
         self.pairs = pairs
         self.positions = positions  # index of each slot in TokenGroups.active
         self.ranks = [int(a.shape[1]) for a, _ in pairs]
+        self.max_rank = max(self.ranks)
         self.op_cost = op_cost
         self._grouped: list[ops.RankGroup] | None = None
         self._buckets: list[tuple[tuple[int, ...], int]] | None = None
@@ -88,6 +89,10 @@ class _Plan:
 
     def kernel_split(self, groups: TokenGroups) -> tuple[torch.Tensor | None, list[int]]:
         """(kernel table of the adapters with few tokens, or None; plan indices of those with many)."""
+        if groups.max_count * self.max_rank <= kernels.MAX_WORK:  # decode: every adapter, O(1)
+            if self._kernel_all is None:
+                self._kernel_all = kernels.largest_first(self.kernel_meta())
+            return self._kernel_all, []
         if self._split is None or self._split[0] != id(groups):
             small, large = [], []
             for k, (pos, r) in enumerate(zip(self.positions, self.ranks, strict=True)):
