@@ -308,7 +308,7 @@ def _project(
     """``module(x)`` for a projection that is ``base`` or a LoRA wrapper of it, through the packed weight."""
     y = Packed.linear(x, packed, base.weight, base.bias)
     if isinstance(module, LoraLinear):
-        module.add_lora(y, x)
+        module.add_lora(y, x, kernels.ENGINE_MAX_WORK)
     return y
 
 
@@ -330,10 +330,10 @@ class _FusedLora:
         if not lora:
             return
         groups = batch.groups(x.shape[0])
-        tables = [m.kernel_table(x, groups) for m, _, _ in lora]
+        tables = [m.kernel_table(x, groups, kernels.ENGINE_MAX_WORK) for m, _, _ in lora]
         if any(t is None for t in tables):
             for module, lo, hi in lora:
-                module.add_lora(y[:, lo:hi], x)
+                module.add_lora(y[:, lo:hi], x, kernels.ENGINE_MAX_WORK)
             return
         key = tuple((id(t), lo) for t, (_, lo, _) in zip(tables, lora, strict=True))
         if self._cache is None or self._cache[0] != key:

@@ -44,6 +44,11 @@ ABI_VERSION = 6
 # An adapter's tokens go through the kernel while tokens x rank stays at or under this; above it a GEMM pair
 # wins (measured, bf16 and fp32: r=64 crosses over at 16-32 tokens, r=8 beyond 128). Prefill goes to GEMMs.
 MAX_WORK = 2048
+# The bound in the engine's fast path (blora/engine/fast_path.py), where one kernel call serves q/k/v (and
+# gate/up) together: measured on the 16-adapter engine run, 8192 beat 2048 (bf16 +7% tok/s, time to first
+# token -17%; fp32 likewise) and 32768 gave nothing more. Alone on hot caches a GEMM pair still wins for
+# one adapter with hundreds of tokens, which is why library mode keeps MAX_WORK.
+ENGINE_MAX_WORK = 8192
 DTYPES = (torch.float32, torch.bfloat16)
 
 # Flag sets tried in order: tuned for this CPU, then portable (e.g. a compiler without -march=native).

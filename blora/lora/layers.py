@@ -59,7 +59,7 @@ class _Plan:
         self._kernel_pairs: list[ops.Pair] | None = None
         self._kernel_meta: torch.Tensor | None = None
         self._kernel_all: torch.Tensor | None = None  # every adapter through the kernel, largest first
-        self._split: tuple[int, tuple] | None = None  # (id of the TokenGroups, kernel_split result)
+        self._split: tuple[tuple[int, int], tuple] | None = None  # ((id of TokenGroups, bound), result)
 
     def grouped(self) -> list[ops.RankGroup]:
         if self._grouped is None:
@@ -87,16 +87,20 @@ class _Plan:
             self._kernel_meta = kernels.kernel_meta(self._kernel_pairs, self.positions)
         return self._kernel_meta
 
-    def kernel_split(self, groups: TokenGroups) -> tuple[torch.Tensor | None, list[int]]:
-        """(kernel table of the adapters with few tokens, or None; plan indices of those with many)."""
-        if groups.max_count * self.max_rank <= kernels.MAX_WORK:  # decode: every adapter, O(1)
+    def kernel_split(
+        self, groups: TokenGroups, max_work: int | None = None
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """(kernel table of the adapters with few tokens, or None; plan indices of those with many).
+        "Few": tokens x rank <= ``max_work`` (default ``kernels.MAX_WORK``)."""
+        bound = kernels.MAX_WORK if max_work is None else max_work
+        if groups.max_count * self.max_rank <= bound:  # decode: every adapter, O(1)
             if self._kernel_all is None:
                 self._kernel_all = kernels.largest_first(self.kernel_meta())
             return self._kernel_all, []
-        if self._split is None or self._split[0] != id(groups):
+        if self._split is None or self._split[0] != (id(groups), bound):
             small, large = [], []
             for k, (pos, r) in enumerate(zip(self.positions, self.ranks, strict=True)):
-                (small if groups.counts[pos] * r <= kernels.MAX_WORK else large).append(k)
+                (small if groups.counts[pos] * r <= bound else large).append(k)
             meta = self.kernel_meta()
             if not small:
                 table = None
@@ -106,7 +110,7 @@ class _Plan:
                 )
             else:
                 table = kernels.largest_first(meta.index_select(0, torch.tensor(small, dtype=torch.long)))
-            self._split = (id(groups), (table, large))
+            self._split = ((id(groups), bound), (table, large))
         return self._split[1]
 
     def method(self, groups: TokenGroups, width: int) -> str:
@@ -174,10 +178,12 @@ class LoraLinear(nn.Module):
         self.add_lora(y.view(-1, self.out_features), x.reshape(-1, self.in_features))
         return y
 
-    def add_lora(self, y: torch.Tensor, x: torch.Tensor) -> None:
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, max_work: int | None = None) -> None:
         """In place on ``y`` [N, out] = ``base(x)`` for ``x`` [N, in] (``y`` may be a column slice of a wider
         output, as in a fused projection): the LoRA (and DoRA / LoRA bias) of each token's slot in the
-        current ``lora_batch``; nothing outside one."""
+        current ``lora_batch``; nothing outside one. ``max_work``: the CPU kernel's
+        tokens x rank bound per adapter (default ``kernels.MAX_WORK``; above it, GEMMs).
+        """
         batch = current_batch()
         if batch is None or not self.pairs or not batch.any_adapter:
             return
@@ -188,9 +194,11 @@ class LoraLinear(nn.Module):
         if self.extras:
             self._apply_extras(y, groups, plan)
         w_dtype = plan.pairs[0][0].dtype
-        self._apply(y, x if x.dtype == w_dtype else x.to(w_dtype), groups, plan)
+        self._apply(y, x if x.dtype == w_dtype else x.to(w_dtype), groups, plan, max_work)
 
-    def kernel_table(self, x: torch.Tensor, groups: TokenGroups) -> torch.Tensor | None:
+    def kernel_table(
+        self, x: torch.Tensor, groups: TokenGroups, max_work: int | None = None
+    ) -> torch.Tensor | None:
         """This layer's whole LoRA for ``groups`` as CPU kernel entries (``kernels.kernel_meta``, output from
         column 0; zero rows when no token's adapter targets it), for a caller that batches several layers
         sharing ``x`` into one kernel call. None where the kernel alone cannot do it: no kernel for ``x``,
@@ -200,7 +208,7 @@ class LoraLinear(nn.Module):
             return _NO_ENTRIES
         if self.extras or kernels.usable(x, plan.pairs[0][0].dtype) is None:
             return None
-        table, large = plan.kernel_split(groups)
+        table, large = plan.kernel_split(groups, max_work)
         return None if large else table
 
     def _apply_extras(self, y: torch.Tensor, groups: TokenGroups, plan: _Plan) -> None:
@@ -233,11 +241,13 @@ class LoraLinear(nn.Module):
             self._plans[key] = plan
         return plan
 
-    def _apply(self, y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, plan: _Plan) -> None:
+    def _apply(
+        self, y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, plan: _Plan, max_work: int | None = None
+    ) -> None:
         kernel = kernels.usable(x, plan.pairs[0][0].dtype) if y.stride(1) == 1 else None
         if kernel is not None:
             # CPU: adapters with few tokens (decode) in one kernel call, those with many (prefill) as GEMMs
-            table, large = plan.kernel_split(groups)
+            table, large = plan.kernel_split(groups, max_work)
             if table is not None:
                 kernel.add(y, x if x.stride(1) == 1 else x.contiguous(), table, *groups.flat())
             if large:
