@@ -155,6 +155,18 @@ def test_packed_head_is_not_used_when_the_head_is_wrapped(tmp_path):
             assert ref[0, len(prompt) :].tolist() == out.outputs[0].token_ids
 
 
+def test_head_wrapped_before_start_up_is_not_packed():
+    """A head already wrapped when the engine starts (an lm_head LoRA attached earlier) must run as the
+    wrapper, never through a packed copy of its base weight."""
+    from blora.lora.layers import LoraLinear
+
+    model = tiny_model("llama")
+    model.lm_head = LoraLinear(model.lm_head)
+    fast = fast_path.FastDecoder.build(model)
+    assert fast is not None and fast.head_packed is None and fast.layers[0].packed
+    assert fast.logits(torch.randn(2, model.config.hidden_size)) is None
+
+
 def test_unsupported_models_use_transformers_modules(monkeypatch):
     assert fast_path.FastDecoder.build(tiny_model("gpt2")) is None
     assert fast_path.FastDecoder.build(tiny_model("llama", dtype=torch.float16)) is None

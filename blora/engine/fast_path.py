@@ -2,22 +2,25 @@
 
 The model runner drives transformers' modules for every architecture (``attention.py``). For the most
 common family it can instead run this forward over the same flat batch, which removes what a decode step
-spends outside the matmuls: ~45 small PyTorch ops per layer become ~10 calls.
+spends outside the arithmetic: ~45 small PyTorch ops per layer become ~10 calls, and no GEMM re-lays out
+its weight.
 
 - q/k/v and gate/up run as ONE matmul each, over weights concatenated once at start-up; the modules'
   own weights become views into them (no extra memory; transformers' modules still work on them).
+- Every GEMM (and the LM head) uses a oneDNN-prepacked copy of its weight (``Packed``), when memory allows.
 - RMSNorm with the residual add, rotary embedding and SiLU-times-up are C++ kernels (``blora.kernels``)
   that round every intermediate as the PyTorch ops do: bfloat16 results equal transformers' bit for bit up
   to the order of a float32 sum.
-- LoRA wrappers (``LoraLinear``) stay where they are: for fused projections their ``add_lora`` adds each
-  adapter's delta into its column slice of the fused output; o_proj, down_proj and the embedding are
-  called as modules. Attention is the same ``paged_attention`` transformers' modules call.
+- LoRA wrappers (``LoraLinear``) stay where they are: their ``add_lora`` adds each adapter's delta into
+  its column slice of a fused output (at decode, q/k/v or gate/up as ONE kernel call: ``_FusedLora``) or
+  after the packed o_proj / down_proj GEMM. The embedding is called as a module; attention is the same
+  ``paged_attention`` transformers' modules call.
 
 Used only when the model is exactly one of these families (its layers, norms and MLP activation checked
-when built), on CPU in float32 / bfloat16 with the kernels built; before each step the runner checks that
-no module was swapped (``modules_to_save`` does), else that step runs transformers' modules. Everything else
-(rotary variants, biases, sliding windows) is read from the modules and config transformers built.
-``BLORA_FAST_PATH=0`` turns it off.
+when built), on CPU in float32 / bfloat16 with the AVX-512 kernels built; before each step the runner
+checks that no module was swapped (``modules_to_save`` does), else that step runs transformers' modules.
+Everything else (rotary variants, biases, sliding windows) is read from the modules and config
+transformers built. ``BLORA_FAST_PATH=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -155,7 +158,8 @@ class FastDecoder:
             for lay in self.layers
             for w in (lay.qkv_w, lay.bases["o"].weight, lay.gu_w, lay.bases["down"].weight)
         ]
-        weights.append(head.weight)
+        if isinstance(head, nn.Linear):
+            weights.append(head.weight)
         need = sum(w.numel() * w.element_size() for w in weights)
         if not Packed.worth_it(need):
             return
@@ -168,8 +172,8 @@ class FastDecoder:
                         "gu": Packed.of(lay.gu_w),
                         "down": Packed.of(lay.bases["down"].weight),
                     }
-                self.head = head
-                self.head_packed = Packed.of(head.weight) if getattr(head, "bias", None) is None else None
+                if type(head) is nn.Linear and head.bias is None:  # a wrapped head (lm_head LoRA) runs as is
+                    self.head, self.head_packed = head, Packed.of(head.weight)
         except (RuntimeError, AttributeError, NotImplementedError) as exc:  # op missing in this torch build
             logger.info("blora: no prepacked weights (%s)", exc)
             for lay in self.layers:
