@@ -111,48 +111,45 @@ def test_swapped_module_falls_back_to_transformers(monkeypatch):
             assert ref[0, len(prompt) :].tolist() == tokens
 
 
+def _head_adapter_engine(tmp_path, seed: int):
+    """(base model, lm_head + q_proj adapter dir, engine over a copy of the model serving it as "head")."""
+    model = tiny_model("llama")
+    adapter = make_adapter(
+        model, tmp_path / "head", seed=seed, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]
+    )
+    return model, adapter, LLM(tiny_model("llama"), tokenizer=tokenizer(), adapters={"head": str(adapter)})
+
+
+def _assert_equals_peft_alone(model, adapter, prompts, outs, max_tokens: int) -> None:
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outs, strict=True):
+            ref = peft.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0
+            )
+            assert ref[0, len(prompt) :].tolist() == out.outputs[0].token_ids
+
+
 def test_unpacked_weights_and_wrapped_head(tmp_path, monkeypatch):
     """Without prepacked weights (``BLORA_PACKED_WEIGHTS=0``) and with an lm_head LoRA (the head module
     is wrapped, so the packed head copy must not be used), outputs still equal PEFT's."""
     monkeypatch.setenv(fast_path.Packed.ENV, "0")
-    model = tiny_model("llama")
-    adapter = make_adapter(
-        model, tmp_path / "head", seed=5, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]
-    )
-    llm = LLM(tiny_model("llama"), tokenizer=tokenizer(), adapters={"head": str(adapter)})
+    model, adapter, llm = _head_adapter_engine(tmp_path, seed=5)
     assert llm.engine.runner.fast.layers[0].packed == {}
     prompts = _prompts(3)
     outs = llm.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0), adapters="head")
     assert llm.engine.runner.fast_steps > 0
-    from peft import PeftModel
-
-    peft = PeftModel.from_pretrained(model, str(adapter)).eval()
-    with torch.no_grad():
-        for prompt, out in zip(prompts, outs, strict=True):
-            ref = peft.generate(
-                input_ids=torch.tensor([prompt]), max_new_tokens=5, do_sample=False, pad_token_id=0
-            )
-            assert ref[0, len(prompt) :].tolist() == out.outputs[0].token_ids
+    _assert_equals_peft_alone(model, adapter, prompts, outs, 5)
 
 
 def test_packed_head_is_not_used_when_the_head_is_wrapped(tmp_path):
-    model = tiny_model("llama")
-    adapter = make_adapter(
-        model, tmp_path / "head", seed=6, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]
-    )
-    llm = LLM(tiny_model("llama"), tokenizer=tokenizer(), adapters={"head": str(adapter)})
+    model, adapter, llm = _head_adapter_engine(tmp_path, seed=6)
     assert llm.engine.runner.fast.head_packed is not None
     prompts = _prompts(2)
     outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0), adapters="head")
-    from peft import PeftModel
-
-    peft = PeftModel.from_pretrained(model, str(adapter)).eval()
-    with torch.no_grad():
-        for prompt, out in zip(prompts, outs, strict=True):
-            ref = peft.generate(
-                input_ids=torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=0
-            )
-            assert ref[0, len(prompt) :].tolist() == out.outputs[0].token_ids
+    _assert_equals_peft_alone(model, adapter, prompts, outs, 4)
 
 
 def test_head_wrapped_before_start_up_is_not_packed():

@@ -152,10 +152,11 @@ def paged_attention(
         )
     cache, meta = ctx
     k_cache, v_cache = cache.layer(module.layer_idx, key)
-    _store(k_cache, v_cache, key, value, meta.slot_mapping)
+    kernel = _kernel_for(query, k_cache)
+    _store(kernel, k_cache, v_cache, key, value, meta.slot_mapping)
     out = query.new_empty(meta.num_tokens, query.shape[1], query.shape[3])
     if meta.decode_rows is not None:
-        dec = _decode(query, k_cache, v_cache, meta, scaling, sliding_window)
+        dec = _decode(kernel, query, k_cache, v_cache, meta, scaling, sliding_window)
         if meta.all_decode:
             out = dec
         else:
@@ -167,25 +168,42 @@ def paged_attention(
 
 
 def _store(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+    kernel: kernels.CpuKernel | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slots: torch.Tensor,
 ) -> None:
     """Semantics: ``k_cache[:, slots] = key[0]``, ``v_cache[:, slots] = value[0]``."""
     k, v = key[0], value[0]
-    kernel = _kernel_for(key, k_cache)
-    if kernel is not None and v.dtype == k.dtype and v.stride() == k.stride() and slots.is_contiguous():
+    if (
+        kernel is not None
+        and k.dtype == v.dtype == k_cache.dtype
+        and k.stride(-1) == 1
+        and v.stride() == k.stride()
+        and slots.is_contiguous()
+    ):
         kernel.store_kv(k, v, k_cache, v_cache, slots)
         return
     k_cache.index_copy_(1, slots, key[0].to(k_cache.dtype))
     v_cache.index_copy_(1, slots, value[0].to(v_cache.dtype))
 
 
-def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scaling, sliding_window) -> torch.Tensor:
+def _decode(
+    kernel: kernels.CpuKernel | None,
+    query,
+    k_cache,
+    v_cache,
+    meta: AttentionMetadata,
+    scaling,
+    sliding_window,
+) -> torch.Tensor:
     """All single-token queries at once over each sequence's cached tokens -> [Bd, H, D].
 
     On CPU (float32 / bfloat16) the C++ kernel reads keys and values straight from the paged cache (no
     gather copy) with float32 accumulation; elsewhere, or without a compiler, ``_decode_torch``.
     """
-    kernel = _kernel_for(query, k_cache)
     if kernel is None:
         return _decode_torch(query, k_cache, v_cache, meta, scaling, sliding_window)
     scale = query.shape[3] ** -0.5 if scaling is None else float(scaling)

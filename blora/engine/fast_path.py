@@ -26,7 +26,6 @@ transformers built. ``BLORA_FAST_PATH=0`` turns it off.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +61,7 @@ register_module_module_registration_hook(_count_registration)
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return kernels.env_flag(ENV)
 
 
 @dataclass
@@ -273,7 +272,7 @@ class Packed:
 
     @classmethod
     def worth_it(cls, nbytes: int) -> bool:
-        if os.environ.get(cls.ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        if not kernels.env_flag(cls.ENV):
             return False
         available = _available_memory()
         if available is not None and nbytes > available // 2:

@@ -250,8 +250,13 @@ _loaded: dict[bool, CpuKernel | None] = {}
 _warned = False
 
 
+def env_flag(name: str) -> bool:
+    """An on/off switch from the environment: on unless set to 0 / false / no / off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(ENV)
 
 
 def get(*, generic: bool = False) -> CpuKernel | None:

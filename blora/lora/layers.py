@@ -87,6 +87,12 @@ class _Plan:
             self._kernel_meta = kernels.kernel_meta(self._kernel_pairs, self.positions)
         return self._kernel_meta
 
+    def _all_table(self) -> torch.Tensor:
+        """Every adapter's kernel entries, largest first (cached with the plan)."""
+        if self._kernel_all is None:
+            self._kernel_all = kernels.largest_first(self.kernel_meta())
+        return self._kernel_all
+
     def kernel_split(
         self, groups: TokenGroups, max_work: int | None = None
     ) -> tuple[torch.Tensor | None, list[int]]:
@@ -94,22 +100,19 @@ class _Plan:
         "Few": tokens x rank <= ``max_work`` (default ``kernels.MAX_WORK``)."""
         bound = kernels.MAX_WORK if max_work is None else max_work
         if groups.max_count * self.max_rank <= bound:  # decode: every adapter, O(1)
-            if self._kernel_all is None:
-                self._kernel_all = kernels.largest_first(self.kernel_meta())
-            return self._kernel_all, []
+            return self._all_table(), []
         if self._split is None or self._split[0] != (id(groups), bound):
             small, large = [], []
             for k, (pos, r) in enumerate(zip(self.positions, self.ranks, strict=True)):
                 (small if groups.counts[pos] * r <= bound else large).append(k)
-            meta = self.kernel_meta()
             if not small:
                 table = None
             elif not large:
-                table = self._kernel_all = (
-                    self._kernel_all if self._kernel_all is not None else kernels.largest_first(meta)
-                )
+                table = self._all_table()
             else:
-                table = kernels.largest_first(meta.index_select(0, torch.tensor(small, dtype=torch.long)))
+                table = kernels.largest_first(
+                    self.kernel_meta().index_select(0, torch.tensor(small, dtype=torch.long))
+                )
             self._split = ((id(groups), bound), (table, large))
         return self._split[1]
 
