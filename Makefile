@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.blora-installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench screenshot clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/library_bench.py
+
+DEMO_LORAS := $(foreach n,caps json brief pirate,$(n)=blora/demo/adapters/$(n))
+
+# docs/playground.png: the playground with every demo adapter (needs chromium; run on a quiet machine)
+screenshot: setup
+	$(PY) -m tests.test_playground docs/playground.png -- --lora-modules $(DEMO_LORAS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,4 @@
-"""``blora demo | generate | serve``."""
+"""``blora demo | generate | bench | serve``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,25 @@ def _demo_parser(sub) -> None:
     p.add_argument(
         "--live", action=argparse.BooleanOptionalAction, default=None, help="force live panels on/off"
     )
+    p.add_argument(
+        "--library",
+        action="store_true",
+        help="run the rows through the library API (load_loras / prepare_batch / generate) instead of the engine",
+    )
+    p.add_argument(
+        "--compare", action="store_true", help="then run the same rows through transformers + PEFT; one line"
+    )
     _add_model_args(p)
+
+
+def _bench_parser(sub) -> None:
+    from blora.bench.throughput import add_bench_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="throughput: engine (base-only, N adapters) vs transformers vs PEFT mixed; table and plot",
+    )
+    add_bench_arguments(p)
 
 
 def _generate_parser(sub) -> None:
@@ -83,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _generate_parser(sub)
+    _bench_parser(sub)
     from blora.server.cli import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible server"))
@@ -100,8 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             device=args.device,
             live=args.live,
+            library=args.library,
+            compare=args.compare,
         )
         return 0
+    if args.command == "bench":
+        from blora.bench.throughput import bench_command
+
+        return bench_command(args)
     if args.command == "generate":
         return _run_generate(args)
     from blora.server.cli import run_serve
