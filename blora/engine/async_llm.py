@@ -110,16 +110,20 @@ class AsyncLLM:
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output as tokens arrive; the last one has ``finished=True``. An invalid
-        request raises ``ValueError`` on the first iteration. Closing the iterator early aborts it."""
+        request raises ``ValueError`` on the first iteration (invalid sampling settings before anything
+        is queued). If the request fails inside an engine step, the iteration raises
+        ``RequestFailedError`` and the other requests keep running. Closing the iterator early aborts it."""
         if not self._accepting:
             raise RuntimeError("AsyncLLM is shutting down and accepts no new requests")
+        sampling_params = sampling_params or SamplingParams()
+        self.engine.check_params(sampling_params)  # cheap and thread-safe: refused here, not in a step
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
             self._streams[request_id] = stream
-        self._submit(self._add, request_id, prompt, sampling_params or SamplingParams(), adapter, time.time())
+        self._submit(self._add, request_id, prompt, sampling_params, adapter, time.time())
         finished = False
         try:
             while not finished:
@@ -227,7 +231,7 @@ class AsyncLLM:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # fail every request rather than hang their callers
+        except Exception as exc:  # outside any one request (LLMEngine.step isolates those): fail all
             log.exception("engine step failed; aborting all requests")
             for request_id in list(self.engine.requests):
                 self.engine.abort_request(request_id, True)

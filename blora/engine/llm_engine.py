@@ -19,8 +19,8 @@ from blora.engine.detokenizer import IncrementalDetokenizer
 from blora.engine.model_runner import ModelRunner
 from blora.engine.outputs import RequestMetrics, RequestOutput
 from blora.engine.sampler import Sampler, SampleResult
-from blora.engine.sampling_params import SamplingParams
-from blora.engine.scheduler import Scheduler, SchedulerConfig
+from blora.engine.sampling_params import SamplingParamError, SamplingParams
+from blora.engine.scheduler import ScheduledSeq, SchedulePlan, Scheduler, SchedulerConfig
 from blora.engine.sequence import Request, Sequence, SequenceStatus
 from blora.lora.manager import LoraManager
 from blora.lora.mixtures import mixture_key
@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 # memory on CUDA; never more than max_num_seqs full-length sequences need.
 CPU_KV_BYTES = 2 << 30
 CUDA_KV_FRACTION = 0.5
+
+
+class RequestFailedError(RuntimeError):
+    """A request ended because something failed inside an engine step while it ran (its ``__cause__``
+    says what); only that request ended, the others kept running."""
 
 
 @dataclass
@@ -158,10 +163,22 @@ class LLMEngine:
             raise ValueError("prompt is empty: it must have at least one token")
         return text, ids
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> int:
-        """Validate a request before it is queued; returns its effective max_tokens."""
+    def check_params(self, params: SamplingParams) -> None:
+        """Validate sampling settings for this model (``ValueError``, a ``SamplingParamError`` naming the
+        field). Reads only constants of the engine, so any thread may call it."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()  # again: its fields may have been changed since it was built
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise SamplingParamError(
+                "stop_token_ids",
+                f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
+            )
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> int:
+        """Validate a request before it is queued; returns its effective max_tokens."""
+        self.check_params(params)
         if adapter is not None:
             self.store.source(adapter)  # AdapterError (a ValueError): "unknown adapter ..."
         n = len(prompt_ids)
@@ -196,8 +213,6 @@ class LLMEngine:
         else:
             text, ids = self.tokenize(prompt, add_special_tokens)
         max_tokens = self.check_request(ids, params, adapter)
-        if adapter is not None:
-            self.store.acquire(adapter, request_id)
         req = Request(
             request_id=request_id,
             prompt=text,
@@ -210,6 +225,8 @@ class LLMEngine:
         )
         for index in range(params.n):
             req.seqs.append(self._new_sequence(req, index))
+        if adapter is not None:  # last: nothing after it can refuse the request and leave the adapter pinned
+            self.store.acquire(adapter, request_id)
         self.requests[request_id] = req
         for seq in req.seqs:
             self.scheduler.add(seq)
@@ -220,7 +237,7 @@ class LLMEngine:
         generator = None
         if req.params.seed is not None:
             generator = torch.Generator(device=self.runner.device)
-            generator.manual_seed(req.params.seed + index)
+            generator.manual_seed((req.params.seed + index) % 2**64)  # manual_seed takes a uint64
         return Sequence(
             seq_id=next(self._seq_ids),
             request=req,
@@ -258,7 +275,12 @@ class LLMEngine:
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine iteration; returns the outputs of requests that progressed (or were aborted)."""
+        """One engine iteration; returns the outputs of requests that progressed (or were aborted).
+
+        A request that fails inside the step (installing its adapter, its forward, its sampling, its token
+        update) ends alone with ``RequestFailedError`` as its output's ``error``; the others progress as
+        they would have. Each failure path runs only after a failure: the normal path is unchanged.
+        """
         self._fail_unloadable()
         outputs, self._pending = self._pending, []
         self._prefetch()
@@ -268,20 +290,86 @@ class LLMEngine:
             if self.scheduler.waiting and self.store.loading():
                 self.store.wait_for_load(0.02)  # nothing to run until an adapter arrives: don't spin
             return outputs
-        self.store.activate(plan.adapters, set(self.scheduler.running_adapters()))
-        sampled = [s.seq for s in plan.scheduled if s.sample]
-        logits = self.runner.execute(plan.scheduled, self._adapter_slot)
-        for s in plan.scheduled:
-            s.seq.num_computed_tokens += s.num_tokens
-        if not sampled:
+        outputs += self._activate(plan)
+        if not plan.scheduled:
             return outputs
-        results = self.sampler(logits, sampled)
+        try:
+            logits = self.runner.execute(plan.scheduled, self._adapter_slot)
+        except Exception as exc:
+            return outputs + self._run_isolated(plan.scheduled, exc)
+        return outputs + self._finish_step(plan.scheduled, logits)
+
+    def _activate(self, plan: SchedulePlan) -> list[RequestOutput]:
+        """Install the plan's adapters in slots. If that fails, each adapter is installed alone; the
+        requests of one that still fails end with its error and leave the plan (their outputs returned)."""
+        busy = set(self.scheduler.running_adapters())
+        try:
+            self.store.activate(plan.adapters, busy)
+            return []
+        except Exception as exc:
+            log.warning("installing the step's adapters failed (%r); installing each alone", exc)
+        bad: dict[str, Exception] = {}
+        for name in plan.adapters:
+            try:
+                self.store.activate([name], busy)
+            except Exception as exc:
+                bad[name] = exc
+        failed = {
+            s.seq.request.request_id: (s.seq.request, bad[s.seq.adapter])
+            for s in plan.scheduled
+            if s.seq.adapter in bad
+        }
+        plan.scheduled = [s for s in plan.scheduled if s.seq.request.request_id not in failed]
+        return self._fail_requests(failed)
+
+    def _run_isolated(self, scheduled: list[ScheduledSeq], exc: Exception) -> list[RequestOutput]:
+        """The failure path of a step whose forward raised: the forward cannot tell which row caused it,
+        so each request's chunks run again alone (K/V writes are idempotent: same slots, same values). A
+        request whose own forward fails ends with that error; the others progress as in the batch."""
+        groups: dict[str, list[ScheduledSeq]] = {}
+        for s in scheduled:
+            groups.setdefault(s.seq.request.request_id, []).append(s)
+        if len(groups) == 1:
+            return self._fail_requests({s.seq.request.request_id: (s.seq.request, exc) for s in scheduled})
+        log.warning(
+            "the forward of a %d-request step failed (%r); running each request alone", len(groups), exc
+        )
+        outputs: list[RequestOutput] = []
+        for group in groups.values():
+            try:
+                logits = self.runner.execute(group, self._adapter_slot)
+            except Exception as group_exc:
+                req = group[0].seq.request
+                outputs += self._fail_requests({req.request_id: (req, group_exc)})
+                continue
+            outputs += self._finish_step(group, logits)
+        return outputs
+
+    def _finish_step(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestOutput]:
+        """Advance the computed tokens, sample, append each sampled token; outputs of the touched requests."""
+        for s in scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+        sampled = [s.seq for s in scheduled if s.sample]
+        if not sampled:
+            return []
+        results = self.sampler(logits, sampled)  # a row that fails comes back with .error set
         now = time.time()
         touched: dict[str, Request] = {}
+        failed: dict[str, tuple[Request, Exception]] = {}
         for seq, res in zip(sampled, results, strict=True):
-            self._append_token(seq, res, now)
-            touched[seq.request.request_id] = seq.request
+            req = seq.request
+            if req.request_id in failed:
+                continue
+            try:
+                self._append_token(seq, res, now)
+            except Exception as exc:  # this request alone: its sampling or its token update failed
+                failed[req.request_id] = (req, exc)
+                continue
+            touched[req.request_id] = req
+        outputs = self._fail_requests(failed)
         for req in touched.values():
+            if req.request_id in failed:
+                continue
             if req.finished:
                 req.metrics.finished_time = now
                 self.requests.pop(req.request_id, None)
@@ -289,8 +377,26 @@ class LLMEngine:
             outputs.append(req.output())
         return outputs
 
+    def _fail_requests(self, failed: dict[str, tuple[Request, Exception]]) -> list[RequestOutput]:
+        """End each request with a ``RequestFailedError`` (caused by its exception) as its final output."""
+        outputs = []
+        for request_id, (req, exc) in failed.items():
+            log.warning("request %s failed in an engine step: %r", request_id, exc)
+            error = RequestFailedError(
+                f"request {request_id} failed in the engine step ({type(exc).__name__}: {exc}); "
+                "the other requests were not affected"
+            )
+            error.__cause__ = exc
+            if self.abort_request(request_id, quiet=True, error=error):
+                outputs.append(req.output())
+        return outputs
+
     def _append_token(self, seq: Sequence, res: SampleResult, now: float) -> None:
+        if res.error is not None:
+            raise res.error
         token = res.token_id
+        if not 0 <= token < self.vocab_size:
+            raise RuntimeError(f"sampled token id {token} is outside the vocabulary [0, {self.vocab_size})")
         seq.token_ids.append(token)
         self.generation_tokens_total += 1
         if seq.logprobs is not None:

@@ -11,10 +11,15 @@ Filters never sort the whole vocabulary when they need not: the top 64 (then 512
 suffice whenever they hold every token the filters can keep (checked per row: top-k within them, top-p
 mass reached inside them, or min-p threshold above the last of them); otherwise the rows are sorted.
 A full sort of [32, 49152] costs ~100x a softmax on CPU. Penalties touch only the tokens a row has seen.
+
+One row cannot fail the others: the uniform numbers are drawn first, and if the batched pass raises, the
+rows are redone one at a time with those numbers (the failure path only; the normal path has no per-row
+loop), so each other row gets exactly the token the batch would have given and the failing row its error.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -25,6 +30,18 @@ from blora.engine.sampling_params import SamplingParams
 from blora.engine.sequence import Sequence
 
 CANDIDATES = (64, 512)  # tried in turn before a full sort
+
+log = logging.getLogger(__name__)
+
+
+def top_k_of(params: SamplingParams, vocab_size: int) -> int:
+    """The row's effective top-k: 0 (off) when unset or when it keeps the whole vocabulary."""
+    return params.top_k if 0 < params.top_k < vocab_size else 0
+
+
+def uses_filters(params: SamplingParams, vocab_size: int) -> bool:
+    """Whether any filter (top-k, top-p, min-p) can drop a token of a ``vocab_size`` distribution."""
+    return top_k_of(params, vocab_size) > 0 or params.top_p < 1.0 or params.min_p > 0.0
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -42,6 +59,7 @@ class SampleResult:
     token_id: int
     logprob: float | None = None  # the sampled token's logprob under the model (when requested)
     top_logprobs: dict[int, float] | None = None  # sampled token first, then the top-k
+    error: Exception | None = None  # sampling this row failed (token_id is then -1)
 
 
 class Sampler:
@@ -51,23 +69,38 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[SampleResult]:
-        """``logits`` [B, V] (any float dtype), row i belongs to ``seqs[i]``."""
+        """``logits`` [B, V] (any float dtype), row i belongs to ``seqs[i]``.
+
+        Never raises for a row's settings: if the batch fails, it is redone one row at a time with the
+        uniform numbers already drawn for it (so every other row gets the token the batch would have
+        given) and a row that fails alone comes back with ``error`` set.
+        """
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        u = self._uniform([seqs[i] for i in sampled]) if sampled else None
+        try:
+            return self._sample_batch(logits, seqs, sampled, u)
+        except Exception as exc:
+            return self._sample_rows(logits, seqs, sampled, u, exc)
+
+    def _sample_batch(
+        self, logits: torch.Tensor, seqs: Seq[Sequence], sampled: list[int], u: torch.Tensor | None
+    ) -> list[SampleResult]:
+        """Every row in one pass; ``sampled``: the non-greedy rows, ``u`` their uniform numbers."""
         params = [s.params for s in seqs]
-        plain_greedy = all(p.greedy and not p.uses_penalties and p.logprobs is None for p in params)
+        plain_greedy = not sampled and all(not p.uses_penalties and p.logprobs is None for p in params)
         if not plain_greedy:
             logits = logits.float()  # argmax alone is exact in the model's dtype (widening is exact)
         raw = logits
         if any(p.uses_penalties for p in params):
             logits = apply_penalties(logits, seqs)
-        sampled = [i for i, p in enumerate(params) if not p.greedy]
         if not sampled:
             tokens = _argmax(logits)
         elif len(sampled) == len(seqs):
-            tokens = self._sample(logits, seqs)
+            tokens = self._sample(logits, params, u)
         else:
             tokens = _argmax(logits)
             rows = self._long(sampled)
-            picks = self._sample(logits.index_select(0, rows), [seqs[i] for i in sampled])
+            picks = self._sample(logits.index_select(0, rows), [params[i] for i in sampled], u)
             tokens.index_copy_(0, rows, picks)
         results = [SampleResult(t) for t in tokens.tolist()]
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -75,13 +108,37 @@ class Sampler:
             self._logprobs(raw, tokens, want, params, results)
         return results
 
-    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
-        """Non-greedy rows: temperature, filters, one inverse-CDF draw each -> [S] token ids."""
-        params = [s.params for s in seqs]
+    def _sample_rows(
+        self,
+        logits: torch.Tensor,
+        seqs: Seq[Sequence],
+        sampled: list[int],
+        u: torch.Tensor | None,
+        exc: Exception,
+    ) -> list[SampleResult]:
+        """The failure path of ``__call__``: each row alone; a row that still fails gets its error."""
+        if len(seqs) == 1:
+            return [SampleResult(-1, error=exc)]
+        log.warning("sampling a batch of %d rows failed (%r); retrying row by row", len(seqs), exc)
+        position = {row: j for j, row in enumerate(sampled)}
+        results = []
+        for i, seq in enumerate(seqs):
+            j = position.get(i)
+            row_u = None if j is None or u is None else u[j : j + 1]
+            try:
+                results.append(
+                    self._sample_batch(logits[i : i + 1], [seq], [] if j is None else [0], row_u)[0]
+                )
+            except Exception as row_exc:
+                results.append(SampleResult(-1, error=row_exc))
+        return results
+
+    def _sample(self, logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+        """Non-greedy rows: temperature, filters, one inverse-CDF draw each (``u`` [S]) -> [S] token ids."""
         temps = self._float([p.temperature for p in params])
         probs = torch.softmax(logits / temps[:, None], dim=-1)
-        u = self._uniform(seqs)
-        filtered = [i for i, p in enumerate(params) if p.uses_filters]
+        v = probs.shape[1]
+        filtered = [i for i, p in enumerate(params) if uses_filters(p, v)]
         if not filtered:
             return inverse_cdf(probs, u)
         tokens = (
@@ -191,7 +248,7 @@ def sample_filtered(probs: torch.Tensor, params: list[SamplingParams], u: torch.
     for k in (*CANDIDATES, v):
         index = torch.tensor(rows, device=probs.device)
         sub, sub_params = probs.index_select(0, index), [params[r] for r in rows]
-        k = min(v, max(k, *(p.top_k for p in sub_params)))
+        k = min(v, max(k, *(top_k_of(p, v) for p in sub_params)))
         vals, idx = sub.topk(k, dim=-1) if k < v else sub.sort(dim=-1, descending=True)
         ok = [True] * len(rows) if k == v else _candidates_suffice(vals, sub_params)
         done = torch.tensor([i for i, f in enumerate(ok) if f], dtype=torch.long, device=probs.device)
@@ -215,7 +272,7 @@ def _filter_and_pick(
     """Apply the filters to sorted candidate probabilities ``vals`` [S, K]; sample positions in them."""
     dev = vals.device
     rank = torch.arange(vals.shape[1], device=dev)[None, :]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else v for p in params], device=dev)[:, None]
+    top_k = torch.tensor([top_k_of(p, v) or v for p in params], device=dev)[:, None]
     top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params], device=dev)[:, None]
     min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
     remove = rank >= top_k

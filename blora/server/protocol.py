@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_TOP_LOGPROBS = 20
+from blora.engine.sampling_params import (
+    MAX_INT32,
+    MAX_LOGPROBS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    REPETITION_PENALTY_RANGE,
+    SEED_RANGE,
+)
+
+MAX_TOP_LOGPROBS = MAX_LOGPROBS
 MAX_MIXTURE = 16
+MAX_MIXTURE_WEIGHT = 100.0  # |w| per adapter: w scales its LoRA term, which must stay finite in float32
+
+# The bounds are the engine's (``blora.engine.sampling_params``), so a request that passes here is one the
+# engine can compute; token ids are further checked against the vocabulary before the engine sees them.
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
 
 
 class OpenAIModel(BaseModel):
@@ -34,7 +49,7 @@ class SamplingFields(OpenAIModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -42,10 +57,12 @@ class SamplingFields(OpenAIModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # Extensions (vLLM's names): not in the OpenAI API, accepted by blora.
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT32)  # -1, 0 or >= vocabulary size: off
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
-    stop_token_ids: list[int] | None = None
+    repetition_penalty: float | None = Field(
+        default=None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
+    )
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     # blora extension: a weighted mixture of adapters for this request, e.g. {"sql": 0.7, "chat": 0.3};
     # ``model`` must then be the base model. Served as one adapter computing sum_i w_i * LoRA_i.
@@ -57,6 +74,10 @@ class SamplingFields(OpenAIModel):
         items = [value] if isinstance(value, str) else value or []
         if any(not s for s in items):
             raise ValueError("stop strings must be non-empty")
+        if len(items) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(
+                f"at most {MAX_STOP_STRINGS} stop strings of up to {MAX_STOP_CHARS} characters each"
+            )
         return value
 
     @field_validator("logit_bias")
@@ -73,8 +94,10 @@ class SamplingFields(OpenAIModel):
             return value
         if not 1 <= len(value) <= MAX_MIXTURE:
             raise ValueError(f"adapter_mixture must name 1 to {MAX_MIXTURE} adapters")
-        if any(not math.isfinite(w) for w in value.values()):
-            raise ValueError("adapter_mixture weights must be finite numbers")
+        if any(not (math.isfinite(w) and abs(w) <= MAX_MIXTURE_WEIGHT) for w in value.values()):
+            raise ValueError(
+                f"adapter_mixture weights must be numbers in [-{MAX_MIXTURE_WEIGHT}, {MAX_MIXTURE_WEIGHT}]"
+            )
         return value
 
     @model_validator(mode="after")
