@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,7 @@ def test_sampling_params_out_of_range_name_the_field(field, value):
         SamplingParams(**{field: value})
     assert info.value.param == field
     assert len(str(info.value)) < 200  # a huge value is never echoed back whole
+    assert pickle.loads(pickle.dumps(info.value)).param == field  # crosses processes (Ray)
 
 
 def test_sampling_params_edges_accepted():

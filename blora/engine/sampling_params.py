@@ -31,6 +31,9 @@ class SamplingParamError(ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):  # picklable (Ray sends errors between processes)
+        return type(self), (self.param, str(self))
+
 
 @dataclass
 class SamplingParams:
