@@ -17,7 +17,7 @@ from rich.console import Console
 from blora.bench.report import table
 from blora.bench.throughput import plan
 from blora.cli import main
-from blora.demo.compare import _until_eos
+from blora.demo.compare import PeftResult, _until_eos, compare_line
 from blora.demo.streams import Row
 from blora.demo.view import LiveView, PlainLog
 
@@ -133,6 +133,18 @@ def test_until_eos_counts_the_eos_and_drops_the_padding():
     assert _until_eos([5, 6, 2, 2, 2], {2}) == [5, 6, 2]
     assert _until_eos([5, 6, 7], {2}) == [5, 6, 7]
     assert _until_eos([2, 2], {2, 9}) == [2]
+
+
+def test_compare_line_counts_and_agreement():
+    rows = [Row("a", None, [5, 2]), Row("b", "b", [6, 7, 8])]
+    peft = PeftResult([[5, 2], [6, 7, 9]], seconds=2.0)
+    line = compare_line("engine", 10.0, 5, peft, rows, exact=True)
+    assert line == (
+        "blora engine 10.0 tok/s vs transformers + PEFT (one batch, adapter_names) 2.5 tok/s: 4.00x; "
+        "counted: each row's tokens up to and including its EOS (blora 5, PEFT 5); "
+        "same tokens as PEFT in 1/2 rows"
+    )
+    assert "same tokens" not in compare_line("engine", 10.0, 5, peft, rows, exact=False)
 
 
 def test_demo_flags_reach_run_demo(monkeypatch):

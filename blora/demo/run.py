@@ -128,10 +128,16 @@ def _summary(console, result: DemoResult) -> None:
 
 
 def _compare(console, result: DemoResult, prompt: str, max_tokens: int, dtype, device) -> PeftResult:
-    console.print("\nthe same rows through transformers + PEFT (one batch, generate(adapter_names=...))...")
+    import torch
+
+    console.print(
+        "\nthe same rows through transformers + PEFT (one batch, generate(adapter_names=...))...",
+        soft_wrap=True,
+    )
     loaded = load_model(dtype=dtype, device=device)  # a fresh copy: blora's run changed its modules
     prompt_ids = loaded.tokenizer(prompt, add_special_tokens=False).input_ids
     peft = run_peft(loaded.model, loaded.tokenizer, prompt_ids, result.rows, max_tokens)
-    line = compare_line(result.mode, result.tokens_per_s, result.generated, peft, result.rows)
+    exact = loaded.model.dtype == torch.float32
+    line = compare_line(result.mode, result.tokens_per_s, result.generated, peft, result.rows, exact)
     console.print(line, highlight=False, markup=False, soft_wrap=True)
     return peft
