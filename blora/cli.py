@@ -40,6 +40,9 @@ def _bench_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="throughput: engine (base-only, N adapters) vs transformers vs PEFT mixed; table and plot",
+        description="Throughput of the blora engine (base-only and with N adapters), transformers generate "
+        "and PEFT's mixed batch on one workload, each system in its own process; prints the table and "
+        "writes OUT.json, OUT.md and OUT.png. A few minutes with the defaults; --tiny for a smoke run.",
     )
     add_bench_arguments(p)
 

@@ -25,9 +25,13 @@ from pathlib import Path
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", nargs="+", default=None, help="one or more dtypes (default: bf16 where native)")
+    p.add_argument(
+        "--dtype", "--dtypes", nargs="+", default=None, help="one or more dtypes (default: bf16 where native)"
+    )
     p.add_argument("--requests", type=int, default=32, help="requests per run (default 32)")
-    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request, EOS ignored")
+    p.add_argument(
+        "--max-tokens", "--new-tokens", type=int, default=64, help="new tokens per request, EOS ignored"
+    )
     p.add_argument("--adapters", type=int, default=16, help="distinct adapters of the main rows (16)")
     p.add_argument("--sweep", type=int, nargs="*", default=[1, 4], help="more adapter counts to plot")
     p.add_argument("--runs", type=int, default=2, help="timed runs per system; the best one is kept")
