@@ -150,8 +150,10 @@ class AsyncLLM:
     ) -> None:
         """Load (and validate) an adapter between engine steps; raises ``AdapterError`` if it is broken.
         ``replace=True`` swaps an existing one; while requests use it that is refused
-        (``AdapterInUseError``) or, with ``wait=True``, awaited until they finish."""
-        future = await self._call(self.engine.load_adapter, name, path, replace, wait)
+        (``AdapterInUseError``) or, with ``wait=True``, awaited until they finish. The files are read and
+        validated in a worker thread; the engine thread only installs the result."""
+        prepared = await asyncio.to_thread(self.engine.store.prepare, name, path)
+        future = await self._call(self.engine.load_adapter, name, path, replace, wait, prepared)
         if future is not None:
             await asyncio.wrap_future(future)
 

@@ -108,11 +108,14 @@ class LLMEngine:
         """Make adapter ``name`` available; its weights load when a request first uses it."""
         self.store.register(name, path)
 
-    def load_adapter(self, name: str, path: str | Path, replace: bool = False, wait: bool = False):
+    def load_adapter(
+        self, name: str, path: str | Path, replace: bool = False, wait: bool = False, prepared=None
+    ):
         """Register and read + validate now, so a broken adapter fails here (``AdapterError``, a
         ``ValueError``). ``replace=True`` swaps an existing adapter: refused while requests use it
-        (``AdapterInUseError``), or with ``wait=True`` done when they finish (returns a ``Future`` then)."""
-        return self.store.load(name, path, replace=replace, wait=wait)
+        (``AdapterInUseError``), or with ``wait=True`` done when they finish (returns a ``Future`` then).
+        ``prepared``: ``store.prepare(name, path)`` done in another thread (then nothing is read here)."""
+        return self.store.load(name, path, replace=replace, wait=wait, prepared=prepared)
 
     def unload_adapter(self, name: str, wait: bool = False):
         """Forget an adapter. While unfinished requests use it: ``AdapterInUseError`` (a ``ValueError``), or

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from blora.lora.bounds import SizeBound
 from blora.lora.config import AdapterError
 from blora.lora.embedding import LoraEmbedding
 from blora.lora.layers import LoraLinear, is_linear
@@ -124,14 +125,22 @@ class LoraManager:
         *,
         max_rank: int | None = None,
         device: torch.device | str | None = None,
+        root: str | Path | None = None,
+        max_bytes: int | None = None,
     ) -> PreparedAdapter:
         """Read and validate an adapter without changing the model (safe from another thread).
 
         ``device``: where the prepared tensors live (default: the model's device); ``install`` moves them.
+        ``root``: the adapter's files must lie inside it. ``max_bytes``: refuse, from the weights file's
+        header, an adapter whose prepared weights would need more. The file's size is bounded by the config
+        and the model's shapes (``blora.lora.bounds``) before its tensors are read.
         """
         limit = self.max_rank if max_rank is None else max_rank
-        files = read_adapter(name, source)
-        modules, saved = self._validate(files, limit, device)
+        table, head = self._module_table()
+        element_size = next(self.model.parameters()).element_size()
+        bound = SizeBound(table, _all_linear(table, head), head, limit, max_bytes, element_size)
+        files = read_adapter(name, source, root=root, check_size=bound.check)
+        modules, saved = self._validate(files, limit, device, bound)
         return PreparedAdapter(name=name, source=str(source), modules=modules, saved=saved)
 
     def install(self, prepared: PreparedAdapter) -> int:
@@ -234,28 +243,12 @@ class LoraManager:
         return table, head_name
 
     def _validate(
-        self, files: AdapterFiles, max_rank: int | None, device=None
+        self, files: AdapterFiles, max_rank: int | None, device, bound: SizeBound
     ) -> tuple[dict[str, LoraWeights], dict[str, dict[str, torch.Tensor]]]:
         where = f"adapter {files.name!r} ({files.path})"
         cfg = files.config
-        named = [
-            (m, label, t)
-            for m, raw in files.modules.items()
-            for label, t in (
-                ("lora_A", raw.A),
-                ("lora_B", raw.B),
-                ("lora_B bias", raw.bias),
-                ("magnitude", raw.magnitude),
-            )
-            if t is not None
-        ]
-        named += [
-            (m, f"modules_to_save {p}", t) for m, params in files.saved.items() for p, t in params.items()
-        ]
-        check_finite(where, named)
-        table, head = self._module_table()
-        # what PEFT's "all-linear" targets: every linear layer but the output head
-        all_linear = {n for n, m in table.items() if is_linear(m) and n != head}
+        check_finite(where, _raw_tensors(files))
+        table, all_linear = bound.table, bound.all_linear
         modules: dict[str, LoraWeights] = {}
         for module_name, raw in sorted(files.modules.items()):
             module = self._existing(where, table, module_name)
@@ -272,6 +265,7 @@ class LoraManager:
                 )
             key = f"{where}, module {module_name!r}"
             modules[module_name] = prepare_module(key, module_name, module, raw, cfg, max_rank, device)
+        check_finite(where, _prepared_tensors(modules), scaling=cfg.describe_scale)
         saved = {}
         for module_name, params in sorted(files.saved.items()):
             module = self._existing(where, table, module_name)
@@ -299,3 +293,42 @@ class LoraManager:
                 f"({type(self.model).__name__}); was the adapter trained for another base model?"
             )
         return module
+
+
+def _all_linear(table: dict[str, nn.Module], head: str | None) -> set[str]:
+    """What PEFT's ``"all-linear"`` targets: every linear layer but the output head."""
+    return {n for n, m in table.items() if is_linear(m) and n != head}
+
+
+def _raw_tensors(files: AdapterFiles) -> list[tuple[str, str, torch.Tensor]]:
+    """(module, label, tensor) for every tensor of the file, as saved."""
+    named = [
+        (m, label, t)
+        for m, raw in files.modules.items()
+        for label, t in (
+            ("lora_A", raw.A),
+            ("lora_B", raw.B),
+            ("lora_B bias", raw.bias),
+            ("magnitude", raw.magnitude),
+            ("base layer copy", raw.base_weight),
+        )
+        if t is not None
+    ]
+    return named + [
+        (m, f"modules_to_save {p}", t) for m, params in files.saved.items() for p, t in params.items()
+    ]
+
+
+def _prepared_tensors(modules: dict[str, LoraWeights]) -> list[tuple[str, str, torch.Tensor]]:
+    """(module, label, tensor) for the prepared weights: scaled, in the model's dtype."""
+    return [
+        (m, label, t)
+        for m, w in modules.items()
+        for label, t in (
+            ("lora_A", w.a),
+            ("lora_B", w.b),
+            ("lora_B bias", w.bias),
+            ("DoRA scale", w.dora_scale),
+        )
+        if t is not None
+    ]

@@ -5,6 +5,7 @@ Everything here reads the base model and never changes it, so it may run in a ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -133,20 +134,53 @@ def prepare_module(
     return LoraWeights(a_t, cast(b_t), cast(bias), cast(g), raw.embedding)
 
 
-def check_finite(where: str, named: list[tuple[str, str, torch.Tensor]]) -> None:
-    """Every tensor is free of NaN/Inf. One fused ``_foreach_norm`` over all of them (a per-tensor
-    ``isfinite`` costs more than reading the file); per tensor only to name the culprit."""
-    tensors = [t for _, _, t in named]
-    if not tensors or bool(
-        torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors)])).all()
-    ):
-        return
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_finite(
+    where: str, named: list[tuple[str, str, torch.Tensor]], scaling: Callable[[str], str] | None = None
+) -> None:
+    """Every tensor is floating point and free of NaN/Inf, with a float32 norm that does not overflow.
+    One fused ``_foreach_norm`` over all of them (a per-tensor ``isfinite`` costs more than reading the
+    file); per tensor only to name the culprit. ``scaling``: the tensors are scaled ones; it describes
+    a module's scaling for the message."""
     for module, label, t in named:
-        if not torch.isfinite(t).all():
+        if t.dtype not in _FLOATS:
             raise AdapterError(
-                f"{where}, module {module!r}: {label} holds NaN or Inf values; the adapter is corrupt"
+                f"{where}, module {module!r}: {label} has dtype {t.dtype}; adapter weights must be float16, "
+                "bfloat16, float32 or float64"
             )
-    raise AdapterError(f"{where}: weights so large that their norm overflows; the adapter is corrupt")
+    if not named:
+        return
+    norms = _float32_norms([t for _, _, t in named])
+    if bool(torch.isfinite(norms).all()):
+        return
+    for (module, label, t), norm in zip(named, norms, strict=True):
+        if bool(torch.isfinite(norm)):
+            continue
+        what = (
+            "NaN or Inf values"
+            if not bool(torch.isfinite(t).all())
+            else "values whose norm overflows float32"
+        )
+        if scaling is None:
+            raise AdapterError(f"{where}, module {module!r}: {label} holds {what}; the adapter is corrupt")
+        raise AdapterError(
+            f"{where}, module {module!r}: {label} holds {what} once scaled ({scaling(module)}) and cast to "
+            f"{t.dtype}; the scaling is absurd for these weights: fix lora_alpha / alpha_pattern / r"
+        )
+
+
+def _float32_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's 2-norm, accumulated in float32 (float64 tensors: in float64), as float32."""
+    wide = [i for i, t in enumerate(tensors) if t.dtype == torch.float64]
+    narrow = [i for i, t in enumerate(tensors) if t.dtype != torch.float64]
+    norms = torch.empty(len(tensors), dtype=torch.float32)
+    for index, dtype in ((wide, None), (narrow, torch.float32)):
+        if index:
+            parts = torch._foreach_norm([tensors[i] for i in index], 2, dtype=dtype)
+            norms[index] = torch.stack([p.float().cpu() for p in parts])
+    return norms
 
 
 def _features(key: str, module: nn.Module, raw: ModuleLora) -> tuple[int, int]:

@@ -19,8 +19,11 @@
   ``mixture:{...}`` built (in the loader thread) from its components' cached weights; it holds its
   components like their own requests do, and is dropped when a component is replaced or unloaded.
 
-Threads: every method except the loader's runs on the engine thread; the loader thread only prepares
-weights (``LoraManager.prepare`` reads no mutable engine state) and hands them over under ``_lock``.
+Threads: every method except the loader's and ``prepare`` runs on the engine thread; the loader thread
+(and a caller's worker thread, through ``prepare``) only prepares weights (``LoraManager.prepare`` reads no
+mutable engine state) and hands them over under ``_lock``. Reading, validating and regex matching of an
+adapter's config therefore never run on the engine thread in the background paths; an explicit ``load``
+runs them in its caller's thread unless the caller passes what ``prepare`` returned.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from blora import kernels
 from blora.lora.config import AdapterError
 from blora.lora.manager import LoraManager, PreparedAdapter
 from blora.lora.mixtures import PREFIX, Mixture, combine, is_mixture
+from blora.lora.paths import ADAPTER_FILES, check_files_inside, contained_path, os_reason
 from blora.lora.weights import resolve_adapter_dir
 
 log = logging.getLogger(__name__)
 
-_WEIGHT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+_WEIGHT_FILES = ADAPTER_FILES
 
 
 class AdapterInUseError(AdapterError):
@@ -84,6 +88,7 @@ class _Entry:
     nbytes: int | None = None  # known after the first load
     error: Exception | None = None
     mixture: Mixture | None = None
+    root: Path | None = None  # files must stay inside it (adapters found under a root)
 
 
 @dataclass
@@ -100,30 +105,6 @@ class StoreStats:
     install_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100_000))
     cache_peak_bytes: int = 0
     waited: int = 0  # requests that could not be admitted at least once because their adapter was loading
-
-
-def contained_path(root: str | Path, name: str) -> Path:
-    """``root / name`` resolved, refusing names that could leave ``root``.
-
-    Refused: empty names, NUL bytes, absolute paths, ``~``, backslashes, ``.``/``..`` components, and paths
-    whose resolved location (after following symlinks) is not inside the resolved root.
-    """
-    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
-        raise AdapterError(f"adapter name {name!r} is not a valid relative name")
-    rel = Path(name)
-    if rel.is_absolute() or name.startswith("~"):
-        raise AdapterError(
-            f"adapter name {name!r} is an absolute path; names are relative to the adapter root"
-        )
-    if any(part in ("..", ".") for part in name.split("/")) or "" in name.split("/"):
-        raise AdapterError(f"adapter name {name!r} has '.', '..' or empty components; refused")
-    real_root = Path(root).resolve()
-    resolved = (real_root / rel).resolve()
-    if not resolved.is_relative_to(real_root) or resolved == real_root:
-        raise AdapterError(
-            f"adapter name {name!r} leaves the adapter root {str(root)!r} (symlinks are resolved); refused"
-        )
-    return resolved
 
 
 class AdapterStore:
@@ -166,10 +147,13 @@ class AdapterStore:
         entry = self._entries.get(name)
         if entry is not None and not entry.from_root:
             raise AdapterError(f"adapter {name!r} is already registered (from {entry.source})")
-        path = Path(source).expanduser()
         text = str(source)
-        if not path.exists() and (text.startswith((".", "/", "~")) or text.count("/") != 1):
-            raise AdapterError(f"adapter {name!r}: {text} does not exist")
+        try:
+            exists = Path(source).expanduser().exists()
+        except (OSError, RuntimeError) as exc:  # a name too long, "~user" without a home
+            raise AdapterError(f"adapter {name!r}: cannot use {text[:200]!r}: {os_reason(exc)}") from None
+        if not exists and (text.startswith((".", "/", "~")) or text.count("/") != 1):
+            raise AdapterError(f"adapter {name!r}: {text[:200]} does not exist")
         self._entries[name] = _Entry(name, text, from_root=False)
 
     def __contains__(self, name: str) -> bool:
@@ -185,13 +169,14 @@ class AdapterStore:
         out = {n: e.source for n, e in entries if not e.from_root}
         for root in self.roots:
             for child in sorted(root.iterdir()):
-                if child.name not in out and (child / "adapter_config.json").is_file():
-                    try:
-                        path = contained_path(root, child.name)
-                        _check_files_inside(root, path, child.name)
-                    except AdapterError:
-                        continue  # a symlink out of the root: not offered
-                    out[child.name] = str(path)
+                try:
+                    if child.name in out or not (child / "adapter_config.json").is_file():
+                        continue
+                    path = contained_path(root, child.name)
+                    check_files_inside(root, path, child.name)
+                except (AdapterError, OSError):
+                    continue  # a symlink out of the root (or a loop): not offered
+                out[child.name] = str(path)
         return out
 
     def _entry(self, name: str) -> _Entry:
@@ -207,27 +192,40 @@ class AdapterStore:
             return entry
         for root in self.roots:
             path = contained_path(root, name)
-            if (path / "adapter_config.json").is_file():
-                _check_files_inside(root, path, name)
-                entry = _Entry(name, str(path), from_root=True)
+            try:
+                found = (path / "adapter_config.json").is_file()
+            except OSError as exc:
+                raise AdapterError(f"adapter {name[:200]!r}: {os_reason(exc)}; refused") from None
+            if found:
+                check_files_inside(root, path, name)
+                entry = _Entry(name, str(path), from_root=True, root=root)
                 self._entries[name] = entry
                 return entry
         where = f"; roots: {[str(r) for r in self.roots]}" if self.roots else ""
         known = sorted(n for n, e in self._entries.items() if not e.from_root)
         shown = f"{known[:20]}{' ...' if len(known) > 20 else ''}"
-        raise AdapterError(f"unknown adapter {name!r}; registered adapters: {shown}{where}")
+        raise AdapterError(f"unknown adapter {name[:200]!r}; registered adapters: {shown}{where}")
 
     def source(self, name: str) -> str:
         return self._entry(name).source
 
     # -- explicit load / unload --------------------------------------------------------------------
     def load(
-        self, name: str, source: str | Path, *, replace: bool = False, wait: bool = False, pin: bool = False
+        self,
+        name: str,
+        source: str | Path,
+        *,
+        replace: bool = False,
+        wait: bool = False,
+        pin: bool = False,
+        prepared: PreparedAdapter | None = None,
     ) -> concurrent.futures.Future | None:
         """Register ``name`` and read + validate it now (errors raise here, changing nothing).
 
         An existing name needs ``replace=True``; if requests use it, the replace is refused
         (``AdapterInUseError``) or, with ``wait=True``, deferred: returns a future done at the swap.
+        ``prepared``: the adapter already read and validated by ``prepare`` in another thread (an engine
+        thread must not spend its time reading and checking files: it passes the result here).
         """
         old = self._entries.get(name)
         if old is not None and not replace and not old.from_root:
@@ -238,7 +236,8 @@ class AdapterStore:
             raise AdapterInUseError(
                 f"adapter {name!r} already has a pending {old.pending.action}; wait for it"
             )
-        prepared = self._prepare(name, str(source))
+        if prepared is None or prepared.name != name or prepared.source != str(source):
+            prepared = self._prepare(name, str(source))
         if old is None:
             self.register(name, source)
             self._cache_put(name, prepared)
@@ -278,7 +277,7 @@ class AdapterStore:
         with self._lock:
             cached = name in self._cache or name in self._slots
         if not cached:
-            self._cache_put(name, self._prepare(name, entry.source))
+            self._cache_put(name, self._prepare(name, entry.source, entry.root))
         entry.pinned = True
         self.activate([name], busy=set())
 
@@ -501,9 +500,17 @@ class AdapterStore:
         return failures
 
     # -- loading -----------------------------------------------------------------------------------
-    def _prepare(self, name: str, source: str) -> PreparedAdapter:
+    def prepare(self, name: str, source: str | Path) -> PreparedAdapter:
+        """Read and validate ``source`` for ``load(name, source, prepared=...)``; touches no engine state,
+        so it runs in any thread (the caller's, a worker's), never needing the engine thread."""
+        return self._prepare(name, str(source))
+
+    def _prepare(self, name: str, source: str, root: Path | None = None) -> PreparedAdapter:
         t0 = time.perf_counter()
-        prepared = self.manager.prepare(name, source, max_rank=self.config.max_rank, device="cpu")
+        budget = self.config.cpu_cache_bytes
+        prepared = self.manager.prepare(
+            name, source, max_rank=self.config.max_rank, device="cpu", root=root, max_bytes=budget
+        )
         if prepared.nbytes > self.config.cpu_cache_bytes:
             raise AdapterError(
                 f"adapter {name!r} needs {prepared.nbytes / 2**20:.1f} MiB, more than the whole CPU cache "
@@ -523,7 +530,8 @@ class AdapterStore:
             generation, source = entry.generation, entry.source
             self._loading[name] = generation
         try:
-            prepared = self._mix(entry) if entry.mixture is not None else self._prepare(name, source)
+            mixed = entry.mixture is not None
+            prepared = self._mix(entry) if mixed else self._prepare(name, source, entry.root)
         except Exception as exc:
             with self._lock:
                 self.stats_.load_failures += 1
@@ -676,15 +684,6 @@ def _estimate_bytes(source: str, element_size: int) -> int:
         except OSError:
             continue
     return 0
-
-
-def _check_files_inside(root: Path, path: Path, name: str) -> None:
-    """The adapter's own files may not be symlinks to files outside the root either."""
-    real_root = root.resolve()
-    for fname in _WEIGHT_FILES:
-        f = path / fname
-        if f.exists() and not f.resolve().is_relative_to(real_root):
-            raise AdapterError(f"adapter {name!r}: {fname} is a symlink out of the adapter root; refused")
 
 
 __all__ = ["AdapterInUseError", "AdapterStore", "StoreConfig", "contained_path", "resolve_adapter_dir"]

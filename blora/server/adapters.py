@@ -1,8 +1,9 @@
 """Adapters as models: name resolution, ``/v1/models`` cards, and runtime load/unload confined to a root.
 
 A runtime load names a path *inside* ``--adapter-root``. The path is checked before the engine sees it:
-no ``..`` components, and after resolving symlinks it must still lie inside the (resolved) root, so
-neither an absolute path elsewhere nor a symlink pointing out of the root can load foreign files.
+no ``..`` components, and after resolving symlinks it and each adapter file in it must still lie inside
+the (resolved) root, so neither an absolute path elsewhere nor a symlink pointing out of the root (the
+directory's or a file's) can load foreign files. Loops and over-long paths are refused with a 400.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from blora.server.errors import InvalidRequestError, NotFoundError
+from blora.lora.errors import AdapterError
+from blora.lora.paths import MAX_PATH_CHARS, check_files_inside, os_reason, resolve_inside
+from blora.server.errors import InvalidRequestError, NotFoundError, clip
 from blora.server.protocol import ModelCard
 
 logger = logging.getLogger("blora.server")
@@ -25,31 +28,40 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
 def resolve_adapter_path(root: Path, raw: str) -> Path:
     """Resolve ``raw`` (relative to ``root``, or absolute inside it) to a real directory inside ``root``.
 
-    Raises InvalidRequestError (400) for paths that try to leave the root and NotFoundError (404) for
-    paths that do not exist.
+    The rules are the adapter store's (``blora.lora.paths``): the directory and each adapter file in it,
+    symlinks resolved, must lie inside the resolved root. Raises InvalidRequestError (400) for paths that
+    leave the root or cannot be resolved (symlink loops, names or paths too long) and NotFoundError (404)
+    for paths that do not exist.
     """
+    shown = raw if len(raw) <= 200 else raw[:197] + "..."
     if "\x00" in raw:
         raise InvalidRequestError("lora_path contains a NUL byte", param="lora_path")
-    path = Path(raw)
-    if ".." in path.parts:
-        raise InvalidRequestError("lora_path must not contain '..' components", param="lora_path")
-    real_root = root.resolve()
-    resolved = (path if path.is_absolute() else real_root / path).resolve()
-    if resolved != real_root and not resolved.is_relative_to(real_root):
+    if len(raw) > MAX_PATH_CHARS:
         raise InvalidRequestError(
-            f"lora_path {raw!r} is outside the adapter root {str(root)!r}; runtime adapters must live "
-            "under --adapter-root (symlinks are resolved before this check)",
-            param="lora_path",
+            f"lora_path is {len(raw)} characters long; at most {MAX_PATH_CHARS}", param="lora_path"
         )
-    if not resolved.exists():
+    if ".." in Path(raw).parts:
+        raise InvalidRequestError("lora_path must not contain '..' components", param="lora_path")
+    try:
+        resolved = resolve_inside(root, raw, f"lora_path {shown!r}")
+        exists, is_adapter = resolved.exists(), (resolved / "adapter_config.json").is_file()
+        if is_adapter:
+            check_files_inside(root, resolved, shown)
+    except AdapterError as exc:
+        raise InvalidRequestError(
+            f"{exc}; runtime adapters must live under --adapter-root", param="lora_path"
+        ) from None
+    except OSError as exc:
+        raise InvalidRequestError(f"lora_path {shown!r}: {os_reason(exc)}", param="lora_path") from None
+    if not exists:
         raise NotFoundError(
-            f"Adapter path {raw!r} does not exist under the adapter root",
+            f"Adapter path {shown!r} does not exist under the adapter root",
             param="lora_path",
             code="adapter_not_found",
         )
-    if not (resolved / "adapter_config.json").is_file():
+    if not is_adapter:
         raise InvalidRequestError(
-            f"lora_path {raw!r} is not a PEFT adapter directory (no adapter_config.json)", param="lora_path"
+            f"lora_path {shown!r} is not a PEFT adapter directory (no adapter_config.json)", param="lora_path"
         )
     return resolved
 
@@ -89,7 +101,7 @@ class AdapterManager:
         if model in self.adapters():
             return model
         raise NotFoundError(
-            f"The model {model!r} does not exist. Known models: the base model {self.base_name!r} "
+            f"The model {clip(model)!r} does not exist. Known models: the base model {self.base_name!r} "
             "and the adapters listed by GET /v1/models.",
             param="model",
         )
@@ -98,11 +110,11 @@ class AdapterManager:
         """Check an ``adapter_mixture`` request: ``model`` is the base, every component is loaded."""
         if model != self.base_name:
             raise InvalidRequestError(
-                f"With adapter_mixture, model must be the base model {self.base_name!r}, not {model!r}",
+                f"With adapter_mixture, model must be the base model {self.base_name!r}, not {clip(model)!r}",
                 param="model",
             )
         known = self.adapters()
-        missing = sorted(name for name in mixture if name not in known)
+        missing = sorted(clip(name) for name in mixture if name not in known)
         if missing:
             raise NotFoundError(
                 f"adapter_mixture names adapters that are not loaded: {missing}", param="adapter_mixture"
