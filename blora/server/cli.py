@@ -44,6 +44,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="require 'Authorization: Bearer KEY' (env BLORA_API_KEY)",
     )
     a("--max-loras", type=int, default=16, help="distinct adapters in one engine step")
+    a("--max-lora-rank", type=int, default=None,
+      help="refuse adapters of a higher rank (checked on adapter_config.json, before the weights are read)")  # fmt: skip
     a("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
     a(
         "--max-model-len",
@@ -111,6 +113,7 @@ def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
         seed=args.seed,
+        max_lora_rank=args.max_lora_rank,
     )
 
 
