@@ -7,6 +7,8 @@ own. Routes:
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: streaming (SSE) and not
 - ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``: with ``allow_runtime_adapters``
 - ``GET /health`` (503 while draining), ``GET /metrics`` (Prometheus)
+- ``GET /docs``, ``GET /redoc``, ``GET /openapi.json``: behind the API key when one is set; removed with
+  ``disable_docs``
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from blora.server.adapters import AdapterManager
 from blora.server.completions import create_chat_completion, create_completion
 from blora.server.errors import (
+    APIError,
     AuthenticationError,
     NotFoundError,
     PayloadTooLargeError,
     ShuttingDownError,
+    clip,
     install_error_handlers,
 )
 from blora.server.lifecycle import Lifecycle
@@ -50,6 +54,8 @@ from blora.server.serving import Serving
 logger = logging.getLogger("blora.server")
 
 MAX_BODY_BYTES = 32 << 20
+MAX_DRAIN_BYTES = 64 << 20  # of an oversized body, read and dropped before the 413 (so clients see it)
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 
 @dataclass
@@ -67,37 +73,90 @@ class ServerConfig:
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
     shutdown_engine: bool = True  # call engine.shutdown() when the app's lifespan ends
+    disable_docs: bool = False  # remove /docs, /redoc and /openapi.json
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_prompt_chars: int | None = None  # None: max_model_len x the longest vocabulary entry
 
 
 class GateMiddleware:
     """Pure ASGI gate in front of every route: 503 while draining, 401 without the API key, 413 for
-    bodies over ``MAX_BODY_BYTES``.
+    bodies over ``max_body_bytes``.
 
-    It runs before the body is read, so refused requests never cost a JSON parse. ``/metrics`` stays
-    open (monitoring must see a draining server); ``/health`` is open but reports 503 while draining.
+    The key is checked before the body is read, so refused requests never cost a JSON parse. The body
+    is then read here, counting the bytes actually received (a chunked body has no Content-Length, and a
+    Content-Length can be wrong), and handed to the app only when it is within the limit. ``/metrics``
+    stays open (monitoring must see a draining server); ``/health`` is open but reports 503 while
+    draining; the API docs need the key when one is set.
     """
 
-    def __init__(self, app: Any, lifecycle: Lifecycle, api_key: str | None, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        app: Any,
+        lifecycle: Lifecycle,
+        api_key: str | None,
+        metrics: ServerMetrics,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
         self.app = app
         self.lifecycle = lifecycle
         self.api_key = api_key
         self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path: str = scope.get("path", "")
-        error = None
-        if self.lifecycle.draining and path != "/metrics":
-            error = ShuttingDownError("The server is shutting down and does not accept new requests")
-            self.metrics.reject("shutting_down")
-        elif self.api_key and path.startswith("/v1") and not self._authorized(scope):
-            error = AuthenticationError("Incorrect or missing API key; send 'Authorization: Bearer <key>'")
-        elif _content_length(scope) > MAX_BODY_BYTES:
-            error = PayloadTooLargeError(f"The request body is over {MAX_BODY_BYTES >> 20} MiB")
+        error = self._refusal(scope)
+        if error is None:
+            messages, too_large = await self._read_body(receive)
+            if too_large:
+                error = self._too_large()
+            else:
+                receive = _replay(messages, receive)
         if error is not None:
             return await error.to_response()(scope, receive, send)
         return await self.app(scope, receive, send)
+
+    def _refusal(self, scope: dict) -> APIError | None:
+        path: str = scope.get("path", "")
+        if self.lifecycle.draining and path != "/metrics":
+            self.metrics.reject("shutting_down")
+            return ShuttingDownError("The server is shutting down and does not accept new requests")
+        protected = path.startswith("/v1") or path in DOCS_PATHS
+        if self.api_key and protected and not self._authorized(scope):
+            return AuthenticationError("Incorrect or missing API key; send 'Authorization: Bearer <key>'")
+        if _content_length(scope) > self.max_body_bytes:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(f"The request body is over {self.max_body_bytes:,} bytes")
+
+    async def _read_body(self, receive: Any) -> tuple[list[dict], bool]:
+        """The request's messages up to the end of its body, or (dropped, True) once it is too large.
+
+        Of a too-large body up to ``MAX_DRAIN_BYTES`` more are read and dropped, so that a client still
+        sending gets the 413 rather than a reset connection.
+        """
+        messages: list[dict] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages, False  # a disconnect: the app sees it
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                break
+            if not message.get("more_body", False):
+                return messages, False
+        messages.clear()
+        while message.get("more_body", False) and size <= self.max_body_bytes + MAX_DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+        return [], True
 
     def _authorized(self, scope: dict) -> bool:
         headers = dict(scope.get("headers") or [])
@@ -106,6 +165,18 @@ class GateMiddleware:
         assert self.api_key is not None
         given, expected = token.strip().encode("latin-1"), self.api_key.encode()
         return scheme.lower() == "bearer" and secrets.compare_digest(given, expected)
+
+
+def _replay(messages: list[dict], receive: Any) -> Any:
+    """A ``receive`` that returns the already-read ``messages`` first, then the connection's own."""
+    pending = list(messages)
+
+    async def replay() -> dict:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
 
 
 def _content_length(scope: dict) -> int:
@@ -166,22 +237,32 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         config.adapter_root,
         config.allow_runtime_adapters,
     )
-    serving = Serving(engine, adapters, metrics, lifecycle)
+    serving = Serving(engine, adapters, metrics, lifecycle, config.max_prompt_chars)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         lifecycle.draining = True
+        serving.close()
         if config.shutdown_engine and hasattr(engine, "shutdown"):
             result = engine.shutdown(drain_timeout=1.0)  # the server drained already
             if inspect.isawaitable(result):
                 await result
 
-    app = FastAPI(title="blora", lifespan=lifespan)
+    docs: dict[str, Any] = (
+        dict(docs_url=None, redoc_url=None, openapi_url=None) if config.disable_docs else {}
+    )
+    app = FastAPI(title="blora", lifespan=lifespan, **docs)
     app.state.engine, app.state.config, app.state.lifecycle = engine, config, lifecycle
-    app.state.metrics, app.state.adapters = metrics, adapters
+    app.state.metrics, app.state.adapters, app.state.serving = metrics, adapters, serving
     install_error_handlers(app)
-    app.add_middleware(GateMiddleware, lifecycle=lifecycle, api_key=config.api_key, metrics=metrics)
+    app.add_middleware(
+        GateMiddleware,
+        lifecycle=lifecycle,
+        api_key=config.api_key,
+        metrics=metrics,
+        max_body_bytes=config.max_body_bytes,
+    )
     metrics.draining.labels(config.served_model_name).set_function(lambda: float(lifecycle.draining))
 
     @app.get("/health")
@@ -201,7 +282,7 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         for card in adapters.cards():
             if card.id == model_id:
                 return card
-        raise NotFoundError(f"The model {model_id!r} does not exist", param="model")
+        raise NotFoundError(f"The model {clip(model_id)!r} does not exist", param="model")
 
     @app.post("/v1/completions")
     @with_cancellation
@@ -225,7 +306,11 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
-        return PlainTextResponse(await adapters.unload(body.lora_name))
+        if not (config.allow_runtime_adapters and config.adapter_root is not None):
+            return PlainTextResponse(await adapters.unload(body.lora_name))  # 404: disabled
+        # 400 while requests in flight use it; meanwhile new requests for it get 404 (see AdapterPins)
+        with lifecycle.pins.unloading_of(body.lora_name):
+            return PlainTextResponse(await adapters.unload(body.lora_name))
 
     @app.get("/version")
     async def version() -> JSONResponse:

@@ -60,6 +60,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="requests that may wait beyond --max-num-seqs before new ones get 429 (-1: unbounded)")  # fmt: skip
     a("--retry-after", type=int, default=1, help="Retry-After seconds sent with 429")
     a("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    a("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (larger: 413)")
+    a("--max-prompt-chars", type=int, default=None,
+      help="longest prompt (or chat messages) in characters, checked before tokenization "
+           "(default: --max-model-len x the tokenizer's longest token)")  # fmt: skip
+    a("--disable-docs", action="store_true",
+      help="remove /docs, /redoc and /openapi.json (otherwise public without --api-key, behind it with one)")  # fmt: skip
     a("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
     a("--device", default=None, help="cpu | cuda | mps (default: best available)")
     a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -97,6 +103,8 @@ def _check_args(args: argparse.Namespace) -> None:
         given.append("--no-adapter-affinity")
     if given and not getattr(args, "ray", False):
         raise SystemExit(f"{', '.join(given)} only apply with --ray")
+    if args.max_body_mb <= 0 or (args.max_prompt_chars is not None and args.max_prompt_chars < 1):
+        raise SystemExit("--max-body-mb and --max-prompt-chars must be positive")
     if getattr(args, "replicas", None) is not None and args.replicas < 1:
         raise SystemExit(f"--replicas must be >= 1, got {args.replicas}")
 
@@ -134,6 +142,9 @@ def server_config(args: argparse.Namespace, **overrides):
         allow_runtime_adapters=args.allow_runtime_adapters,
         retry_after_s=args.retry_after,
         drain_timeout_s=args.drain_timeout,
+        disable_docs=args.disable_docs,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_prompt_chars=args.max_prompt_chars,
     )
     return ServerConfig(**{**fields, **overrides})
 

@@ -1,7 +1,15 @@
-"""``POST /v1/completions`` and ``POST /v1/chat/completions``: prompts in, OpenAI responses out."""
+"""``POST /v1/completions`` and ``POST /v1/chat/completions``: prompts in, OpenAI responses out.
+
+The chat template is always the tokenizer's own: ``chat_template_kwargs`` only sets template variables, and
+names that would replace the template (``chat_template``) or other arguments of the templating call are
+refused.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 from typing import Any
 
 from starlette.responses import Response
@@ -28,17 +36,11 @@ def sse(obj: Any) -> str:
     return f"data: {obj.model_dump_json()}\n\n"
 
 
-def _prompt_ids(serving: Serving, prompt: str | list[int]) -> tuple[list[int], str | None]:
-    if isinstance(prompt, str):
-        return serving.encode(prompt), prompt
-    vocab = len(serving.tokenizer)
-    if any(t < 0 or t >= vocab for t in prompt):
-        raise InvalidRequestError(f"Prompt token ids must be in [0, {vocab})", param="prompt")
-    return list(prompt), None
-
-
 async def create_completion(serving: Serving, req: CompletionRequest) -> Any:
-    prompts = [_prompt_ids(serving, p) for p in req.prompts()]
+    raw = req.prompts()
+    serving.check_choices(len(raw), req.n)
+    serving.resolve(req)  # 404 before any tokenization work (resolved and pinned again in start)
+    prompts = await serving.prompt_ids(raw)
     params = [
         serving.sampling_params(req, serving.check_length(ids, req.max_tokens), req.logprobs)
         for ids, _ in prompts
@@ -96,27 +98,70 @@ async def create_completion(serving: Serving, req: CompletionRequest) -> Any:
     return serving.stream(gen, req.n, render, [], usage_chunk if req.include_usage() else None)
 
 
-def apply_chat_template(serving: Serving, req: ChatCompletionRequest) -> list[int]:
+@functools.lru_cache(maxsize=8)
+def _call_arguments(tokenizer_type: type) -> frozenset[str]:
+    """Names ``chat_template_kwargs`` may not use: ``apply_chat_template``'s own arguments (among them
+    ``chat_template``, ``tools``, ``documents``) and the variables the call itself passes to the template."""
+    params = inspect.signature(tokenizer_type.apply_chat_template).parameters
+    named = {name for name, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return frozenset(named - {"self"} | {"messages"})
+
+
+def template_kwargs(tokenizer: Any, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The client's template variables; 400 for any that would change the template or the call."""
+    kwargs = kwargs or {}
+    if "chat_template" in kwargs:
+        raise InvalidRequestError(
+            "chat_template_kwargs.chat_template is not allowed: the server applies the model's own chat "
+            "template and clients cannot supply templates",
+            param="chat_template_kwargs",
+        )
+    reserved = sorted(_call_arguments(type(tokenizer)) & kwargs.keys())
+    if reserved:
+        raise InvalidRequestError(
+            f"chat_template_kwargs.{reserved[0]} is not allowed: chat_template_kwargs only sets template "
+            "variables (use the request's own fields)",
+            param="chat_template_kwargs",
+        )
+    return kwargs
+
+
+def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, kwargs: dict) -> list[int]:
+    """Chat template then tokenization (runs in the preparation thread pool for large chats)."""
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+    except Exception as exc:  # template errors (e.g. roles the template refuses) are the caller's
+        raise InvalidRequestError(f"Could not apply the chat template: {exc}", param="messages") from exc
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def chat_prompt_ids(serving: Serving, req: ChatCompletionRequest) -> list[int]:
+    """Token ids of the chat: bounded (messages, characters), then templated and tokenized off the loop."""
     tok = serving.tokenizer
     if not getattr(tok, "chat_template", None):
         raise InvalidRequestError(
             "This model's tokenizer has no chat template; use /v1/completions", param="messages"
         )
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    try:
-        text = tok.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=req.add_generation_prompt,
-            **(req.chat_template_kwargs or {}),
+    kwargs = template_kwargs(tok, req.chat_template_kwargs)
+    limit = serving.max_model_len()
+    if limit is not None and len(req.messages) > limit:
+        raise InvalidRequestError(
+            f"The chat has {len(req.messages):,} messages; this model's maximum context length is {limit:,} "
+            "tokens (each message takes at least one). Please send fewer messages.",
+            param="messages",
+            code="context_length_exceeded",
         )
-    except Exception as exc:  # template errors (e.g. roles the template refuses) are the caller's
-        raise InvalidRequestError(f"Could not apply the chat template: {exc}", param="messages") from exc
-    return tok.encode(text, add_special_tokens=False)
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    chars = sum(len(m["content"]) for m in messages) + (len(json.dumps(kwargs)) if kwargs else 0)
+    serving.check_chars(chars, "messages")
+    return await serving.off_loop(chars, render_chat, tok, messages, req.add_generation_prompt, kwargs)
 
 
 async def create_chat_completion(serving: Serving, req: ChatCompletionRequest) -> Response | Any:
-    ids = apply_chat_template(serving, req)
+    serving.resolve(req)  # 404 before any templating work (resolved and pinned again in start)
+    ids = await chat_prompt_ids(serving, req)
     k = req.num_logprobs()
     params = serving.sampling_params(req, serving.check_length(ids, req.token_limit()), k)
     gen = await serving.start("chatcmpl", req, [(ids, None)], [params], wait_first=not req.stream)

@@ -25,6 +25,14 @@ from blora.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("blora.server")
 
+MAX_ECHO_CHARS = 100  # client-supplied names quoted in an error message are cut to this
+MAX_MESSAGE_CHARS = 4096  # and no error message is longer than this
+
+
+def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (``...`` marks a cut): for echoing client input in errors."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 class APIError(Exception):
     """An error the client caused or must react to; rendered as an OpenAI error body."""
@@ -41,6 +49,7 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
         self.param = param

@@ -5,6 +5,11 @@ Admission counts generation requests the server has accepted and not yet finishe
 Counting at the server (not from ``engine.stats()``) keeps the decision exact under bursts, before the
 engine has seen the new requests.
 
+Each ticket also pins the adapters its request uses (``AdapterPins``), from the moment the model name is
+resolved until the request ends. An unload is refused while an adapter is pinned, and while an unload is in
+progress the adapter no longer resolves (404): the engine never receives a request for an adapter that
+was unloaded between the server's check and the engine's submission.
+
 On SIGTERM (or SIGINT) the server stops admitting work (every new request gets 503, ``/health`` too), waits
 up to ``drain_timeout`` seconds for in-flight requests to finish, aborts whatever is left, then lets
 uvicorn close connections and exit with status 0. A second signal exits at once.
@@ -17,23 +22,73 @@ import inspect
 import logging
 import signal
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
 import anyio
 import uvicorn
 
-from blora.server.errors import QueueFullError, ShuttingDownError
+from blora.server.errors import InvalidRequestError, NotFoundError, QueueFullError, ShuttingDownError, clip
 
 logger = logging.getLogger("blora.server")
 
 
-class Ticket:
-    """One admitted request; ``release()`` is idempotent."""
+class AdapterPins:
+    """Adapters in use by admitted requests, and adapters being unloaded.
 
-    def __init__(self, lifecycle: Lifecycle, request_id: str) -> None:
+    Everything here runs on the event loop, so a check and the pin that follows it (in the same turn) are
+    atomic with respect to an unload.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.unloading: set[str] = set()
+
+    def check(self, model: str, names: tuple[str, ...]) -> None:
+        """404 if one of ``names`` is being unloaded (it may already be gone from the engine)."""
+        gone = [name for name in names if name in self.unloading]
+        if gone:
+            raise NotFoundError(
+                f"The model {clip(model)!r} does not exist: adapter {clip(gone[0])!r} is being unloaded",
+                param="model",
+            )
+
+    def pin(self, names: tuple[str, ...]) -> None:
+        self.counts.update(names)
+
+    def unpin(self, names: tuple[str, ...]) -> None:
+        self.counts.subtract(names)
+        for name in names:
+            if self.counts[name] <= 0:
+                del self.counts[name]
+
+    @contextmanager
+    def unloading_of(self, name: str) -> Iterator[None]:
+        """Mark ``name`` as being unloaded for the duration; 400 if requests in flight use it."""
+        if self.counts[name] > 0:
+            raise InvalidRequestError(
+                f"Failed to unload adapter {clip(name)!r}: it is used by {self.counts[name]} request(s) in "
+                "flight; unload it when they have finished",
+                param="lora_name",
+                code="adapter_in_use",
+            )
+        self.unloading.add(name)
+        try:
+            yield
+        finally:
+            self.unloading.discard(name)
+
+
+class Ticket:
+    """One admitted request and the adapters it pins; ``release()`` is idempotent."""
+
+    def __init__(self, lifecycle: Lifecycle, request_id: str, adapters: tuple[str, ...] = ()) -> None:
         self.lifecycle = lifecycle
         self.request_id = request_id
+        self.adapters = adapters
         self.engine_ids: list[str] = []
         self.released = False
 
@@ -49,6 +104,7 @@ class Lifecycle:
         self.retry_after_s = retry_after_s
         self.draining = False
         self.tickets: dict[str, Ticket] = {}
+        self.pins = AdapterPins()
         self._on_change = on_change  # callback(in_flight: int), for the metrics gauge
 
     @property
@@ -59,7 +115,8 @@ class Lifecycle:
         if self.draining:
             raise ShuttingDownError("The server is shutting down and does not accept new requests")
 
-    def admit(self, request_id: str) -> Ticket:
+    def admit(self, request_id: str, adapters: tuple[str, ...] = ()) -> Ticket:
+        """A ticket for a new request (429 when full, 503 while draining); pins ``adapters`` until released."""
         self.check_accepting()
         if self.capacity is not None and len(self.tickets) >= self.capacity:
             raise QueueFullError(
@@ -67,13 +124,15 @@ class Lifecycle:
                 f"{self.capacity}); retry after {self.retry_after_s} s",
                 headers={"Retry-After": str(self.retry_after_s)},
             )
-        ticket = Ticket(self, request_id)
+        ticket = Ticket(self, request_id, adapters)
         self.tickets[request_id] = ticket
+        self.pins.pin(adapters)
         self._changed()
         return ticket
 
     def _release(self, ticket: Ticket) -> None:
         self.tickets.pop(ticket.request_id, None)
+        self.pins.unpin(ticket.adapters)
         self._changed()
 
     def _changed(self) -> None:

@@ -1,9 +1,13 @@
 """The generation pipeline behind ``/v1/completions`` and ``/v1/chat/completions``.
 
-request -> model name to adapter -> prompt token ids (chat template for chat) -> length check ->
-SamplingParams -> admission (429/503) -> one engine request per prompt (``n`` choices each) ->
+request -> model name to adapter -> size bounds -> prompt token ids (chat template for chat) -> length
+check -> SamplingParams -> admission (429/503) -> one engine request per prompt (``n`` choices each) ->
 JSON response or SSE stream. Cleanup (abort of unfinished engine requests, release of the admission
-ticket) runs however the request ends: success, error, client disconnect, or server drain.
+ticket and its adapter pins) runs however the request ends: success, error, client disconnect, or drain.
+
+Nothing slow runs on the event loop: prompts are bounded in characters before they are tokenized (a prompt
+longer than the context can hold tokens of the longest vocabulary entry cannot fit), and tokenization and
+chat templating of all but short inputs run in a small thread pool.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from starlette.responses import StreamingResponse
@@ -32,6 +37,31 @@ logger = logging.getLogger("blora.server")
 
 MAX_CHOICES = 256  # prompts x n in one request
 SUBMIT_TURNS = 3  # event-loop turns a streaming request gives the engine to accept or reject it
+INLINE_CHARS = 2048  # inputs up to this size are tokenized inline: cheaper than a thread hop (~1 ms)
+PREP_WORKERS = 2  # threads for tokenization and chat templating (bounded: a flood of big prompts queues)
+MIN_CHARS_PER_TOKEN, MAX_CHARS_PER_TOKEN = 16, 256  # clamp of the longest vocabulary entry
+
+T = TypeVar("T")
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """Characters of the longest vocabulary entry (clamped): no token decodes to more characters.
+
+    Byte-level BPE and SentencePiece vocabularies spell a token with at least as many characters as it
+    decodes to, so a text longer than ``max_model_len`` times this has more than ``max_model_len`` tokens.
+    """
+    try:
+        longest = max(map(len, tokenizer.get_vocab()))
+    except Exception:  # a tokenizer without a vocabulary listing: the generous upper clamp
+        longest = MAX_CHARS_PER_TOKEN
+    return min(max(longest, MIN_CHARS_PER_TOKEN), MAX_CHARS_PER_TOKEN)
+
+
+def adapter_names(adapter: str | dict[str, float] | None) -> tuple[str, ...]:
+    """The adapters a resolved ``model`` / ``adapter_mixture`` uses."""
+    if adapter is None:
+        return ()
+    return (adapter,) if isinstance(adapter, str) else tuple(adapter)
 
 
 @dataclass
@@ -151,13 +181,24 @@ class Serving:
     """Shared pipeline of both generation endpoints."""
 
     def __init__(
-        self, engine: Any, adapters: AdapterManager, metrics: ServerMetrics, lifecycle: Lifecycle
+        self,
+        engine: Any,
+        adapters: AdapterManager,
+        metrics: ServerMetrics,
+        lifecycle: Lifecycle,
+        max_prompt_chars: int | None = None,
     ) -> None:
         self.engine = engine
         self.adapters = adapters
         self.metrics = metrics
         self.lifecycle = lifecycle
         self.tokenizer = engine.tokenizer
+        self.max_prompt_chars = max_prompt_chars  # None: derived from the context (prompt_char_limit)
+        self.chars_per_token = longest_token_chars(self.tokenizer)
+        self._prep = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="blora-prep")
+
+    def close(self) -> None:
+        self._prep.shutdown(wait=False, cancel_futures=True)
 
     # -- request preparation -------------------------------------------------------------------------
 
@@ -167,6 +208,75 @@ class Serving:
 
     def max_model_len(self) -> int | None:
         return getattr(self.engine, "max_model_len", None)
+
+    def prompt_char_limit(self) -> int | None:
+        """The most characters a prompt (or a chat's messages) may have before it is tokenized."""
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        limit = self.max_model_len()
+        return None if limit is None else limit * self.chars_per_token
+
+    def check_chars(self, chars: int, param: str) -> None:
+        """400 for an input too long to fit, before any tokenization or templating work."""
+        limit = self.prompt_char_limit()
+        if limit is None or chars <= limit:
+            return
+        if self.max_prompt_chars is not None:
+            why = f"the server's limit is {limit:,} characters (--max-prompt-chars)"
+        else:
+            why = (
+                f"this model's maximum context length of {self.max_model_len():,} tokens holds at most "
+                f"{limit:,} characters"
+            )
+        raise InvalidRequestError(
+            f"The {param} has {chars:,} characters; {why}. Please reduce the {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+    @staticmethod
+    def check_choices(prompts: int, n: int) -> None:
+        if prompts * n > MAX_CHOICES:
+            raise InvalidRequestError(
+                f"The request asks for {prompts * n} completions (prompts x n); the limit is {MAX_CHOICES}",
+                param="n",
+            )
+
+    async def off_loop(self, chars: int, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the preparation thread pool, or inline for inputs of at most ``INLINE_CHARS``."""
+        if chars <= INLINE_CHARS:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
+
+    async def prompt_ids(self, prompts: list[str | list[int]]) -> list[tuple[list[int], str | None]]:
+        """(token ids, text or None) of each completion prompt: bounded, then tokenized off the loop."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        for text in texts:
+            self.check_chars(len(text), "prompt")
+        for ids in prompts:
+            if not isinstance(ids, str):
+                self.check_token_ids(ids)
+        chars = sum(map(len, texts))
+        encoded = iter(await self.off_loop(chars, lambda: [self.encode(t) for t in texts]))
+        return [(next(encoded), p) if isinstance(p, str) else (list(p), None) for p in prompts]
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        limit, vocab = self.max_model_len(), len(self.tokenizer)
+        if limit is not None and len(ids) > limit:
+            self.check_length(ids, 1)  # the context-length error
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            raise InvalidRequestError(f"Prompt token ids must be in [0, {vocab})", param="prompt")
+
+    def resolve(self, req: SamplingFields) -> str | dict[str, float] | None:
+        """The adapter (name, mixture or None) of ``req``; 404 for unknown or unloading adapters."""
+        if req.adapter_mixture is not None:
+            adapter: str | dict[str, float] | None = self.adapters.resolve_mixture(
+                req.model, req.adapter_mixture
+            )
+        else:
+            adapter = self.adapters.resolve(req.model)
+        self.lifecycle.pins.check(req.model, adapter_names(adapter))
+        return adapter
 
     def check_length(self, prompt_ids: list[int], max_tokens: int | None) -> int:
         """The effective max_tokens for a prompt; 400 if prompt + max_tokens exceed the context."""
@@ -225,22 +335,16 @@ class Serving:
         Submission errors the engine raises (``ValueError``) become a 400 here. Non-streaming requests wait
         for the first outputs; streaming ones only let the submissions run (a few event-loop turns), so
         that a request queued behind a full batch still gets its response headers at once.
+
+        The adapter is resolved and pinned (by the admission ticket) in one event-loop turn, so it cannot
+        be unloaded before the engine has the request: an unload in between gets 400 (in use), a request
+        during an unload gets 404.
         """
-        if req.adapter_mixture is not None:
-            adapter: str | dict[str, float] | None = self.adapters.resolve_mixture(
-                req.model, req.adapter_mixture
-            )
-        else:
-            adapter = self.adapters.resolve(req.model)
-        choices = len(prompts) * (params[0].n if params else 1)
-        if choices > MAX_CHOICES:
-            raise InvalidRequestError(
-                f"The request asks for {choices} completions (prompts x n); the limit is {MAX_CHOICES}",
-                param="n",
-            )
+        adapter = self.resolve(req)
+        self.check_choices(len(prompts), params[0].n if params else 1)
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         try:
-            ticket = self.lifecycle.admit(request_id)
+            ticket = self.lifecycle.admit(request_id, adapter_names(adapter))
         except APIError as exc:
             self.metrics.reject(exc.code or exc.error_type)
             raise
