@@ -5,7 +5,7 @@
 | 400 | invalid parameters, malformed JSON, prompt + max_tokens beyond the context | invalid_request_error |
 | 401 | missing or wrong API key | invalid_request_error / invalid_api_key |
 | 404 | unknown model or adapter, adapter path that does not exist | invalid_request_error / model_not_found |
-| 413 | request body over 32 MiB | invalid_request_error / body_too_large |
+| 413 | request body over the limit (32 MiB; bytes received, chunked too) | invalid_request_error / body_too_large |
 | 429 | the bounded request queue is full (with ``Retry-After``) | rate_limit_error / queue_full |
 | 503 | the server is draining for shutdown | server_error / shutting_down |
 """
