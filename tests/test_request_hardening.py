@@ -380,6 +380,6 @@ def test_refused_request_leaves_its_adapter_unloadable(server):
     body = {"model": "pinned", "prompt": "Hi", "max_tokens": 8, "seed": 18446744073709551616}
     assert_error(server.post("/v1/completions", json=body), 400, "seed")
     body = {"model": "pinned", "prompt": "Hi", "max_tokens": 8, "stop_token_ids": [VOCAB]}
-    assert_error(server.post("/v1/completions", json=body | {"stream": True}), 400)
+    assert_error(server.post("/v1/completions", json=body | {"stream": True}), 400, "stop_token_ids")
     r = server.post("/v1/unload_lora_adapter", json={"lora_name": "pinned"})
     assert r.status_code == 200, r.text

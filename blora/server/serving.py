@@ -370,7 +370,7 @@ class Serving:
         except ValueError as exc:
             await gen.cleanup()
             self.metrics.reject("invalid_request")
-            raise InvalidRequestError(str(exc)) from exc
+            raise InvalidRequestError(str(exc), param=getattr(exc, "param", None)) from exc
         except BaseException:
             await gen.cleanup()
             raise
@@ -408,7 +408,7 @@ class Serving:
             except APIError as exc:
                 yield sse_error(exc)
             except ValueError as exc:  # the engine refused the request after the stream started
-                yield sse_error(InvalidRequestError(str(exc)))
+                yield sse_error(InvalidRequestError(str(exc), param=getattr(exc, "param", None)))
             except Exception as exc:
                 logger.exception("stream %s failed", gen.request_id)
                 yield sse_error(APIError(f"Generation failed: {type(exc).__name__}: {exc}"))
