@@ -70,8 +70,8 @@ class AdapterPins:
         """Mark ``name`` as being unloaded for the duration; 400 if requests in flight use it."""
         if self.counts[name] > 0:
             raise InvalidRequestError(
-                f"Failed to unload adapter {clip(name)!r}: it is used by {self.counts[name]} request(s) in "
-                "flight; unload it when they have finished",
+                f"Failed to unload adapter {clip(name)!r}: it is used by {self.counts[name]} unfinished "
+                "request(s); unload it when they have finished",
                 param="lora_name",
                 code="adapter_in_use",
             )
