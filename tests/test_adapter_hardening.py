@@ -414,3 +414,14 @@ def test_serve_max_lora_rank_reaches_the_engine_and_bounds_loads(good):
     llm = LLM(tiny_model("llama"), tokenizer=tokenizer(), max_lora_rank=2)
     with pytest.raises(AdapterError, match="rank 4 is above the configured maximum 2"):
         llm.load_adapter("big", str(good))
+
+
+def test_pattern_keys_are_matched_like_peft_whatever_their_text():
+    from peft.utils.other import get_pattern_key
+
+    from blora.lora.config import LoraConfig
+
+    patterns = {"keys": 2, "budget": 5, "layers.0.q_proj": 3, r"v_\w+": 6}
+    cfg = LoraConfig.from_dict({"r": 4, "target_modules": ["q_proj"], "rank_pattern": patterns}, "a")
+    for key in ("x.keys", "budget", "model.layers.0.q_proj", "model.layers.1.q_proj", "a.v_proj", "keysx"):
+        assert cfg.rank_for(key) == patterns.get(get_pattern_key(list(patterns), key), 4), key

@@ -190,7 +190,7 @@ class LoraConfig:
 
     def _pattern_key(self, field_name: str, key: str) -> str:
         """PEFT's ``get_pattern_key``: the first pattern ``p`` with ``re.match(rf"(.*\\.)?({p})$", key)``."""
-        cache = self._compiled.setdefault(f"{field_name}:keys", {})
+        cache = self._compiled.setdefault(f"matched {field_name}", {})  # pattern slots start "<field>:"
         if key not in cache:
             cache[key] = key
             for p in getattr(self, field_name):
