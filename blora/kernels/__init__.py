@@ -121,6 +121,17 @@ class CpuKernel:
             meta.data_ptr(), offsets.data_ptr(), rows.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
 
+    def bind_add(
+        self,
+        meta: torch.Tensor,
+        offsets: torch.Tensor,
+        rows: torch.Tensor,
+        in_features: int,
+        dtype: torch.dtype,
+    ) -> BoundAdd:
+        """``add`` with everything but ``y`` and ``x`` fixed (see ``BoundAdd``)."""
+        return BoundAdd(self._fns[dtype], meta, offsets, rows, in_features)
+
     def decode_attention(
         self,
         query: torch.Tensor,
@@ -215,6 +226,31 @@ class CpuKernel:
             x.data_ptr(), x.stride(0), n, v, out.data_ptr(), torch.get_num_threads()
         )
         return out
+
+
+class BoundAdd:
+    """One layer's ``CpuKernel.add`` for one token grouping: ``bound(y, x)`` with the table (``meta``), the
+    token rows and the input width fixed, so a decode step pays one ctypes call and no lookups. Holds the
+    tensors whose pointers it passes; the caller keeps the weights in ``meta`` alive (``keep``) and passes
+    ``x`` [N, in_features] and ``y`` [N, >= out] of the bound dtype on the CPU, ``y`` with unit column stride.
+    """
+
+    __slots__ = ("_fn", "_args", "_tensors", "keep")
+
+    def __init__(self, fn, meta: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor, in_features: int):
+        self._fn = fn
+        self._tensors = (meta, offsets, rows)
+        self._args = (in_features, meta.shape[0], meta.data_ptr(), offsets.data_ptr(), rows.data_ptr())
+        self.keep: object = None
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        in_f, n, meta, offsets, rows = self._args
+        self._fn(
+            x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), in_f, n, meta, offsets, rows,
+            torch.get_num_threads(),
+        )  # fmt: skip
 
 
 def kernel_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

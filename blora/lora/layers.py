@@ -9,6 +9,11 @@ from blora import kernels
 from blora.lora import ops
 from blora.lora.context import TokenGroups, current_batch
 
+# A layer's decode-time work for one token grouping (see ``LoraLinear._bind``): the CPU kernel bound to its
+# table, ``_SKIP`` (no adapter of the batch targets the layer) or None (the general path, ``add_lora``).
+_SKIP = object()
+_Step = tuple[TokenGroups, int, torch.dtype, object]  # (groups, weights version, input dtype, work)
+
 # Cost model for picking an op (in multiply-adds): one extra kernel launch is worth about OP_COST MACs.
 # Measured with benchmarks/ops_bench.py: small bf16 matmuls on CPU cost ~25 us each (oneDNN), fp32 ~5 us.
 OP_COST = {
@@ -138,6 +143,7 @@ class LoraLinear(nn.Module):
         self.extras: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # slot -> (g, c)
         self.version = 0
         self._plans: dict[tuple[tuple[int, ...], int], _Plan] = {}
+        self._step: _Step | None = None  # the work bound for the last token grouping seen (``_bind``)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -175,11 +181,40 @@ class LoraLinear(nn.Module):
     def _invalidate(self) -> None:
         self.version += 1
         self._plans.clear()
+        self._step = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        self.add_lora(y.view(-1, self.out_features), x.reshape(-1, self.in_features))
+        batch = current_batch()
+        if batch is None or not batch.any_adapter or not self.pairs:
+            return y
+        x = x.reshape(-1, self.in_features)
+        groups = batch.groups(x.shape[0])
+        step = self._step
+        if step is None or step[0] is not groups or step[1] != self.version or step[2] is not x.dtype:
+            step = self._bind(groups, x)
+        work = step[3]
+        if work is None:
+            self.add_lora(y.view(-1, self.out_features), x)
+        elif work is not _SKIP:
+            work(y.view(-1, self.out_features), x)
         return y
+
+    def _bind(self, groups: TokenGroups, x: torch.Tensor) -> _Step:
+        """This layer's work for ``groups``, decided once per token grouping (library mode's ``generate``
+        reuses one grouping for every decode step): the CPU kernel bound to its table when every adapter's
+        tokens fit it, so each later forward is one kernel call; otherwise the general ``add_lora``."""
+        plan = self._plan(groups)
+        work: object = None
+        if plan is None:
+            work = _SKIP
+        elif not self.extras and (kernel := kernels.usable(x, plan.pairs[0][0].dtype)) is not None:
+            table, large = plan.kernel_split(groups)
+            if table is not None and not large:
+                work = kernel.bind_add(table, *groups.flat(), self.in_features, x.dtype)
+                work.keep = plan  # the table points into the plan's weights
+        self._step = (groups, self.version, x.dtype, work)
+        return self._step
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, max_work: int | None = None) -> None:
         """In place on ``y`` [N, out] = ``base(x)`` for ``x`` [N, in] (``y`` may be a column slice of a wider
