@@ -1,9 +1,16 @@
-"""Library-mode throughput: blora ``load_loras`` + ``generate`` vs PEFT mixed batch vs transformers base-only.
+"""Library-mode throughput: blora ``load_loras`` + ``generate`` vs transformers base-only (and PEFT mixed).
 
-Same model (SmolLM2-135M-Instruct), prompts and token counts for every system in one run, per dtype.
-Run: ``.venv/bin/python benchmarks/library_bench.py [--dtypes float32 bfloat16] [--runs 3]``. Systems are
-timed round-robin; the table reports each system's best round (``--stat best``, the default: other load on
-a shared machine only ever slows a run down) or its median (``--stat median``), and ratios between systems.
+Same model (the embedded SmolLM2-135M-Instruct), prompts and number of generated tokens for every system,
+per dtype and batch size. Default workload (``--workload demo``): the four demo adapters and the base model
+mixed in one batch, row ``i`` using ``[base, caps, json, brief, pirate][i % 5]``; ``--workload bench``: the
+16 benchmark adapters of ranks 8-64 (``benchmarks/common.py``), ``--adapters K`` distinct ones round-robin.
+transformers runs the same rows base-only (it has no adapters): the ratio is what the LoRAs cost.
+
+Run: ``.venv/bin/python benchmarks/library_bench.py [--rows 5 32] [--dtypes bfloat16 float32] [--runs 5]``.
+After a warm-up, systems are timed in alternation (A B, then B A, ...) so drifting load on a shared machine
+hits both alike; the table reports median tok/s and the median of the per-round ratios to transformers.
+``--decode-steps`` times single decode steps instead (KV cache, one token per row): more rounds in the same
+time on a busy machine.
 """
 
 from __future__ import annotations
@@ -14,112 +21,179 @@ import json
 import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import chat_prompts, make_bench_adapters, median_time  # noqa: E402
+from common import chat_prompts, make_bench_adapters  # noqa: E402
 
 from blora import load_loras, prepare_batch  # noqa: E402
+from blora.demo.behaviours import ADAPTER_NAMES, adapter_path  # noqa: E402
 from blora.models import load_model  # noqa: E402
 
+BASELINE = "transformers base-only"
 
-def run_dtype(dtype: str, args, adapter_root: Path) -> list[dict]:
-    loaded = load_model(dtype=dtype)
-    base, tok = loaded.model, loaded.tokenizer
-    texts = chat_prompts(tok, args.requests)
-    paths = make_bench_adapters(base, adapter_root / dtype, max(args.adapters))
-    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    n_tokens = args.requests * args.new_tokens
-    systems: dict[str, object] = {}
+
+def adapter_sets(args, base, dtype: str) -> dict[str, tuple[dict[str, Path], list[str | None]]]:
+    """label -> (adapters to load, per-row adapter cycle) for the chosen workload."""
+    if args.workload == "demo":
+        return {
+            "demo 4 adapters + base": ({n: adapter_path(n) for n in ADAPTER_NAMES}, [None, *ADAPTER_NAMES])
+        }
+    paths = make_bench_adapters(base, args.adapter_cache / dtype, max(args.adapters))
+    return {
+        f"{k} bench adapters": ({p.name: p for p in paths}, [p.name for p in paths[:k]])
+        for k in args.adapters
+    }
+
+
+def systems_for(args, dtype: str, rows: int, loaded) -> dict[str, Callable[[], object]]:
+    base, tok = loaded
+    texts = chat_prompts(tok, rows)
+    gen = dict(
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=False,
+        pad_token_id=tok.eos_token_id,
+    )
     plain = prepare_batch([(t, None) for t in texts], tok, base, {})
     plain.pop("adapter_ids")
-    systems["transformers base-only"] = lambda: base.generate(**plain, **gen)
+    systems: dict[str, Callable[[], object]] = {BASELINE: lambda: base.generate(**plain, **gen)}
     model = copy.deepcopy(base)
-    model, lora_map = load_loras(model, {p.name: p for p in paths})
-    for k in args.adapters:
-        names = [paths[i % k].name for i in range(args.requests)]
+    for label, (adapters, cycle) in adapter_sets(args, base, dtype).items():
+        model, lora_map = load_loras(model, adapters)
+        names = [cycle[i % len(cycle)] for i in range(rows)]
         batch = prepare_batch(list(zip(texts, names, strict=True)), tok, model, lora_map)
-        systems[f"blora library, {k} adapters"] = lambda b=batch: model.generate(**b, **gen)
-    if not args.skip_peft:
-        from peft import PeftModel
-
-        k = max(args.adapters)
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name=paths[0].name)
-        for p in paths[1:k]:
-            peft_model.load_adapter(str(p), adapter_name=p.name)
-        names = [paths[i % k].name for i in range(args.requests)]
-        systems[f"PEFT mixed batch, {k} adapters"] = lambda: peft_model.generate(
-            **plain, adapter_names=names, **gen
-        )
-    return _interleaved(dtype, systems, args.runs, n_tokens)
+        systems[f"blora library, {label}"] = lambda b=batch, m=model: m.generate(**b, **gen)
+        if args.peft:
+            systems[f"PEFT mixed batch, {label}"] = _peft_system(base, adapters, names, plain, gen)
+    return systems
 
 
-def _interleaved(dtype: str, systems: dict, runs: int, n_tokens: int) -> list[dict]:
-    """Warm every system up, then time them round-robin (``runs`` rounds): other load on a shared machine
-    then hits every system alike. Reports the median and the best run."""
+def _peft_system(base, adapters: dict[str, Path], names: list[str | None], plain: dict, gen: dict):
+    from peft import PeftModel
+
+    items = list(adapters.items())
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(items[0][1]), adapter_name=items[0][0])
+    for name, path in items[1:]:
+        peft_model.load_adapter(str(path), adapter_name=name)
+    peft_names = ["__base__" if n is None else n for n in names]
+    return lambda: peft_model.generate(**plain, adapter_names=peft_names, **gen)
+
+
+def alternate(systems: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+    """Warm every system up, then ``runs`` rounds, each round in the reverse order of the previous one."""
     times: dict[str, list[float]] = {name: [] for name in systems}
+    order = list(systems)
     with torch.inference_mode():
         for fn in systems.values():
             fn()
         for _ in range(runs):
-            for name, fn in systems.items():
-                times[name].append(median_time(fn, 1)[0])
-    rows = []
+            for name in order:
+                start = time.perf_counter()
+                systems[name]()
+                times[name].append(time.perf_counter() - start)
+            order.reverse()
+    return times
+
+
+def decode_systems(args, dtype: str, rows: int, loaded) -> dict[str, Callable[[], object]]:
+    """One decode step each (KV cache, one new token per row), for ``--decode-steps``: less time per round
+    than a whole ``generate``, so more rounds fit a busy machine. Demo workload only."""
+    base, tok = loaded
+    texts = chat_prompts(tok, rows)
+    model = copy.deepcopy(base)
+    model, lora_map = load_loras(model, {n: adapter_path(n) for n in ADAPTER_NAMES})
+    cycle = [None, *ADAPTER_NAMES]
+    batch = prepare_batch([(t, cycle[i % len(cycle)]) for i, t in enumerate(texts)], tok, model, lora_map)
+    ids, mask, slots = batch["input_ids"], batch["attention_mask"], batch["adapter_ids"]
+
+    def stepper(m, lora: bool) -> Callable[[], object]:
+        extra = {"adapter_ids": slots} if lora else {}
+        with torch.inference_mode():
+            out = m(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
+        state = [out.past_key_values, out.logits[:, -1:].argmax(-1), mask]
+
+        def step() -> None:
+            past, nxt, msk = state
+            msk = torch.cat([msk, msk.new_ones(msk.shape[0], 1)], 1)
+            out = m(input_ids=nxt, attention_mask=msk, past_key_values=past, use_cache=True, **extra)
+            state[1:] = [out.logits[:, -1:].argmax(-1), msk]
+
+        return step
+
+    return {
+        BASELINE: stepper(base, False),
+        "blora library, demo 4 adapters + base (decode step)": stepper(model, True),
+    }
+
+
+def measure(args, dtype: str, rows: int, loaded) -> list[dict]:
+    build = decode_systems if args.decode_steps else systems_for
+    times = alternate(build(args, dtype, rows, loaded), args.runs)
+    n_tokens = rows * (1 if args.decode_steps else args.new_tokens)
+    base = times[BASELINE]
+    out = []
     for name, ts in times.items():
-        med = statistics.median(ts)
-        rows.append(
-            {
-                "dtype": dtype,
-                "system": name,
-                "tok_s": n_tokens / med,
-                "best_tok_s": n_tokens / min(ts),
-                "runs_s": ts,
-            }
-        )
+        ratios = [b / t for b, t in zip(base, ts, strict=True)]  # per round: tok/s relative to transformers
+        row = {
+            "dtype": dtype,
+            "rows": rows,
+            "system": name,
+            "tok_s": n_tokens / statistics.median(ts),
+            "ratio": statistics.median(ratios),
+            "ratios": ratios,
+            "runs_s": ts,
+        }
+        out.append(row)
         print(
-            f"  {dtype:9s} {name:28s} {n_tokens / med:7.1f} tok/s median, {n_tokens / min(ts):7.1f} best  {ts}",
+            f"  {dtype:9s} rows={rows:3d} {name:44s} {row['tok_s']:7.1f} tok/s  "
+            f"{row['ratio']:.3f}x  rounds {' '.join(f'{r:.3f}' for r in ratios)}",
             flush=True,
         )
-    return rows
+    return out
 
 
-def report(rows: list[dict], stat: str = "best") -> str:
-    lines = ["| dtype | system | tok/s | vs transformers base | vs PEFT mixed |", "|---|---|---:|---:|---:|"]
-    key = "best_tok_s" if stat == "best" else "tok_s"
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        sub = [{**r, "tok_s": r[key]} for r in rows if r["dtype"] == dtype]
-        base = next(r["tok_s"] for r in sub if r["system"].startswith("transformers"))
-        peft = next((r["tok_s"] for r in sub if r["system"].startswith("PEFT")), None)
-        for r in sub:
-            vs_peft = f"{r['tok_s'] / peft:.2f}x" if peft else "-"
-            lines.append(
-                f"| {dtype} | {r['system']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {vs_peft} |"
-            )
+def report(rows: list[dict]) -> str:
+    lines = [
+        "| dtype | rows | system | tok/s (median) | vs transformers base-only |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['rows']} | {r['system']} | {r['tok_s']:.1f} | {r['ratio']:.2f}x |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--requests", type=int, default=32)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--rows", type=int, nargs="+", default=[5, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workload", choices=["demo", "bench"], default="demo")
+    parser.add_argument("--adapters", type=int, nargs="+", default=[4, 16], help="with --workload bench")
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-peft", action="store_true")
-    parser.add_argument("--stat", choices=["best", "median"], default="best")
+    parser.add_argument("--decode-steps", action="store_true", help="time single decode steps, not generate")
+    parser.add_argument("--peft", action="store_true", help="also time PEFT (one batch with adapter_names)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/library.json"))
     parser.add_argument(
         "--adapter-cache", type=Path, default=Path(tempfile.gettempdir()) / "blora-bench-adapters"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [row for dtype in args.dtypes for row in run_dtype(dtype, args, args.adapter_cache)]
+    results = []
+    for dtype in args.dtypes:
+        loaded = load_model(dtype=dtype)
+        for rows in args.rows:
+            results += measure(args, dtype, rows, (loaded.model, loaded.tokenizer))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))
-    print(report(rows, args.stat))
+    args.out.write_text(json.dumps(results, indent=2))
+    print(report(results))
 
 
 if __name__ == "__main__":
