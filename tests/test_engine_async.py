@@ -4,6 +4,8 @@ validation errors, stats and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 
 import pytest
 import torch
@@ -170,3 +172,32 @@ def test_stats_fields():
         assert llm.max_model_len == 256 and llm.tokenizer is not None
     finally:
         llm.close()
+
+
+def test_heap_trimmed_when_the_engine_goes_idle(monkeypatch):
+    """After work, the idle engine gives the allocator's free memory back (RSS does not ratchet up)."""
+    import blora.engine.async_llm as async_llm
+    from blora.engine.memory import release_free_memory
+
+    assert release_free_memory() is (sys.platform.startswith("linux") and _glibc())
+    calls = []
+    monkeypatch.setattr(async_llm, "release_free_memory", lambda: calls.append(time.monotonic()))
+    llm = new_llm()
+
+    async def run():
+        await consume(llm, PROMPTS[1], SamplingParams(temperature=0, max_tokens=4))
+        for _ in range(200):
+            if calls:
+                break
+            await asyncio.sleep(0.01)
+        await llm.shutdown()
+
+    assert not calls, "no trim before any work"
+    asyncio.run(run())
+    assert len(calls) == 1, calls
+
+
+def _glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"

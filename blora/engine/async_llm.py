@@ -20,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blora.engine.llm import build_engine
+from blora.engine.memory import release_free_memory
 from blora.engine.outputs import RequestOutput
 from blora.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+TRIM_INTERVAL_S = 1.0  # at most one heap trim per second, when the engine goes idle
 
 
 @dataclass
@@ -210,6 +213,7 @@ class AsyncLLM:
         return await asyncio.wrap_future(self._submit(fn, *args))
 
     def _loop(self) -> None:
+        busy, trimmed_at = False, -TRIM_INTERVAL_S
         while not self._stopped:
             self._wakeup.clear()
             self._run_commands()
@@ -217,8 +221,12 @@ class AsyncLLM:
                 break
             if self.engine.has_unfinished_requests():
                 self._step()
+                busy = True
             else:
                 self._stats = self.engine.stats()
+                if busy and time.monotonic() - trimmed_at >= TRIM_INTERVAL_S:
+                    release_free_memory()  # idle now: RSS does not ratchet up to the largest step
+                    busy, trimmed_at = False, time.monotonic()
                 self._wakeup.wait()
         self._run_commands()  # answer late callers
 
