@@ -217,3 +217,20 @@ def test_two_interleaved_streams_keep_their_own_adapters(ran):
     assert torch.equal(torch.stack([b for _, b in pairs], 1), alone_second)
     assert not torch.equal(alone_first, alone_second)
     assert no_worker_threads()
+
+
+def test_streaming_runs_on_the_consumers_thread_and_keeps_its_grad_mode(ran):
+    """generate runs on the caller's OS thread (a second thread would bring a second OpenMP team, which
+    makes every op pay a thread wake-up); between steps the consumer keeps its own grad mode."""
+    model, batch = ran["model"], ran["batch"]
+    threads = set()
+    hook = model.get_input_embeddings().register_forward_hook(lambda *_: threads.add(threading.get_ident()))
+    grads = []
+    try:
+        with torch.enable_grad():
+            for _ in model.generate(**batch, max_new_tokens=3, stream_output=True):
+                grads.append(torch.is_grad_enabled())
+    finally:
+        hook.remove()
+    assert threads == {threading.get_ident()}
+    assert grads == [True, True, True]
