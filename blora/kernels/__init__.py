@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,17 +106,24 @@ class CpuKernel:
                 self._elementwise[name, dtype] = fn
 
     def add(
-        self, y: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        meta: KernelTable | torch.Tensor,
+        offsets: torch.Tensor,
+        rows: torch.Tensor,
     ) -> None:
         """``y[t, c:c + w] += x[t] @ A_u @ B_u`` for the tokens of each entry ``u`` listed in ``meta``.
 
         ``x`` [N, in], ``y`` [N, >= c + w]: CPU, same dtype (float32 or bfloat16), unit column stride.
         ``meta`` [n, 6] int64 rows ``(A pointer, B pointer, rank, position, c, w)`` with ``A`` stored [r, in]
         and ``B`` [r, w] row-major (``kernel_meta``); the tokens of the entry at ``position`` are
-        ``rows[offsets[position]:offsets[position + 1]]`` (``TokenGroups.flat``). Entries with different
+        ``rows[offsets[position]:offsets[position + 1]]`` (``LoraPlan.flat``). Entries with different
         ``c`` let one call serve several projections of the same input (a fused q/k/v output). The caller
         keeps the weights alive and checks shapes: the kernel trusts every pointer it is given.
         """
+        if isinstance(meta, KernelTable):
+            meta = meta.entries
         self._fns[x.dtype](
             x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1], meta.shape[0],
             meta.data_ptr(), offsets.data_ptr(), rows.data_ptr(), torch.get_num_threads(),
@@ -123,14 +131,17 @@ class CpuKernel:
 
     def bind_add(
         self,
-        meta: torch.Tensor,
+        table: KernelTable | torch.Tensor,
         offsets: torch.Tensor,
         rows: torch.Tensor,
         in_features: int,
         dtype: torch.dtype,
     ) -> BoundAdd:
         """``add`` with everything but ``y`` and ``x`` fixed (see ``BoundAdd``)."""
-        return BoundAdd(self._fns[dtype], meta, offsets, rows, in_features)
+        entries = table.entries if isinstance(table, KernelTable) else table
+        bound = BoundAdd(self._fns[dtype], entries, offsets, rows, in_features)
+        bound.keep = table  # the weights its entries point into
+        return bound
 
     def decode_attention(
         self,
@@ -279,6 +290,45 @@ def largest_first(meta: torch.Tensor) -> torch.Tensor:
     """``meta`` rows ordered by weight size, largest first: the kernel hands entries to threads in order,
     so the big ones start early and the threads finish together."""
     return meta.index_select(0, torch.argsort(meta[:, 2] * meta[:, 5], descending=True, stable=True))
+
+
+@dataclass(frozen=True, eq=False)
+class KernelTable:
+    """The multi-LoRA kernel's work list: ``entries`` [n, 6] int64 rows ``(A pointer, B pointer, rank,
+    position, column, width)`` (``kernel_meta``) and ``keep``, the weights those pointers point into, held
+    alive as long as the table. Compared by identity: a cached table stands for its weights."""
+
+    entries: torch.Tensor
+    keep: tuple = ()
+
+    @classmethod
+    def of(cls, pairs: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int]) -> KernelTable:
+        """Entries for ``pairs`` (``A`` [in, r], ``B`` [r, out]) of the plan positions ``positions``, output
+        from column 0; weights re-laid out (``kernel_layout``) where needed, in their given order."""
+        laid_out = [kernel_layout(a, b) for a, b in pairs]
+        return cls(kernel_meta(laid_out, positions), tuple(laid_out))
+
+    def __len__(self) -> int:
+        return self.entries.shape[0]
+
+    def largest_first(self) -> KernelTable:
+        return KernelTable(largest_first(self.entries), self.keep)
+
+    def select(self, indices: list[int]) -> KernelTable:
+        """The entries at ``indices`` (rows of this table), in that order."""
+        return KernelTable(self.entries.index_select(0, torch.tensor(indices, dtype=torch.long)), self.keep)
+
+    def at_column(self, column: int) -> KernelTable:
+        """The same entries writing output columns from ``column`` (a projection's slice of a fused output)."""
+        entries = self.entries.clone()
+        entries[:, 4] = column
+        return KernelTable(entries, self.keep)
+
+    @classmethod
+    def cat(cls, tables: list[KernelTable]) -> KernelTable:
+        """All entries of ``tables`` in one call's table, largest first."""
+        entries = torch.cat([t.entries for t in tables])
+        return cls(largest_first(entries), tuple(t.keep for t in tables))
 
 
 _lock = threading.Lock()
