@@ -10,6 +10,9 @@ Policy (continuous batching with chunked prefill, like vLLM v1):
 3. At most ``max_loras`` distinct adapters are running at once. A waiting request whose adapter does not
    fit is skipped and later ones may pass it, but only for ``max_adapter_wait_steps`` steps: after that
    admission stops until its adapter fits, so it cannot starve.
+4. Prefix caching (``BlockManager``): a sequence admitted without blocks first takes the cached blocks of
+   its leading tokens (same tokens, same adapter identity) and computes only the rest; a cached block
+   nobody uses costs a free block, one that running sequences share costs nothing.
 """
 
 from __future__ import annotations
@@ -70,10 +73,15 @@ class Scheduler:
         config: SchedulerConfig,
         block_manager: BlockManager,
         can_admit: Callable[[Sequence], bool] | None = None,
+        cache_identity: Callable[[str | None], str] | None = None,
     ) -> None:
         self.config = config
         self.blocks = block_manager
         self.can_admit = can_admit  # False while a sequence's adapter is still loading
+        # adapter name -> its identity in prefix-cache keys (with its weight version); by default the name
+        self.cache_identity = cache_identity or (
+            lambda adapter: "" if adapter is None else f"adapter:{adapter}"
+        )
         self.waiting: list[Sequence] = []  # sorted by seq.order
         self.running: list[Sequence] = []  # sorted by seq.order
         self._adapter_waits: dict[int, int] = {}
@@ -153,10 +161,15 @@ class Scheduler:
                 if waited > self.config.max_adapter_wait_steps:
                     return  # let running adapters drain so this one fits
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.blocks.can_allocate(seq, n):
+            if seq.cache_identity is None:  # first admission: the adapter's weights are ready now
+                seq.cache_identity = self.cache_identity(seq.adapter)
+            computed = self.blocks.computed_blocks(seq)
+            start = len(computed) * self.blocks.block_size
+            n = min(len(seq.token_ids) - start, budget)
+            if not self.blocks.can_allocate(seq, start + n, computed):
                 return  # FIFO: later requests do not overtake on memory
-            self.blocks.allocate(seq, n)
+            self.blocks.allocate(seq, start + n, computed)
+            self.blocks.record_query(seq, computed)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.order)

@@ -34,6 +34,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    cache_identity: str | None = None  # adapter part of its prefix-cache keys; set when first scheduled
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks, in order
+    num_cached_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
