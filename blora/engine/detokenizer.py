@@ -16,8 +16,19 @@ CONTEXT_TOKENS = 5
 class IncrementalDetokenizer:
     """Text of one sequence's generated tokens, grown one token at a time, cut at the first stop string."""
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop_strings: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        prompt_token_ids: list[int],
+        stop_strings: tuple[str, ...] = (),
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> None:
+        """``include_stop``: the text keeps the stop string that ended it; ``skip_special_tokens``: special
+        tokens (EOS, chat markers) are left out of the text."""
         self.tokenizer = tokenizer
+        self.include_stop = include_stop
+        self.skip_special_tokens = skip_special_tokens
         self.tokens: list[int] = list(prompt_token_ids[-CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
@@ -26,7 +37,9 @@ class IncrementalDetokenizer:
         self.max_stop_len = max((len(s) for s in stop_strings), default=0)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        )
 
     def add_token(self, token_id: int) -> str | None:
         """Append one generated token; returns the stop string that ended the text, if any."""
@@ -52,7 +65,7 @@ class IncrementalDetokenizer:
                 best = (idx, stop)
         if best is None:
             return None
-        self.text = self.text[: best[0]]
+        self.text = self.text[: best[0] + (len(best[1]) if self.include_stop else 0)]
         return best[1]
 
     def safe_length(self, finished: bool) -> int:

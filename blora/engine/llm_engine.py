@@ -82,6 +82,7 @@ class LLMEngine:
         self.sampler = Sampler(self.runner.device, config.seed)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.sampler.configure(tokenizer, self.vocab_size, self.eos_token_ids)  # grammars, bad_words
         self.requests: dict[str, Request] = {}
         roots = config.adapter_root
         store_config = StoreConfig(
@@ -172,12 +173,13 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         params.validate()  # again: its fields may have been changed since it was built
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise SamplingParamError(
-                "stop_token_ids",
-                f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
-            )
+        for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or () if t >= self.vocab_size]
+            if bad:
+                raise SamplingParamError(
+                    name, f"{name} {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+                )
+        self.sampler.check(params)  # compiles its grammar (cached), tokenizes its bad_words
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> int:
         """Validate a request before it is queued; returns its effective max_tokens."""
@@ -246,7 +248,13 @@ class LLMEngine:
             request=req,
             index=index,
             token_ids=list(req.prompt_token_ids),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.stop_strings),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer,
+                req.prompt_token_ids,
+                req.params.stop_strings,
+                include_stop=req.params.include_stop_str_in_output,
+                skip_special_tokens=req.params.skip_special_tokens,
+            ),
             generator=generator,
             logprobs=[] if req.params.logprobs is not None else None,
             cumulative_logprob=0.0 if req.params.logprobs is not None else None,

@@ -15,19 +15,28 @@ A full sort of [32, 49152] costs ~100x a softmax on CPU. Penalties touch only th
 One row cannot fail the others: the uniform numbers are drawn first, and if the batched pass raises, the
 rows are redone one at a time with those numbers (the failure path only; the normal path has no per-row
 loop), so each other row gets exactly the token the batch would have given and the failing row its error.
+
+Logits processors run first, on the rows that use them only, each as one batched op: ``logit_bias`` (one
+``index_put_`` accumulating all rows' biases), bans (``bad_words``, ``min_tokens``: one ``index_put_`` of
+-inf), ``allowed_token_ids`` (one masked fill over those rows) and grammars (``blora.engine.structured``: a
+bitmask row per constrained sequence, applied in one call). Logprobs are those of the model's logits,
+before processors, penalties and temperature (vLLM's default). Rows without processors are untouched: their
+tokens are bit-identical to a batch without any constrained row.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
 from blora import kernels
-from blora.engine.sampling_params import SamplingParams
+from blora.engine.sampling_params import SamplingParamError, SamplingParams
 from blora.engine.sequence import Sequence
+from blora.engine.structured import StructuredOutputs
 
 CANDIDATES = (64, 512)  # tried in turn before a full sort
 
@@ -67,30 +76,156 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.structured: StructuredOutputs | None = None
+        self.tokenizer = None
+        self.stop_ids: list[int] = []  # EOS ids: banned while a row is below its min_tokens
+        self._word_ids: dict[str, list[list[int]]] = {}
+
+    def configure(self, tokenizer, vocab_size: int, eos_token_ids: Seq[int]) -> None:
+        """Give the sampler the model's tokenizer, logits width and EOS ids (grammars, bad_words, min_tokens)."""
+        self.tokenizer = tokenizer
+        self.stop_ids = sorted(eos_token_ids)
+        self.structured = StructuredOutputs(tokenizer, vocab_size, self.stop_ids)
+
+    def check(self, params: SamplingParams) -> None:
+        """Prepare what a request's processors need (compile its grammar, tokenize its bad words), so a
+        broken one is refused when queued (``SamplingParamError`` naming the field), not in a step."""
+        if params.structured_outputs is not None:
+            if self.structured is None:
+                raise SamplingParamError("structured_outputs", "this sampler has no tokenizer (configure it)")
+            self.structured.compile(params.structured_outputs)
+        for word in params.bad_words or ():
+            self.bad_word_ids(word)
+
+    def bad_word_ids(self, word: str) -> list[list[int]]:
+        """Token sequences of ``word`` as generated alone and after a space (vLLM's rule)."""
+        ids = self._word_ids.get(word)
+        if ids is None:
+            if self.tokenizer is None:
+                raise SamplingParamError("bad_words", "this sampler has no tokenizer (configure it)")
+            forms = {word, " " + word.lstrip()}
+            ids = [t for t in (self.tokenizer.encode(f, add_special_tokens=False) for f in forms) if t]
+            if len(self._word_ids) < 65536:
+                self._word_ids[word] = ids
+        return ids
 
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[SampleResult]:
         """``logits`` [B, V] (any float dtype), row i belongs to ``seqs[i]``.
 
         Never raises for a row's settings: if the batch fails, it is redone one row at a time with the
         uniform numbers already drawn for it (so every other row gets the token the batch would have
-        given) and a row that fails alone comes back with ``error`` set.
+        given) and a row that fails alone comes back with ``error`` set. A constrained row's grammar is
+        advanced by its sampled token here.
         """
+        raw, errors = logits, {}
+        if any(s.params.uses_logits_processors for s in seqs):
+            logits, errors = self._process(logits, seqs)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         u = self._uniform([seqs[i] for i in sampled]) if sampled else None
         try:
-            return self._sample_batch(logits, seqs, sampled, u)
+            results = self._sample_batch(logits, seqs, sampled, u, raw)
         except Exception as exc:
-            return self._sample_rows(logits, seqs, sampled, u, exc)
+            results = self._sample_rows(logits, seqs, sampled, u, exc, raw)
+        for i, exc in errors.items():
+            results[i] = SampleResult(-1, error=exc)
+        if self.structured is not None:
+            for i, seq in enumerate(seqs):
+                if seq.params.structured_outputs is not None and results[i].error is None:
+                    try:
+                        self.structured.accept(seq, results[i].token_id)
+                    except Exception as exc:
+                        results[i] = SampleResult(-1, error=exc)
+        return results
+
+    def _process(
+        self, logits: torch.Tensor, seqs: Seq[Sequence]
+    ) -> tuple[torch.Tensor, dict[int, Exception]]:
+        """Logits processors of the rows that use them -> (new float32 logits, {row: error})."""
+        logits = logits.to(torch.float32, copy=True)
+        v = logits.shape[1]
+        bias: tuple[list[int], list[int], list[float]] = ([], [], [])
+        bans: tuple[list[int], list[int]] = ([], [])
+        allowed: tuple[list[int], list[int]] = ([], [])
+        allowed_rows: list[int] = []
+        grammar_rows: list[int] = []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if not p.uses_logits_processors:
+                continue
+            if p.logit_bias:
+                bias[0].extend([i] * len(p.logit_bias))
+                bias[1].extend(p.logit_bias)
+                bias[2].extend(p.logit_bias.values())
+            if p.allowed_token_ids is not None:
+                allowed[0].extend([len(allowed_rows)] * len(p.allowed_token_ids))
+                allowed[1].extend(p.allowed_token_ids)
+                allowed_rows.append(i)
+            banned = self._banned(seq)
+            bans[0].extend([i] * len(banned))
+            bans[1].extend(banned)
+            if p.structured_outputs is not None:
+                grammar_rows.append(i)
+        if bias[0]:
+            index = (self._long(bias[0]), self._long(bias[1]))
+            logits.index_put_(index, self._float(bias[2]), accumulate=True)
+        if allowed_rows:
+            keep = torch.zeros(len(allowed_rows), v, dtype=torch.bool, device=logits.device)
+            keep[self._long(allowed[0]), self._long(allowed[1])] = True
+            rows = self._long(allowed_rows)
+            logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(~keep, -math.inf))
+        if bans[0]:
+            logits.index_put_((self._long(bans[0]), self._long(bans[1])), self._float([-math.inf]))
+        errors: dict[int, Exception] = {}
+        if grammar_rows:
+            if self.structured is None:
+                raise RuntimeError("structured outputs need Sampler.configure(tokenizer, ...) first")
+            bitmask, errors = self.structured.fill(grammar_rows, seqs, len(seqs))
+            self.structured.apply(logits, bitmask, grammar_rows)
+        touched = sorted({*bias[0], *bans[0], *allowed_rows, *grammar_rows} - errors.keys())
+        if touched:
+            dead = torch.isneginf(logits.index_select(0, self._long(touched))).all(dim=-1).tolist()
+            for i, d in zip(touched, dead, strict=True):
+                if d:
+                    errors[i] = ValueError(
+                        "every token is excluded by the request's allowed_token_ids, bad_words, min_tokens, "
+                        "logit_bias and structured output together"
+                    )
+        return logits, errors
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        """Token ids ``seq`` may not sample now: bad words' last tokens, EOS / stop ids below min_tokens."""
+        p = seq.params
+        out: list[int] = []
+        if p.bad_words:
+            output = seq.output_token_ids
+            for word in p.bad_words:
+                for ids in self.bad_word_ids(word):
+                    prefix = ids[:-1]
+                    if not prefix or (
+                        len(output) >= len(prefix) and output[len(output) - len(prefix) :] == prefix
+                    ):
+                        out.append(ids[-1])
+        # a grammar decides itself when the output may end (its completion allows only EOS)
+        if p.min_tokens and seq.num_output_tokens < p.min_tokens and p.structured_outputs is None:
+            out.extend(self.stop_ids)
+            out.extend(p.stop_token_ids)
+        return out
 
     def _sample_batch(
-        self, logits: torch.Tensor, seqs: Seq[Sequence], sampled: list[int], u: torch.Tensor | None
+        self,
+        logits: torch.Tensor,
+        seqs: Seq[Sequence],
+        sampled: list[int],
+        u: torch.Tensor | None,
+        raw: torch.Tensor | None = None,
     ) -> list[SampleResult]:
-        """Every row in one pass; ``sampled``: the non-greedy rows, ``u`` their uniform numbers."""
+        """Every row in one pass; ``sampled``: the non-greedy rows, ``u`` their uniform numbers; ``raw``:
+        the model's logits for logprobs (default ``logits``)."""
         params = [s.params for s in seqs]
         plain_greedy = not sampled and all(not p.uses_penalties and p.logprobs is None for p in params)
         if not plain_greedy:
             logits = logits.float()  # argmax alone is exact in the model's dtype (widening is exact)
-        raw = logits
+        raw = logits if raw is None else raw
         if any(p.uses_penalties for p in params):
             logits = apply_penalties(logits, seqs)
         if not sampled:
@@ -115,6 +250,7 @@ class Sampler:
         sampled: list[int],
         u: torch.Tensor | None,
         exc: Exception,
+        raw: torch.Tensor | None = None,
     ) -> list[SampleResult]:
         """The failure path of ``__call__``: each row alone; a row that still fails gets its error."""
         if len(seqs) == 1:
@@ -126,8 +262,9 @@ class Sampler:
             j = position.get(i)
             row_u = None if j is None or u is None else u[j : j + 1]
             try:
+                row_raw = None if raw is None else raw[i : i + 1]
                 results.append(
-                    self._sample_batch(logits[i : i + 1], [seq], [] if j is None else [0], row_u)[0]
+                    self._sample_batch(logits[i : i + 1], [seq], [] if j is None else [0], row_u, row_raw)[0]
                 )
             except Exception as row_exc:
                 results.append(SampleResult(-1, error=row_exc))
@@ -160,7 +297,7 @@ class Sampler:
 
     def _logprobs(self, raw, tokens, want: list[int], params, results: list[SampleResult]) -> None:
         rows = self._long(want)
-        logp = torch.log_softmax(raw.index_select(0, rows), dim=-1)
+        logp = torch.log_softmax(raw.index_select(0, rows).float(), dim=-1)
         chosen = logp.gather(1, tokens.index_select(0, rows)[:, None])[:, 0].tolist()
         k = max(params[i].logprobs for i in want)
         top_vals, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())

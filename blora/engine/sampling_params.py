@@ -8,6 +8,7 @@ strings / stop token ids is bounded.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -22,6 +23,18 @@ REPETITION_PENALTY_RANGE = (1e-2, 1e2)  # a logit is divided or multiplied by it
 MAX_STOP_STRINGS = 16  # checked against the text's tail after every token
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (OpenAI allows 300)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's range: -100 bans a token, 100 all but forces it
+MAX_ALLOWED_TOKEN_IDS = 1 << 17  # more than any vocabulary
+MAX_BAD_WORDS = 256
+MAX_BAD_WORD_CHARS = 256
+MAX_MIN_TOKENS = 1 << 20
+# Structured outputs: input sizes bound the grammar compiler's time and memory (blora.engine.structured).
+MAX_SCHEMA_CHARS = 64 * 1024
+MAX_REGEX_CHARS = 4 * 1024
+MAX_GRAMMAR_CHARS = 64 * 1024
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 1024
 
 
 class SamplingParamError(ValueError):
@@ -36,6 +49,88 @@ class SamplingParamError(ValueError):
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A constraint on the output (vLLM's ``StructuredOutputsParams``): exactly one of ``json`` (a JSON
+    schema, dict or JSON text), ``regex``, ``choice`` (one of these strings), ``grammar`` (EBNF / GBNF) or
+    ``json_object`` (any JSON object). Bounds: schema and grammar 64 KiB, regex 4 KiB, 256 choices."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def kind(self) -> str:
+        """The one constraint set: "json" | "regex" | "choice" | "grammar" | "json_object"."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+    def validate(self) -> None:
+        """Sizes and types (``SamplingParamError`` naming ``structured_outputs.<kind>``); the grammar itself
+        is compiled (and checked) by the engine."""
+        set_ = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(set_) != 1:
+            raise SamplingParamError(
+                "structured_outputs",
+                f"structured_outputs needs exactly one of {', '.join(_CONSTRAINTS)}; got "
+                f"{', '.join(set_) or 'none'}",
+            )
+        kind = set_[0]
+        param = f"structured_outputs.{kind}"
+        if kind == "json":
+            self.json = _json_schema(self.json, param)
+        elif kind == "json_object" and self.json_object is not True:
+            raise SamplingParamError(param, "json_object must be true or unset")
+        elif kind in ("regex", "grammar"):
+            limit = MAX_REGEX_CHARS if kind == "regex" else MAX_GRAMMAR_CHARS
+            value = getattr(self, kind)
+            if not isinstance(value, str) or not value or len(value) > limit:
+                raise SamplingParamError(
+                    param, f"{kind} must be a non-empty string of at most {limit} characters"
+                )
+        elif kind == "choice":
+            c = self.choice
+            if (
+                not isinstance(c, (list, tuple))
+                or not 1 <= len(c) <= MAX_CHOICES
+                or not all(isinstance(x, str) and x and len(x) <= MAX_CHOICE_CHARS for x in c)
+            ):
+                raise SamplingParamError(
+                    param,
+                    f"choice must be a list of 1 to {MAX_CHOICES} non-empty strings of up to "
+                    f"{MAX_CHOICE_CHARS} characters",
+                )
+            self.choice = list(c)
+
+    def key(self) -> str:
+        """A canonical text of the constraint: the cache key of its compiled grammar."""
+        kind = self.kind()
+        value = getattr(self, kind)
+        return f"{kind}:{json.dumps(value, sort_keys=True, separators=(',', ':'))}"
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _json_schema(schema: object, param: str) -> dict:
+    if isinstance(schema, str):
+        if len(schema) > MAX_SCHEMA_CHARS:
+            raise SamplingParamError(param, f"the JSON schema is longer than {MAX_SCHEMA_CHARS} characters")
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise SamplingParamError(param, f"the JSON schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise SamplingParamError(param, f"a JSON schema must be an object, got {type(schema).__name__}")
+    try:
+        size = len(json.dumps(schema))
+    except (TypeError, ValueError) as exc:
+        raise SamplingParamError(param, f"the JSON schema is not serializable as JSON: {exc}") from None
+    if size > MAX_SCHEMA_CHARS:
+        raise SamplingParamError(param, f"the JSON schema is longer than {MAX_SCHEMA_CHARS} characters")
+    return schema
+
+
+@dataclass
 class SamplingParams:
     """How to pick the next tokens of one request (names and semantics follow vLLM / OpenAI).
 
@@ -47,6 +142,14 @@ class SamplingParams:
     ``stop_token_ids`` end it too (the token is kept). ``logprobs=k`` returns, per generated token, its
     log-probability under the model (before penalties and temperature) and the ``k`` most likely tokens.
     ``max_tokens=None`` means up to the model's length limit.
+
+    vLLM's extras: ``min_tokens`` keeps EOS and ``stop_token_ids`` from being sampled before that many
+    tokens; ``include_stop_str_in_output`` keeps the stop string at the end of the text; ``logit_bias``
+    ``{token_id: bias}`` is added to the logits (-100 bans a token); ``allowed_token_ids`` restricts
+    sampling to those ids; ``bad_words`` are never generated (a word's last token is banned whenever the
+    output ends with the word's other tokens, with and without a leading space); ``skip_special_tokens``
+    (default True) leaves special tokens out of the text; ``structured_outputs`` constrains the output to a
+    JSON schema, regex, choice or grammar (``blora.engine.structured``).
 
     Ranges (``ValueError`` naming the field otherwise): ``n`` 1..256, ``temperature`` 0..1e4, ``top_k`` -1..
     2**31-1, ``repetition_penalty`` 0.01..100, presence / frequency penalties -2..2, ``logprobs`` 0..20, at
@@ -68,6 +171,13 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -96,6 +206,45 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         self.stop_strings = _stop_strings(self.stop)
         self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
+        self._validate_extras()
+
+    def _validate_extras(self) -> None:
+        _check_int("min_tokens", self.min_tokens, 0, MAX_MIN_TOKENS)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise SamplingParamError(
+                "min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamError(name, f"{name} must be a bool, got {_short(getattr(self, name))}")
+        self.logit_bias = _logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or len(ids) > MAX_ALLOWED_TOKEN_IDS:
+                raise SamplingParamError(
+                    "allowed_token_ids",
+                    f"allowed_token_ids must be a non-empty list of at most {MAX_ALLOWED_TOKEN_IDS} ids",
+                )
+            self.allowed_token_ids = _token_ids("allowed_token_ids", ids)
+        self.bad_words = _bad_words(self.bad_words)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise SamplingParamError(
+                    "structured_outputs",
+                    "structured_outputs must be a StructuredOutputsParams, got "
+                    f"{type(self.structured_outputs).__name__}",
+                )
+            self.structured_outputs.validate()
+            if self.ignore_eos:
+                raise SamplingParamError(
+                    "ignore_eos",
+                    "ignore_eos cannot be combined with structured_outputs (the grammar ends "
+                    "the output with EOS)",
+                )
+
+    def token_ids_used(self) -> list[int]:
+        """Every token id the settings name (checked against the vocabulary by the engine)."""
+        return [*self.stop_token_ids, *(self.logit_bias or {}), *(self.allowed_token_ids or [])]
 
     @property
     def greedy(self) -> bool:
@@ -108,6 +257,17 @@ class SamplingParams:
     @property
     def uses_filters(self) -> bool:
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+    @property
+    def uses_logits_processors(self) -> bool:
+        """Whether the sampler changes this row's logits before sampling (bias, masks, grammar)."""
+        return bool(
+            self.min_tokens
+            or self.logit_bias
+            or self.allowed_token_ids is not None
+            or self.bad_words
+            or self.structured_outputs is not None
+        )
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -166,3 +326,50 @@ def _stop_token_ids(ids: list[int] | None) -> list[int]:
             "stop_token_ids", f"stop_token_ids allows at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}"
         )
     return list(ids)
+
+
+def _token_ids(name: str, ids: object) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_INT32 for t in ids
+    ):
+        raise SamplingParamError(
+            name, f"{name} must be a list of token ids in [0, {MAX_INT32}], got {_short(ids)}"
+        )
+    return list(ids)
+
+
+def _logit_bias(bias: object) -> dict[int, float] | None:
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise SamplingParamError(
+            "logit_bias", f"logit_bias must be a dict of at most {MAX_LOGIT_BIAS} {{token_id: bias}} entries"
+        )
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)  # JSON object keys are strings: "50256"
+        except (TypeError, ValueError):
+            raise SamplingParamError(
+                "logit_bias", f"logit_bias key {_short(key)} is not a token id"
+            ) from None
+        _token_ids("logit_bias", [token])
+        _check_float("logit_bias", value, *LOGIT_BIAS_RANGE)
+        out[token] = float(value)
+    return out
+
+
+def _bad_words(words: object) -> list[str] | None:
+    if words is None:
+        return None
+    if (
+        not isinstance(words, (list, tuple))
+        or len(words) > MAX_BAD_WORDS
+        or not all(isinstance(w, str) and w.strip() and len(w) <= MAX_BAD_WORD_CHARS for w in words)
+    ):
+        raise SamplingParamError(
+            "bad_words",
+            f"bad_words must be a list of at most {MAX_BAD_WORDS} non-blank strings of up to "
+            f"{MAX_BAD_WORD_CHARS} characters",
+        )
+    return list(words)
