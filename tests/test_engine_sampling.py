@@ -293,3 +293,135 @@ def test_stream_deltas_add_up(llm):
     assert len(final) == 4
     for rid, c in final.items():
         assert text[rid] == c.text and ids[rid] == c.token_ids and "the" not in c.text
+
+
+# -- vLLM's extra fields: each test fails if the field does nothing ---------------------------------------
+
+
+def test_min_tokens_holds_back_eos_and_stop_token_ids(llm):
+    tokens = seeded(llm, max_tokens=12).token_ids
+    k = next(i for i in range(2, 8) if tokens[i] not in tokens[:i])
+    saved = llm.engine.eos_token_ids
+    llm.engine.eos_token_ids = {tokens[k]}
+    llm.engine.sampler.stop_ids = [tokens[k]]
+    try:
+        early = seeded(llm, max_tokens=12)
+        held = seeded(llm, max_tokens=12, min_tokens=k + 3)
+    finally:
+        llm.engine.eos_token_ids = saved
+        llm.engine.sampler.stop_ids = sorted(saved)
+    assert early.token_ids == tokens[: k + 1]
+    assert len(held.token_ids) >= k + 3 and tokens[k] not in held.token_ids[: k + 2]
+    by_id = seeded(llm, max_tokens=12, stop_token_ids=[tokens[k]], min_tokens=k + 3)
+    assert len(by_id.token_ids) >= k + 3 and tokens[k] not in by_id.token_ids[: k + 2]
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(llm):
+    full = seeded(llm, max_tokens=16)
+    stop = full.text[6:10]
+    cut = full.text.find(stop)
+    out = seeded(llm, max_tokens=16, stop=[stop], include_stop_str_in_output=True)
+    assert out.text == full.text[: cut + len(stop)] and out.text.endswith(stop)
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_logit_bias_forces_and_bans_tokens(llm):
+    forced = greedy(llm, max_tokens=6, logit_bias={"123": 100.0}).token_ids
+    assert forced == [123] * 6
+    base = greedy(llm, max_tokens=6).token_ids
+    banned = greedy(llm, max_tokens=6, logit_bias={base[0]: -100.0}).token_ids
+    assert base[0] not in banned[:1] and banned != base
+
+
+def test_logit_bias_shifts_the_distribution():
+    logits = [1.0, 0.0, 0.0]
+    freq = sample(logits, SamplingParams(logit_bias={2: 2.0}))
+    expected = torch.softmax(torch.tensor([1.0, 0.0, 2.0]), dim=0)
+    assert torch.allclose(freq, expected, atol=0.03)
+
+
+def test_allowed_token_ids_restrict_sampling(llm):
+    allowed = [300, 301, 302, 9000]
+    for out in (
+        greedy(llm, max_tokens=8, allowed_token_ids=allowed),
+        seeded(llm, max_tokens=8, allowed_token_ids=allowed),
+    ):
+        assert out.token_ids and set(out.token_ids) <= set(allowed)
+    assert not set(greedy(llm, max_tokens=8).token_ids) <= set(allowed)
+
+
+def test_bad_words_are_never_generated(llm):
+    base = greedy(llm, max_tokens=16)
+    word = tokenizer().decode([base.token_ids[0]]).strip()
+    assert word and word in base.text
+    out = greedy(llm, max_tokens=16, bad_words=[word])
+    single = {ids[-1] for ids in llm.engine.sampler.bad_word_ids(word) if len(ids) == 1}
+    assert single and not single & set(out.token_ids)
+    assert out.token_ids != base.token_ids
+
+
+def test_bad_words_of_several_tokens_ban_the_last_after_the_rest(llm):
+    base = greedy(llm, max_tokens=16).token_ids
+    i = next(i for i in range(1, 15) if base[i] != base[i - 1])
+    pair_text = tokenizer().decode(base[i - 1 : i + 1])
+    sampler = llm.engine.sampler
+    seq = fake_seq(SamplingParams(bad_words=[pair_text]), output=base[:i])
+    ids_of_word = sampler.bad_word_ids(pair_text)
+    banned = sampler._banned(seq)
+    for ids in ids_of_word:
+        if len(ids) == 1 or base[:i][-(len(ids) - 1) :] == ids[:-1]:
+            assert ids[-1] in banned
+    assert any(len(ids) > 1 for ids in ids_of_word)
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(llm):
+    special = tokenizer().convert_tokens_to_ids("<|im_start|>")
+    kept = greedy(llm, max_tokens=3, allowed_token_ids=[special], skip_special_tokens=False)
+    dropped = greedy(llm, max_tokens=3, allowed_token_ids=[special])
+    assert kept.text == "<|im_start|>" * 3 and dropped.text == ""
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+        ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: 101.0}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [1, -2]}, "allowed_token_ids"),
+        ({"bad_words": [""]}, "bad_words"),
+        ({"bad_words": "word"}, "bad_words"),
+        ({"skip_special_tokens": None}, "skip_special_tokens"),
+    ],
+)
+def test_new_fields_are_range_checked(kwargs, param):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(llm):
+    for kwargs, param in (
+        ({"logit_bias": {10**6: 1.0}}, "logit_bias"),
+        ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+    ):
+        with pytest.raises(ValueError) as info:
+            llm.generate("x", SamplingParams(**kwargs))
+        assert info.value.param == param and "outside the vocabulary" in str(info.value)
+
+
+def test_a_row_with_every_token_excluded_fails_alone(llm):
+    engine = llm.engine
+    dead = SamplingParams(
+        max_tokens=4, temperature=0, allowed_token_ids=[7], bad_words=[tokenizer().decode([7])]
+    )
+    ok = SamplingParams(max_tokens=4, temperature=0)
+    ids = [engine.add_request(None, "x", dead), engine.add_request(None, "y", ok)]
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert "every token is excluded" in str(finals[ids[0]].error.__cause__)
+    assert finals[ids[1]].error is None and len(finals[ids[1]].outputs[0].token_ids) == 4
