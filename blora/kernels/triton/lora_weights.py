@@ -35,7 +35,10 @@ class LoraWeights:
         out_features: Sequence[int],
         device: torch.device | str,
         dtype: torch.dtype,
+        cols: Sequence[int] | None = None,
     ) -> None:
+        """``slices[l]``: slot -> (``A`` [in, r], ``B`` [r, out_l]) for output slice ``l``, whose columns in
+        the layer's output start at ``cols[l]`` (default: the slices side by side from column 0)."""
         self.in_features = in_features
         self.out_features = tuple(int(o) for o in out_features)
         self.num_slices = len(self.out_features)
@@ -58,7 +61,8 @@ class LoraWeights:
                 a_off[i][s] = (a.data_ptr() - self.base.data_ptr()) // size
                 b_off[i][s] = (b.data_ptr() - self.base.data_ptr()) // size
                 self.host_ranks[i][s] = int(a.shape[1])
-        cols = [sum(self.out_features[:i]) for i in range(self.num_slices)]
+        if cols is None:
+            cols = [sum(self.out_features[:i]) for i in range(self.num_slices)]
         ints = [*(v for row in a_off for v in row), *(v for row in b_off for v in row)]
         small = [*(v for row in self.host_ranks for v in row), *self.out_features, *cols]
         shape = (self.num_slices, self.num_slots)
