@@ -17,8 +17,8 @@ import torch
 
 from blora import kernels
 from blora.lora import ops
-from blora.lora.context import TokenGroups
-from blora.lora.layers import _Plan, choose_method, op_cost
+from blora.lora.backends.torch_ops import choose_method, grouped
+from blora.lora.plan import LayerLoras, LoraPlan
 
 MIXES = {
     "16 adapters r8-64": [8, 16, 32, 64] * 4,
@@ -44,25 +44,24 @@ def bench(dtype: torch.dtype, in_f: int, out_f: int, ranks: list[int], tokens: i
     u = len(ranks)
     x, y = torch.randn(tokens, in_f, dtype=dtype), torch.randn(tokens, out_f, dtype=dtype)
     pairs = [(torch.randn(in_f, r, dtype=dtype) * 0.01, torch.randn(r, out_f, dtype=dtype) * 0.01) for r in ranks]
-    groups = TokenGroups.build(torch.arange(tokens) % u)
+    groups = LoraPlan.from_tensor(torch.arange(tokens) % u)
     weight = torch.randn(out_f, in_f, dtype=dtype)
-    plan = _Plan(groups.active, pairs, list(range(u)), op_cost(x.device.type, dtype))
+    plan = LayerLoras(groups.active, tuple(range(u)), pairs, in_f, out_f)
     exact = ops.build_rank_groups(list(range(u)), pairs, merge_below=0)
     stacked = ops.build_stacked(groups.active, pairs)
     kernel = kernels.get()
     timings = {}
     if kernel is not None:
-        laid_out = [kernels.kernel_layout(a, b) for a, b in pairs]
-        meta, flat = kernels.kernel_meta(laid_out, list(range(u))), groups.flat()
+        meta, flat = kernels.KernelTable.of(pairs, list(range(u))), groups.flat()
         timings["cpu_kernel"] = best_us(lambda: kernel.add(y, x, meta, *flat))
     return {
         "base": best_us(lambda: torch.nn.functional.linear(x, weight)),
         **timings,
         "segments": best_us(lambda: ops.add_segments(y, x, groups, pairs)),
         "grouped(exact ranks)": best_us(lambda: ops.add_grouped(y, x, groups, exact)),
-        "grouped(auto merge)": best_us(lambda: ops.add_grouped(y, x, groups, plan.grouped())),
+        "grouped(auto merge)": best_us(lambda: ops.add_grouped(y, x, groups, grouped(plan))),
         "stacked": best_us(lambda: ops.add_stacked(y, x, groups, stacked)),
-        "picked": choose_method(groups, plan, in_f + out_f),
+        "picked": choose_method(groups, plan),
     }
 
 

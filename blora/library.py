@@ -29,15 +29,23 @@ AdapterRef = str | Path | None
 
 
 def load_loras(
-    model: nn.Module, adapters: Iterable[str | Path] | dict[str, str | Path], *, max_rank: int | None = None
+    model: nn.Module,
+    adapters: Iterable[str | Path] | dict[str, str | Path],
+    *,
+    max_rank: int | None = None,
+    lora_backend: str | None = None,
 ) -> tuple[nn.Module, dict[str, int]]:
     """Load PEFT adapters beside ``model``; returns ``(model, lora_map)`` with ``lora_map[name] = slot``.
 
     ``adapters`` is a list of local directories / cached hub ids (each named by its path) or a
     ``{name: path}`` dict. Can be called again to add adapters; a failed load changes nothing.
+    ``lora_backend``: how the LoRA math runs, a ``blora.lora.backends`` name ("auto" by default; "torch"
+    for the PyTorch ops, "cpu" for the C++ kernel).
     """
     items = adapters.items() if isinstance(adapters, dict) else ((str(a), a) for a in adapters)
     manager = LoraManager.attach(model)
+    if lora_backend is not None:
+        manager.set_backend(lora_backend)
     manager.load_many([(str(name), source) for name, source in items], max_rank=max_rank)
     _patch(model)
     return model, {name: info.slot for name, info in manager.adapters.items()}
@@ -123,15 +131,16 @@ def _patched_class(cls: type) -> type:
         if adapter_ids is None and current_batch() is not None:
             return orig_forward(self, *args, **kwargs)
         _check_rows(adapter_ids, args, kwargs)
-        with lora_batch(adapter_ids, per_row=True):
+        with lora_batch(adapter_ids, per_row=True, backend=LoraManager.attach(self).backend):
             return orig_forward(self, *args, **kwargs)
 
     @functools.wraps(orig_generate)
     def generate(self, *args, adapter_ids: torch.Tensor | None = None, stream_output: bool = False, **kwargs):
         _check_rows(adapter_ids, args, kwargs)
+        backend = LoraManager.attach(self).backend
         if stream_output:
-            return _stream(functools.partial(orig_generate, self), adapter_ids, args, kwargs)
-        with lora_batch(adapter_ids, per_row=True):
+            return _stream(functools.partial(orig_generate, self), adapter_ids, backend, args, kwargs)
+        with lora_batch(adapter_ids, per_row=True, backend=backend):
             return orig_generate(self, *args, **kwargs)
 
     attrs = {"forward": forward, "generate": generate, "_blora_patched": True, "__module__": cls.__module__}
@@ -198,7 +207,7 @@ class _Cancelled(StoppingCriteria):
 _DONE = object()
 
 
-def _stream(orig_generate, adapter_ids, args, kwargs) -> Iterator[torch.Tensor]:
+def _stream(orig_generate, adapter_ids, backend, args, kwargs) -> Iterator[torch.Tensor]:
     """Run ``generate`` in a greenlet and yield each step's new tokens ([B]).
 
     A greenlet, not a thread: both sides stay on the caller's OS thread, so torch keeps using that
@@ -212,7 +221,7 @@ def _stream(orig_generate, adapter_ids, args, kwargs) -> Iterator[torch.Tensor]:
     criteria.append(cancel)
 
     def work() -> object:
-        with lora_batch(adapter_ids, per_row=True):
+        with lora_batch(adapter_ids, per_row=True, backend=backend):
             orig_generate(*args, streamer=streamer, stopping_criteria=criteria, **kwargs)
         return _DONE
 

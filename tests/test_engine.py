@@ -108,11 +108,16 @@ def check(done, refs) -> None:
 @pytest.mark.parametrize("kernel", ["cpu_kernel", "torch_ops"])
 def test_mixed_batch_matches_generate_and_peft(family, kernel, monkeypatch):
     """CPU: decode attention and LoRA through the compiled kernels (where they build), and through PyTorch."""
-    monkeypatch.setenv(kernels.ENV, "1" if kernel == "cpu_kernel" else "0")
     arch, dirs, refs = family
     engine = build_engine(
-        tiny_model(arch), tokenizer=tokenizer(), max_num_batched_tokens=64, block_size=4, max_loras=4
+        tiny_model(arch),
+        tokenizer=tokenizer(),
+        max_num_batched_tokens=64,
+        block_size=4,
+        max_loras=4,
+        cpu_kernel=kernel == "cpu_kernel",
     )
+    assert engine.runner.backend.name == ("torch" if kernel == "torch_ops" or kernels.get() is None else "cpu")
     seen_adapters = []
     schedule = engine.scheduler.schedule
 
@@ -125,7 +130,7 @@ def test_mixed_batch_matches_generate_and_peft(family, kernel, monkeypatch):
     check(run_staggered(engine, dirs), refs)
     assert max(len(a) for a in seen_adapters) <= 4
     native = kernel == "cpu_kernel" and kernels.get() is not None and kernels.get().native_vector
-    if native and arch != "gpt2":  # Llama-family models ran the engine's own forward (fast_path.py)
+    if native and arch != "gpt2":  # Llama-family models ran the engine's own forward (blora.models.families)
         assert engine.runner.fast_steps > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
@@ -142,8 +147,7 @@ def test_preemption_does_not_change_outputs(family):
 
 
 @pytest.mark.parametrize("kernel", ["cpu_kernel", "torch_ops"])
-def test_sliding_window_matches_generate(kernel, monkeypatch):
-    monkeypatch.setenv(kernels.ENV, "1" if kernel == "cpu_kernel" else "0")
+def test_sliding_window_matches_generate(kernel):
     torch.manual_seed(0)
     config = MistralConfig(
         vocab_size=len(tokenizer()), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -151,7 +155,9 @@ def test_sliding_window_matches_generate(kernel, monkeypatch):
     )  # fmt: skip
     model = MistralForCausalLM(config).eval()
     prompts_ = [p for p in prompts() if len(p) > 8][:4]
-    llm = LLM(model, tokenizer=tokenizer(), block_size=4, max_num_batched_tokens=32)
+    llm = LLM(
+        model, tokenizer=tokenizer(), block_size=4, max_num_batched_tokens=32, cpu_kernel=kernel == "cpu_kernel"
+    )
     outs = llm.generate(prompts_, SamplingParams(max_tokens=12, temperature=0))
     model.config._attn_implementation = "sdpa"
     for prompt, out in zip(prompts_, outs, strict=True):

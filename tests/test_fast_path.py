@@ -1,8 +1,10 @@
-"""The engine's own Llama-family forward (``blora.engine.fast_path``) against transformers' modules.
+"""The engine's own Llama-family forward (``blora.models.families``) against transformers' modules.
 
 Every engine step of a mixed batch (chunked prefills, decodes, several adapters, base rows) runs through
 both paths on the same KV cache and must give the same logits; greedy tokens must equal transformers
 ``generate`` / PEFT (tests/test_engine.py checks those for every family with the fast path on).
+The engines here force the fast path (``fast_path="on"``), so it runs on any CPU the kernels build for,
+the portable build included.
 """
 
 from __future__ import annotations
@@ -12,18 +14,35 @@ import torch
 from torch import nn
 
 from blora import kernels
-from blora.engine import LLM, SamplingParams, fast_path
+from blora.engine import LLM, SamplingParams
 from blora.engine.llm import build_engine
+from blora.models import families
+from blora.models.families import FastPathOptions, packing
 from tests.helpers import make_adapter, targets, tiny_model, tokenizer
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
 
 @pytest.fixture(autouse=True)
-def needs_native_kernels():
-    kernel = kernels.get()
-    if kernel is None or not kernel.native_vector:
-        pytest.skip("the fast path needs the AVX-512 build of the CPU kernels")
+def needs_kernels():
+    """The fast path needs the CPU kernels: a build failure fails the test (skipped only without a compiler)."""
+    try:
+        kernels._compiler()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    assert kernels.get() is not None, "the CPU kernels did not build"
+
+
+ON = FastPathOptions(mode="on")
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN prepacks weights of ``dtype`` on this CPU (bfloat16 needs AVX-512 or AVX-NE-CONVERT)."""
+    try:
+        packing.Packed.of(torch.zeros(16, 16, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -48,25 +67,34 @@ CASES.append(("qwen2", torch.float32, 16))  # a tiny kernel bound: prefill LoRA 
     "arch,dtype,max_work", CASES, ids=lambda v: str(v).replace("torch.", "") if v is not None else "default"
 )
 def test_every_step_matches_transformers_modules(arch, dtype, max_work, tmp_path, monkeypatch, one_thread):
-    if max_work is not None:
-        monkeypatch.setattr(kernels, "ENGINE_MAX_WORK", max_work)
     model = tiny_model(arch, dtype=dtype)
     adapters = {
         "attn": make_adapter(model, tmp_path / "attn", seed=1, r=4, lora_alpha=8, target_modules=targets(arch, "attn")),
         "all": make_adapter(model, tmp_path / "all", seed=2, r=8, lora_alpha=8, target_modules=targets(arch, "all")),
         "mlp": make_adapter(model, tmp_path / "mlp", seed=3, r=2, lora_alpha=4, target_modules=targets(arch, "mlp")),
     }  # fmt: skip
-    engine = build_engine(model, tokenizer=tokenizer(), max_num_batched_tokens=48, block_size=4, max_loras=3)
+    engine = build_engine(
+        model,
+        tokenizer=tokenizer(),
+        max_num_batched_tokens=48,
+        block_size=4,
+        max_loras=3,
+        fast_path="on",
+        fused_lora_kernel_max_work=max_work or kernels.FUSED_MAX_WORK,
+    )
     runner = engine.runner
     assert runner.fast is not None, "a Llama-family model on CPU must get the fast path"
-    assert runner.fast.layers[0].packed and runner.fast.head_packed is not None, "weights must be prepacked"
+    if can_pack(dtype):
+        assert runner.fast.layers[0].packed and runner.fast.head_packed is not None, "weights must be prepacked"
+    else:
+        assert runner.fast.layers[0].packed == {}, "this CPU has no oneDNN prepacking for this dtype"
     execute = runner.execute
     worst = []
 
     def both(scheduled, adapter_slot):
-        monkeypatch.setenv(fast_path.ENV, "0")
+        fast, runner.fast = runner.fast, None  # this step through transformers' modules first
         reference = execute(scheduled, adapter_slot)
-        monkeypatch.setenv(fast_path.ENV, "1")
+        runner.fast = fast
         steps = runner.fast_steps
         logits = execute(scheduled, adapter_slot)
         assert runner.fast_steps == steps + 1
@@ -88,18 +116,20 @@ def test_every_step_matches_transformers_modules(arch, dtype, max_work, tmp_path
     assert len(worst) > 6 and max(worst) < tol, worst
 
 
-def test_swapped_module_falls_back_to_transformers(monkeypatch):
-    """A module replaced after start-up (as ``modules_to_save`` does) sends the step to transformers' modules;
-    the fused q/k/v and gate/up weights stay views the original modules read, so the output is unchanged."""
+def test_swapped_module_falls_back_to_transformers():
+    """A module replaced after start-up (as ``modules_to_save`` does; the one who replaces it bumps the model's
+    structure version) sends the step to transformers' modules; the fused q/k/v and gate/up weights stay
+    views the original modules read, so the output is unchanged."""
     model = tiny_model("llama")
     prompts = _prompts(3)
     params = SamplingParams(max_tokens=5, temperature=0.0)
-    llm = LLM(model, tokenizer=tokenizer())
+    llm = LLM(model, tokenizer=tokenizer(), fast_path="on")
     runner = llm.engine.runner
     first = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert runner.fast_steps > 0
     layer = model.model.layers[1]
     layer.mlp.down_proj = nn.Sequential(layer.mlp.down_proj)  # same function, another module
+    families.bump_structure_version(model)
     steps = runner.fast_steps
     again = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert runner.fast_steps == steps, "a swapped module must disable the fast path"
@@ -111,13 +141,16 @@ def test_swapped_module_falls_back_to_transformers(monkeypatch):
             assert ref[0, len(prompt) :].tolist() == tokens
 
 
-def _head_adapter_engine(tmp_path, seed: int):
+def _head_adapter_engine(tmp_path, seed: int, **config):
     """(base model, lm_head + q_proj adapter dir, engine over a copy of the model serving it as "head")."""
     model = tiny_model("llama")
     adapter = make_adapter(
         model, tmp_path / "head", seed=seed, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]
     )
-    return model, adapter, LLM(tiny_model("llama"), tokenizer=tokenizer(), adapters={"head": str(adapter)})
+    engine = LLM(
+        tiny_model("llama"), tokenizer=tokenizer(), adapters={"head": str(adapter)}, fast_path="on", **config
+    )
+    return model, adapter, engine
 
 
 def _assert_equals_peft_alone(model, adapter, prompts, outs, max_tokens: int) -> None:
@@ -132,11 +165,10 @@ def _assert_equals_peft_alone(model, adapter, prompts, outs, max_tokens: int) ->
             assert ref[0, len(prompt) :].tolist() == out.outputs[0].token_ids
 
 
-def test_unpacked_weights_and_wrapped_head(tmp_path, monkeypatch):
-    """Without prepacked weights (``BLORA_PACKED_WEIGHTS=0``) and with an lm_head LoRA (the head module
+def test_unpacked_weights_and_wrapped_head(tmp_path):
+    """Without prepacked weights (``packed_weights=False``) and with an lm_head LoRA (the head module
     is wrapped, so the packed head copy must not be used), outputs still equal PEFT's."""
-    monkeypatch.setenv(fast_path.Packed.ENV, "0")
-    model, adapter, llm = _head_adapter_engine(tmp_path, seed=5)
+    model, adapter, llm = _head_adapter_engine(tmp_path, seed=5, packed_weights=False)
     assert llm.engine.runner.fast.layers[0].packed == {}
     prompts = _prompts(3)
     outs = llm.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0), adapters="head")
@@ -159,24 +191,38 @@ def test_head_wrapped_before_start_up_is_not_packed():
 
     model = tiny_model("llama")
     model.lm_head = LoraLinear(model.lm_head)
-    fast = fast_path.FastDecoder.build(model)
+    fast = families.build(model, ON)
     assert fast is not None and fast.head_packed is None and fast.layers[0].packed
     assert fast.logits(torch.randn(2, model.config.hidden_size)) is None
 
 
-def test_unsupported_models_use_transformers_modules(monkeypatch):
-    assert fast_path.FastDecoder.build(tiny_model("gpt2")) is None
-    assert fast_path.FastDecoder.build(tiny_model("llama", dtype=torch.float16)) is None
-    monkeypatch.setenv(fast_path.ENV, "0")
-    assert fast_path.FastDecoder.build(tiny_model("llama")) is None
+def test_unsupported_models_use_transformers_modules():
+    auto = FastPathOptions(mode="auto")
+    assert families.build(tiny_model("gpt2"), auto) is None
+    assert families.build(tiny_model("llama", dtype=torch.float16), auto) is None
+    assert families.build(tiny_model("llama"), FastPathOptions(mode="off")) is None
+    # "on" where it cannot run is an error that says why, not a silent fallback
+    with pytest.raises(ValueError, match="fast_path='on'.*no model family"):
+        families.build(tiny_model("gpt2"), ON)
+    with pytest.raises(ValueError, match="fast_path='on'.*float16"):
+        families.build(tiny_model("llama", dtype=torch.float16), ON)
+    with pytest.raises(ValueError, match="fast_path must be"):
+        build_engine(tiny_model("llama"), tokenizer=tokenizer(), fast_path="yes")
+    with pytest.raises(ValueError, match="cpu_kernel=False"):
+        build_engine(tiny_model("llama"), tokenizer=tokenizer(), fast_path="on", cpu_kernel=False)
+    engine = build_engine(tiny_model("llama"), tokenizer=tokenizer(), fast_path="on", lora_backend="torch")
+    assert engine.runner.fast is not None and engine.runner.backend.name == "torch"
+    kernel = kernels.get()
+    native = build_engine(tiny_model("llama"), tokenizer=tokenizer()).runner.fast is not None
+    assert native == kernel.native_vector, "fast_path='auto' runs it exactly where the AVX-512 build is"
 
 
 def test_no_packed_copy_when_memory_is_short(monkeypatch):
     """The prepacked copy needs as much memory as the linear weights: skipped when that is over half of
     what is available (the fast path still runs, on the plain weights)."""
-    monkeypatch.setattr(fast_path, "_available_memory", lambda: 1024)
-    fast = fast_path.FastDecoder.build(tiny_model("llama"))
+    monkeypatch.setattr(packing, "available_memory", lambda: 1024)
+    fast = families.build(tiny_model("llama"), ON)
     assert fast is not None and fast.layers[0].packed == {} and fast.head_packed is None
-    monkeypatch.setattr(fast_path, "_available_memory", lambda: 1 << 40)
-    fast = fast_path.FastDecoder.build(tiny_model("llama"))
+    monkeypatch.setattr(packing, "available_memory", lambda: 1 << 40)
+    fast = families.build(tiny_model("llama"), ON)
     assert fast.layers[0].packed and fast.head_packed is not None

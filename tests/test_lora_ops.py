@@ -11,8 +11,10 @@ from transformers.pytorch_utils import Conv1D
 
 from blora import kernels
 from blora.lora import ops
-from blora.lora.context import TokenGroups, current_batch, lora_batch
-from blora.lora.layers import OP_COST, LoraLinear, _Plan, choose_method
+from blora.lora.backends.torch_ops import OP_COST, choose_method, op_cost
+from blora.lora.context import current_batch, lora_batch
+from blora.lora.layers import LoraLinear
+from blora.lora.plan import LayerLoras, LoraPlan, OutputSlice
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +64,7 @@ CASES = {
 }
 
 
-def _run_op(method: str, y, x, groups: TokenGroups, weights) -> None:
+def _run_op(method: str, y, x, groups: LoraPlan, weights) -> None:
     pairs = [weights[s] for s in groups.active]
     if method == "segments":
         ops.add_segments(y, x, groups, pairs)
@@ -105,7 +107,7 @@ def test_fast_op_matches_reference(case, method, dtype):
     slots = slots_tensor(spec)
     x = torch.randn(slots.numel(), IN).to(dtype)
     y0 = torch.randn(slots.numel(), OUT).to(dtype)
-    groups = TokenGroups.build(slots)
+    groups = LoraPlan.from_tensor(slots)
     if not groups.active:  # nothing to add: the layer skips the ops; the reference adds zero
         assert torch.equal(reference_out(y0, x, slots, weights), y0.float())
         return
@@ -131,7 +133,7 @@ def test_kernel_layer_sizes_and_row_strides(dtype, in_f, out_f, generic):
     y_buf = torch.randn(n, out_f + 5).to(dtype)
     y = y_buf[:, :out_f]
     y0, rest = y.clone(), y_buf[:, out_f:].clone()
-    groups = TokenGroups.build(slots)
+    groups = LoraPlan.from_tensor(slots)
     laid_out = [kernels.kernel_layout(a, b) for a, b in (weights[s] for s in groups.active)]
     assert laid_out[0][0].stride() == (1, in_f) and torch.equal(laid_out[0][0], weights[0][0])
     kernel.add(y, x, kernels.kernel_meta(laid_out, [0, 1, 2]), *groups.flat())
@@ -163,13 +165,13 @@ def test_reference_semantics_by_hand():
 
 
 def test_token_groups_build():
-    groups = TokenGroups.build(torch.tensor([2, -1, 0, 2, 2, -1]))
+    groups = LoraPlan.from_tensor(torch.tensor([2, -1, 0, 2, 2, -1]))
     assert groups.active == (0, 2)
     assert [i.tolist() for i in groups.index] == [[2], [0, 3, 4]]
-    assert groups.counts == [1, 3]
+    assert groups.counts == (1, 3)
     assert not groups.full
-    assert TokenGroups.build(torch.tensor([4, 4, 4])).full
-    assert not TokenGroups.build(torch.tensor([4, -1, 4])).full
+    assert LoraPlan.from_tensor(torch.tensor([4, 4, 4])).full
+    assert not LoraPlan.from_tensor(torch.tensor([4, -1, 4])).full
     pos, valid = groups.padded((0, 1), torch.float32)
     assert pos.shape == (2, 3) and valid.shape == (2, 3, 1)
     assert valid[:, :, 0].tolist() == [[1, 0, 0], [1, 1, 1]]
@@ -181,15 +183,13 @@ def test_token_groups_build():
 # ---------------------------------------------------------------------------------------------- choose_method
 
 
-def _plan(ranks: list[int], counts: list[int], width_in=512, width_out=512) -> tuple[TokenGroups, _Plan, int]:
+def _plan(ranks: list[int], counts: list[int], width_in=512, width_out=512) -> tuple[LoraPlan, LayerLoras]:
     weights = make_weights(dict(enumerate(ranks)), in_f=4, out_f=4)  # only shapes matter for the cost model
-    groups = TokenGroups.build(slots_tensor(list(enumerate(counts))))
-    pairs = [weights[s] for s in groups.active]
-    return (
-        groups,
-        _Plan(groups.active, pairs, list(range(len(groups.active))), OP_COST["cpu"]),
-        width_in + width_out,
-    )
+    plan = LoraPlan.from_tensor(slots_tensor(list(enumerate(counts))))
+    pairs = [weights[s] for s in plan.active]
+    loras = LayerLoras(plan.active, tuple(range(len(plan.active))), pairs, width_in, width_out)
+    assert op_cost("cpu", torch.float32) == OP_COST["cpu"]
+    return plan, loras
 
 
 @pytest.mark.parametrize(
@@ -207,8 +207,8 @@ def _plan(ranks: list[int], counts: list[int], width_in=512, width_out=512) -> t
     ],
 )
 def test_choose_method_picks_each_path(ranks, counts, expected):
-    groups, plan, width = _plan(ranks, counts)
-    assert choose_method(groups, plan, width) == expected
+    plan, loras = _plan(ranks, counts)
+    assert choose_method(plan, loras) == expected
 
 
 # ------------------------------------------------------------------------------------------- LoraLinear wrapper
@@ -230,14 +230,13 @@ def _wrapped(kind: str, ranks: dict[int, int], dtype=torch.float32) -> tuple[Lor
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("method", ["segments", "grouped", "stacked"])
 def test_wrapper_forced_method_matches_reference(kind, method, monkeypatch):
-    monkeypatch.setenv(kernels.ENV, "0")  # the PyTorch ops path (the CPU kernel bypasses choose_method)
     calls = []
 
     def forced(*args, **kwargs):
         calls.append(method)
         return method
 
-    monkeypatch.setattr("blora.lora.layers.choose_method", forced)
+    monkeypatch.setattr("blora.lora.backends.torch_ops.choose_method", forced)
     # slot 7 is in the batch but this layer has no weights for it (adapter not targeting the module).
     layer, weights = _wrapped(kind, {0: 2, 1: 8, 2: 8, 3: 5})
     spec = [(-1, 4), (0, 3), (1, 5), (3, 2), (7, 3)]
@@ -245,7 +244,7 @@ def test_wrapper_forced_method_matches_reference(kind, method, monkeypatch):
     x = torch.randn(slots.numel(), IN)
     with torch.no_grad():
         base_out = layer.base(x)
-        with lora_batch(slots):
+        with lora_batch(slots, backend="torch"):  # the PyTorch ops (the CPU kernel bypasses choose_method)
             y = layer(x)
     routed = torch.where(torch.isin(slots, torch.tensor(list(weights))), slots, -1)
     expected = base_out + ops.lora_reference(x, routed, weights)
@@ -258,14 +257,13 @@ def test_wrapper_forced_method_matches_reference(kind, method, monkeypatch):
 @pytest.mark.parametrize("method", ["segments", "grouped", "stacked"])
 def test_wrapper_per_row_3d_input(method, monkeypatch):
     """[B, T, in] input with one slot per row (what ``generate`` passes); bf16 weights and activations."""
-    monkeypatch.setenv(kernels.ENV, "0")
-    monkeypatch.setattr("blora.lora.layers.choose_method", lambda *a, **k: method)
+    monkeypatch.setattr("blora.lora.backends.torch_ops.choose_method", lambda *a, **k: method)
     layer, weights = _wrapped("linear", {0: 4, 1: 16, 2: 1}, torch.bfloat16)
     row_slots = torch.tensor([1, -1, 0, 1, 2])
     x = torch.randn(5, 6, IN).to(torch.bfloat16)
     with torch.no_grad():
         base_out = layer.base(x)
-        with lora_batch(row_slots, per_row=True):
+        with lora_batch(row_slots, per_row=True, backend="torch"):
             y = layer(x)
     token_slots = row_slots.repeat_interleave(6)
     expected = reference_out(base_out.reshape(-1, OUT), x.reshape(-1, IN), token_slots, weights).reshape(
@@ -300,17 +298,14 @@ def test_wrapper_kernel_with_gemm_for_large_segments(dtype, monkeypatch):
     x = torch.randn(slots.numel(), IN).to(dtype)
     with torch.no_grad():
         base_out = layer.base(x)
-        with lora_batch(slots):
+        with lora_batch(slots, backend="cpu"):
             y = layer(x)
     assert calls == {"kernel": 1, "segments": 1}
     assert_close_rel(y, reference_out(base_out, x, slots, weights), dtype)
     assert torch.equal(y[slots < 0], base_out[slots < 0])
 
 
-def test_kernel_disabled_or_unbuildable_falls_back(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv(kernels.ENV, "0")
-    assert kernels.get() is None
-    monkeypatch.delenv(kernels.ENV)
+def test_kernel_unbuildable_falls_back(monkeypatch, tmp_path, caplog):
     # no compiler: one clear warning, then the PyTorch ops give the same result
     monkeypatch.setattr(kernels, "_loaded", {})
     monkeypatch.setattr(kernels, "_warned", False)
@@ -318,11 +313,16 @@ def test_kernel_disabled_or_unbuildable_falls_back(monkeypatch, tmp_path, caplog
     monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
     with caplog.at_level("WARNING", logger="blora"):
         assert kernels.get() is None
-    assert "no C++ compiler found" in caplog.text and kernels.ENV in caplog.text
+    assert "no C++ compiler found" in caplog.text and "cpu_kernel=False" in caplog.text
+    from blora.lora import backends
+
+    assert backends.select("auto", backends.BackendOptions(torch.device("cpu"))).name == "torch"
+    with pytest.raises(backends.BackendUnavailableError, match="could not be built"):
+        backends.create("cpu", backends.BackendOptions(torch.device("cpu")))
     layer, weights = _wrapped("linear", {0: 4, 1: 8})
     slots = torch.tensor([0, 1, -1, 1])
     x = torch.randn(4, IN)
-    with torch.no_grad(), lora_batch(slots):
+    with torch.no_grad(), lora_batch(slots, backend=backends.select("auto", backends.BackendOptions(x.device))):
         y = layer(x)
     torch.testing.assert_close(y, reference_out(layer.base(x), x, slots, weights), rtol=1e-5, atol=1e-5)
 
@@ -424,3 +424,116 @@ def test_per_row_slot_count_mismatch_is_an_error():
         layer(torch.randn(2, 5, IN))
     with lora_batch(torch.tensor([0, 0]), per_row=False), pytest.raises(ValueError, match="per-token slots"):
         layer(torch.randn(3, IN))
+
+
+# ------------------------------------------------------------------------------ LoraPlan and the backends
+
+
+def test_plan_tensors_are_one_buffer_and_match_the_groups():
+    plan = LoraPlan.build([3, -1, 0, 3, 3, -1, 7])
+    assert plan.active == (0, 3, 7) and plan.counts == (1, 3, 1) and plan.num_tokens == 7
+    assert plan.slots.tolist() == [3, -1, 0, 3, 3, -1, 7]
+    assert plan.rows.tolist() == [2, 0, 3, 4, 6]
+    assert plan.offsets.tolist() == [0, 1, 4, 5]
+    assert plan.starts.tolist() == [0, 1, 4] and plan.lengths.tolist() == [1, 3, 1]
+    assert plan.slot_ids.tolist() == [0, 3, 7]
+    assert [i.tolist() for i in plan.index] == [[2], [0, 3, 4], [6]]
+    storage = plan.slots.untyped_storage().data_ptr()
+    for t in (plan.rows, plan.offsets, plan.slot_ids, *plan.index):
+        assert t.untyped_storage().data_ptr() == storage, "the plan's tensors must share one transfer"
+    assert plan.key != LoraPlan.build([0]).key
+    empty = LoraPlan.build([-1, -1])
+    assert not empty.any_adapter and empty.max_count == 0 and empty.rows.numel() == 0
+
+
+BACKENDS = ["reference", "torch", "cpu"]
+
+
+def _backend(name: str):
+    from blora.lora import backends
+
+    if name == "cpu":
+        _kernel()
+    return backends.create(name, backends.BackendOptions(torch.device("cpu")))
+
+
+def _layer_loras(plan: LoraPlan, weights: dict[int, ops.Pair]) -> LayerLoras:
+    pos = tuple(i for i, s in enumerate(plan.active) if s in weights)
+    return LayerLoras(
+        tuple(plan.active[i] for i in pos), pos, [weights[plan.active[i]] for i in pos], IN, OUT
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("case", [c for c in CASES if c != "all_base"])
+def test_backend_add_and_shrink_expand_match_reference(case, name, dtype):
+    """Every backend's ``add`` and ``expand(shrink(x))`` against the per-token reference; slot 99 is in
+    the plan but has no weights in the layer (left untouched)."""
+    ranks, spec = CASES[case]
+    weights = make_weights(ranks, dtype)
+    slots = slots_tensor([*spec, (99, 2)])
+    plan = LoraPlan.from_tensor(slots)
+    loras = _layer_loras(plan, weights)
+    backend = _backend(name)
+    x = torch.randn(slots.numel(), IN).to(dtype)
+    y0 = torch.randn(slots.numel(), OUT).to(dtype)
+    routed = torch.where(torch.isin(slots, torch.tensor(list(weights))), slots, -1)
+    expected = reference_out(y0, x, routed, weights)
+    y = y0.clone()
+    backend.add(y, x, plan, loras)
+    assert_close_rel(y, expected, dtype)
+    assert torch.equal(y[routed < 0], y0[routed < 0])
+    h = backend.shrink(x, plan, loras)
+    assert h.shape == (slots.numel(), max(ranks[s] for s in loras.slots))
+    y = y0.clone()
+    backend.expand(y, h, plan, loras)
+    assert_close_rel(y, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize(
+    "spec", [[(0, 1), (1, 1), (2, 2), (-1, 1)], [(0, 40), (1, 300), (-1, 3)]], ids=["decode", "prefill"]
+)
+def test_backend_add_fused_writes_each_slice(spec, name, dtype):
+    """A fused output [N, OUT + 2 + OUT]: two projections' LoRA in their column slices, the gap untouched."""
+    plan = LoraPlan.from_tensor(slots_tensor(spec))
+    first, second = (
+        make_weights({0: 4, 1: 64, 2: 8}, dtype, seed=1),
+        make_weights({0: 2, 2: 16}, dtype, seed=2),
+    )
+    slices = [
+        OutputSlice(_layer_loras(plan, first), 0, OUT),
+        OutputSlice(_layer_loras(plan, second), OUT + 2, 2 * OUT + 2),
+    ]
+    x = torch.randn(plan.num_tokens, IN).to(dtype)
+    y0 = torch.randn(plan.num_tokens, 2 * OUT + 2).to(dtype)
+    y = y0.clone()
+    _backend(name).add_fused(y, x, plan, slices)
+    for weights, (lo, hi) in ((first, (0, OUT)), (second, (OUT + 2, 2 * OUT + 2))):
+        routed = torch.where(torch.isin(plan.slots, torch.tensor(list(weights))), plan.slots, -1)
+        assert_close_rel(y[:, lo:hi], reference_out(y0[:, lo:hi], x, routed, weights), dtype)
+    assert torch.equal(y[:, OUT : OUT + 2], y0[:, OUT : OUT + 2])
+
+
+def test_backend_registry_names_and_auto_choice():
+    from blora.lora import backends
+
+    assert {"reference", "torch", "cpu"} <= set(backends.names())
+    with pytest.raises(ValueError, match="unknown LoRA backend 'nope'"):
+        backends.create("nope", backends.BackendOptions(torch.device("cpu")))
+    off = backends.select("auto", backends.BackendOptions(torch.device("cpu"), cpu_kernel=False))
+    assert off.name == "torch"
+    with pytest.raises(backends.BackendUnavailableError, match="turned off"):
+        backends.create("cpu", backends.BackendOptions(torch.device("cpu"), cpu_kernel=False))
+    backends.register("test-only", lambda options: backends.ReferenceBackend())
+    try:
+        layer, weights = _wrapped("linear", {0: 4})
+        x = torch.randn(3, IN)
+        with torch.no_grad(), lora_batch(torch.tensor([0, -1, 0]), backend="test-only") as batch:
+            assert batch.backend.name == "reference"
+            y = layer(x)
+        torch.testing.assert_close(y, reference_out(layer.base(x), x, torch.tensor([0, -1, 0]), weights))
+    finally:
+        backends._FACTORIES.pop("test-only")

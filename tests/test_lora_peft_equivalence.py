@@ -15,6 +15,8 @@ import torch
 from peft import PeftModel
 
 from blora import kernels, load_loras, prepare_batch
+from blora.lora import backends
+from blora.lora.manager import LoraManager
 from tests.helpers import ARCHS, make_adapter, targets, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,6 +140,15 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
+def use_backend(model, kernel: str, monkeypatch) -> None:
+    """Library mode's LoRA through the compiled kernel ("cpu", where it builds) or the PyTorch ops."""
+    manager = LoraManager.attach(model)
+    name = "torch" if kernel == "torch_ops" or kernels.get() is None else "cpu"
+    monkeypatch.setattr(
+        manager, "backend", backends.create(name, backends.BackendOptions(torch.device("cpu")))
+    )
+
+
 def row_logits(model, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Each row's logits at its real (unpadded) positions."""
     with torch.no_grad():
@@ -150,7 +161,7 @@ def row_logits(model, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 def test_mixed_batch_rows_match_peft_alone(case, tok, kernel, monkeypatch):
     """Also covers ``model(**batch)`` with padded rows on GPT-2 (absolute positions). Both LoRA paths on
     CPU: the compiled kernel (where it builds) and the PyTorch ops."""
-    monkeypatch.setenv(kernels.ENV, "1" if kernel == "cpu_kernel" else "0")
+    use_backend(case.model, kernel, monkeypatch)
     batch = prepare_batch(case.rows(), tok, case.model, case.lora_map)
     assert batch["attention_mask"].sum(1).min() < batch["attention_mask"].shape[1]  # rows really are padded
     got = row_logits(case.model, batch)
@@ -208,7 +219,7 @@ def assert_same_greedy(got: list[int], ref: RowRef, what: str) -> None:
 
 @pytest.mark.parametrize("kernel", ["cpu_kernel", "torch_ops"])
 def test_greedy_generate_matches_peft_alone(case, tok, kernel, monkeypatch):
-    monkeypatch.setenv(kernels.ENV, "1" if kernel == "cpu_kernel" else "0")
+    use_backend(case.model, kernel, monkeypatch)
     batch = prepare_batch(case.rows(), tok, case.model, case.lora_map)
     width = batch["input_ids"].shape[1]
     with torch.no_grad():

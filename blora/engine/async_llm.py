@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blora.engine.llm import build_engine
+from blora.engine.llm_engine import EngineConfig
 from blora.engine.memory import release_free_memory
 from blora.engine.outputs import RequestOutput
 from blora.engine.sampling_params import SamplingParams
@@ -44,13 +45,13 @@ class AsyncLLM:
         adapters: dict[str, str] | None = None,
         dtype=None,
         device=None,
-        max_loras: int = 16,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 1024,
+        max_loras: int = EngineConfig.max_loras,
+        max_num_seqs: int = EngineConfig.max_num_seqs,
+        max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens,
         num_kv_blocks: int | None = None,
-        block_size: int = 16,
+        block_size: int = EngineConfig.block_size,
         max_model_len: int | None = None,
-        seed: int = 0,
+        seed: int = EngineConfig.seed,
         tokenizer=None,
         **engine_config,
     ) -> None:

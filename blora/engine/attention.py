@@ -62,6 +62,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None
     all_decode: bool = False
     prefills: list[PrefillChunk] = field(default_factory=list)
+    cpu_kernel: bool = True  # the engine's ``EngineConfig.cpu_kernel``: False keeps attention on PyTorch ops
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def decode_bias(self, sliding_window: int | None) -> torch.Tensor:
@@ -152,7 +153,7 @@ def paged_attention(
         )
     cache, meta = ctx
     k_cache, v_cache = cache.layer(module.layer_idx, key)
-    kernel = _kernel_for(query, k_cache)
+    kernel = _kernel_for(query, k_cache) if meta.cpu_kernel else None
     _store(kernel, k_cache, v_cache, key, value, meta.slot_mapping)
     out = query.new_empty(meta.num_tokens, query.shape[1], query.shape[3])
     if meta.decode_rows is not None:

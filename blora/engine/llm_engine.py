@@ -11,9 +11,11 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from blora import kernels
 from blora.engine.block_manager import BlockManager
 from blora.engine.detokenizer import IncrementalDetokenizer
 from blora.engine.model_runner import ModelRunner
@@ -60,6 +62,13 @@ class EngineConfig:
     adapter_root: str | Path | list[str | Path] | None = None
     cpu_cache_bytes: int = 2 << 30
     prefetch_depth: int | None = None
+    # How the forward runs (docs/engine.md), resolved once when the engine starts:
+    lora_backend: str = "auto"  # "auto", "cpu" (C++ kernel + GEMMs), "torch", ... (blora.lora.backends)
+    cpu_kernel: bool = True  # the C++ kernels (LoRA, decode attention, fast path); False: PyTorch ops only
+    lora_kernel_max_work: int = kernels.MAX_WORK  # tokens x rank per adapter via the LoRA kernel (above: GEMMs)
+    fast_path: Literal["auto", "on", "off"] = "auto"  # a model family's own forward (blora.models.families)
+    packed_weights: bool = True  # the fast path's oneDNN-prepacked GEMM weights
+    fused_lora_kernel_max_work: int = kernels.FUSED_MAX_WORK  # the fast path's LoRA kernel bound
 
 
 class LLMEngine:
@@ -78,7 +87,7 @@ class LLMEngine:
             max_adapter_wait_steps=config.max_adapter_wait_steps,
         )
         self.scheduler = Scheduler(sched, self.block_manager, can_admit=self._can_admit)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner.from_config(model, num_blocks, config)
         self.sampler = Sampler(self.runner.device, config.seed)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings

@@ -7,7 +7,6 @@ decoder runs once over it; the LM head runs only on the rows whose logits are sa
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,18 +15,24 @@ from torch import nn
 
 from blora.engine import attention
 from blora.engine.attention import AttentionMetadata, KVCache, PrefillChunk
-from blora.engine.fast_path import FastDecoder
 from blora.engine.scheduler import ScheduledSeq
-from blora.lora.context import lora_batch
+from blora.lora import backends
+from blora.lora.backends import BackendOptions, LoraBackend
+from blora.lora.context import LoraBatch, lora_context
+from blora.models import families
+from blora.models.families import FastPathOptions
 
 
 @dataclass
 class StepBatch:
-    """The tensors of one step. ``sample_rows``: rows of the flat batch whose logits are returned."""
+    """The tensors of one step. ``sample_rows``: rows of the flat batch whose logits are returned.
+    ``lora`` / ``head_lora``: the LoRA routing of the decoder (its plan already built) and of the LM head
+    over the sampled rows (planned only if the head is a LoRA layer); None when no token uses an adapter."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    lora_slots: torch.Tensor | None
+    lora: LoraBatch | None
+    head_lora: LoraBatch | None
     sample_rows: torch.Tensor
     attn: AttentionMetadata
 
@@ -35,7 +40,18 @@ class StepBatch:
 class ModelRunner:
     """Owns the KV cache and runs a Hugging Face causal LM through ``blora_paged`` attention."""
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_blocks: int,
+        block_size: int,
+        backend: LoraBackend | None = None,
+        fast_path: FastPathOptions | None = None,
+        cpu_kernel: bool = True,
+    ) -> None:
+        """``backend``: the LoRA math of every layer (default: ``"auto"`` for the model's device);
+        ``fast_path``: whether and how a model family's own forward runs (``blora.models.families``);
+        ``cpu_kernel``: False keeps attention on PyTorch ops."""
         self.model = model
         self.decoder = model.base_model
         self.lm_head = model.get_output_embeddings()
@@ -45,10 +61,21 @@ class ModelRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.backend = backend or backends.default(self.device)
+        self.cpu_kernel = cpu_kernel
         self.block_size = block_size
         self.cache = KVCache(num_blocks, block_size)
-        self.fast = FastDecoder.build(model)  # None: transformers' modules run every step
+        # a model family's own forward (weights fused and prepacked now), or None: transformers' modules
+        self.fast = families.build(model, fast_path or FastPathOptions())
         self.fast_steps = 0  # steps the fast decoder ran (the rest ran transformers' modules)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, num_blocks: int, config) -> ModelRunner:
+        """The runner for an ``EngineConfig``: its LoRA backend, fast path and kernel switches resolved once."""
+        options = RunnerOptions.from_config(config, next(model.parameters()).device)
+        return cls(
+            model, num_blocks, config.block_size, options.backend, options.fast_path, options.cpu_kernel
+        )
 
     @torch.inference_mode()
     def execute(
@@ -57,11 +84,10 @@ class ModelRunner:
         """Run one step; returns logits [num sampled seqs, vocab] in ``scheduled`` order, in the model's dtype
         (the sampler converts to float32 only what needs it: greedy argmax does not)."""
         batch = self.prepare(scheduled, adapter_slot)
-        lora = lora_batch(batch.lora_slots) if batch.lora_slots is not None else contextlib.nullcontext()
-        kernel = self.fast.usable() if self.fast is not None else None
-        with attention.forward_context(self.cache, batch.attn), lora:
-            if kernel is not None:
-                hidden = self.fast(kernel, batch.input_ids[0], batch.position_ids[0])
+        fast = self.fast is not None and self.fast.usable()
+        with attention.forward_context(self.cache, batch.attn), lora_context(batch.lora):
+            if fast:
+                hidden = self.fast(batch.input_ids[0], batch.position_ids[0])
                 self.fast_steps += 1
             else:
                 out = self.decoder(
@@ -69,11 +95,10 @@ class ModelRunner:
                 )
                 hidden = out.last_hidden_state[0]
         hidden = hidden.index_select(0, batch.sample_rows)
-        head_slots = None if batch.lora_slots is None else batch.lora_slots.index_select(0, batch.sample_rows)
         # looked up each step: an lm_head LoRA / modules_to_save wraps the head after the runner was built
-        logits = self.fast.logits(hidden) if kernel is not None else None
+        logits = self.fast.logits(hidden) if fast else None
         if logits is None:
-            with lora_batch(head_slots) if head_slots is not None else contextlib.nullcontext():
+            with lora_context(batch.head_lora):
                 logits = self.model.get_output_embeddings()(hidden)
         if self.softcap:
             logits = logits.float()
@@ -108,16 +133,23 @@ class ModelRunner:
                 prefills.append((row, n, start, used))
             if s.sample:
                 sample_rows.append(row + n - 1)
+        routed = any(slot >= 0 for slot in lora)
+        step_lora = head_lora = None
+        if routed:
+            step_lora = LoraBatch(lora, self.device, self.backend)
+            step_lora.plan(len(lora))  # the step's plan: built once here, read by every layer
+            head_lora = LoraBatch([lora[r] for r in sample_rows], self.device, self.backend)
         return StepBatch(
             input_ids=self._tensor(ids)[None],
             position_ids=self._tensor(positions)[None],
-            lora_slots=self._tensor(lora) if any(slot >= 0 for slot in lora) else None,
+            lora=step_lora,
+            head_lora=head_lora,
             sample_rows=self._tensor(sample_rows),
             attn=self._metadata(len(ids), slots, dec_rows, dec_tables, dec_lens, prefills),
         )
 
     def _metadata(self, n, slots, dec_rows, dec_tables, dec_lens, prefills) -> AttentionMetadata:
-        meta = AttentionMetadata(num_tokens=n, slot_mapping=self._tensor(slots))
+        meta = AttentionMetadata(num_tokens=n, slot_mapping=self._tensor(slots), cpu_kernel=self.cpu_kernel)
         if dec_rows:
             width = max(len(t) for t in dec_tables)
             meta.decode_rows = self._tensor(dec_rows)
@@ -142,3 +174,31 @@ class ModelRunner:
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """The engine config's switches for the runner, resolved once (``from_config``)."""
+
+    backend: LoraBackend
+    fast_path: FastPathOptions
+    cpu_kernel: bool
+
+    @classmethod
+    def from_config(cls, config, device: torch.device) -> RunnerOptions:
+        """From an ``EngineConfig`` (``ValueError`` naming the field for a bad value)."""
+        if config.fast_path not in ("auto", "on", "off"):
+            raise ValueError(f"fast_path must be 'auto', 'on' or 'off', got {config.fast_path!r}")
+        if config.fast_path == "on" and not config.cpu_kernel:
+            raise ValueError("fast_path='on' needs the CPU kernels: it cannot run with cpu_kernel=False")
+        for name in ("lora_kernel_max_work", "fused_lora_kernel_max_work"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        options = BackendOptions(device, config.cpu_kernel, config.lora_kernel_max_work)
+        fast = FastPathOptions(
+            config.fast_path if config.cpu_kernel else "off",
+            config.packed_weights,
+            config.fused_lora_kernel_max_work,
+        )
+        return cls(backends.select(config.lora_backend, options), fast, config.cpu_kernel)

@@ -14,9 +14,9 @@ step (batch 32, bf16, 2 threads): the engine went from ~470 to ~680 tok/s.
 
 The library is built with the system C++ compiler (``$CXX``, else ``c++``/``g++``; ~1 s) into
 ``$BLORA_CACHE/kernels`` under a name that hashes the source, the flags, the compiler and this CPU, so a
-changed source or another machine never loads a stale build. No compiler, a failed build or
-``BLORA_CPU_KERNEL=0`` all mean the PyTorch ops are used instead (same results, slower decode), with one
-warning that says why.
+changed source or another machine never loads a stale build. No compiler or a failed build mean the
+PyTorch ops are used instead (same results, slower decode), with one warning that says why; an engine
+with ``EngineConfig(cpu_kernel=False)`` uses them by choice.
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ import torch
 logger = logging.getLogger("blora")
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-ENV = "BLORA_CPU_KERNEL"  # "0" disables the kernel
 ABI_VERSION = 6
 # An adapter's tokens go through the kernel while tokens x rank stays at or under this; above it a GEMM pair
 # wins (measured, bf16 and fp32: r=64 crosses over at 16-32 tokens, r=8 beyond 128). Prefill goes to GEMMs.
 MAX_WORK = 2048
-# The bound in the engine's fast path (blora/engine/fast_path.py), where one kernel call serves q/k/v (and
+# The bound in the engine's fast path (blora/models/families), where one kernel call serves q/k/v (and
 # gate/up) together: measured on the 16-adapter engine run, 8192 beat 2048 (bf16 +7% tok/s, time to first
 # token -17%; fp32 likewise) and 32768 gave nothing more. Alone on hot caches a GEMM pair still wins for
-# one adapter with hundreds of tokens, which is why library mode keeps MAX_WORK.
-ENGINE_MAX_WORK = 8192
+# one adapter with hundreds of tokens, which is why library mode keeps MAX_WORK. The engine reads both
+# as the defaults of ``EngineConfig.lora_kernel_max_work`` / ``fused_lora_kernel_max_work``.
+FUSED_MAX_WORK = 8192
 DTYPES = (torch.float32, torch.bfloat16)
 
 # Flag sets tried in order: tuned for this CPU, then portable (e.g. a compiler without -march=native).
@@ -336,19 +336,8 @@ _loaded: dict[bool, CpuKernel | None] = {}
 _warned = False
 
 
-def env_flag(name: str) -> bool:
-    """An on/off switch from the environment: on unless set to 0 / false / no / off."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def enabled() -> bool:
-    return env_flag(ENV)
-
-
 def get(*, generic: bool = False) -> CpuKernel | None:
     """The kernel for this machine (built and cached on first call), or None where it cannot be used."""
-    if not enabled():
-        return None
     hit = _loaded.get(generic, False)
     if hit is not False:
         return hit
@@ -356,13 +345,6 @@ def get(*, generic: bool = False) -> CpuKernel | None:
         if generic not in _loaded:
             _loaded[generic] = _load(generic)
         return _loaded[generic]
-
-
-def usable(x: torch.Tensor, weight_dtype: torch.dtype) -> CpuKernel | None:
-    """The kernel if it can run a layer whose input is ``x`` and whose LoRA weights have ``weight_dtype``."""
-    if x.device.type != "cpu" or x.dtype not in DTYPES or weight_dtype != x.dtype:
-        return None
-    return get()
 
 
 def one_openmp_thread() -> None:
@@ -392,10 +374,9 @@ def _load(generic: bool) -> CpuKernel | None:
             _warned = True
             logger.warning(
                 "blora: the CPU kernels (multi-LoRA, decode attention) are not available (%s); using PyTorch "
-                "ops instead (same results, slower decode). Install a C++ compiler (g++) to enable it, or set %s=0 "
-                "to silence this.",
+                "ops instead (same results, slower decode). Install a C++ compiler (g++) to enable it, or pass "
+                "cpu_kernel=False to the engine to choose the PyTorch ops.",
                 exc,
-                ENV,
             )
         return None
 

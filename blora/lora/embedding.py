@@ -55,7 +55,7 @@ class LoraEmbedding(nn.Module):
         if batch is None or not self.pairs or not batch.any_adapter:
             return y
         flat = ids.reshape(-1)
-        groups = batch.groups(flat.numel())
+        groups = batch.plan(flat.numel())
         y2 = y.view(-1, y.shape[-1])
         embed_scale = getattr(self.base, "embed_scale", None)
         for slot, idx in zip(groups.active, groups.index, strict=True):

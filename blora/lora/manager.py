@@ -10,13 +10,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from blora.lora import backends
+from blora.lora.backends import LoraBackend
 from blora.lora.bounds import SizeBound
 from blora.lora.config import AdapterError
 from blora.lora.embedding import LoraEmbedding
-from blora.lora.layers import LoraLinear, is_linear
+from blora.lora.layers import LoraLinear, base_dtype_device, is_linear
 from blora.lora.prepared import LoraWeights, PreparedAdapter, check_finite, prepare_module, prepare_saved
 from blora.lora.saved import SavedModules
 from blora.lora.weights import AdapterFiles, read_adapter
+from blora.models.families import bump_structure_version
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class LoraManager:
         self._saved: dict[str, SavedModules] = {}
         self._installed: dict[str, PreparedAdapter] = {}  # on the model's device, shared with the wrappers
         self._tree_lock = threading.Lock()  # module-tree changes (wrapping) vs. ``prepare`` in other threads
+        self.backend: LoraBackend | None = None  # library mode's LoRA backend (None: "auto" for the device)
 
     def __getstate__(self) -> dict:  # ``copy.deepcopy`` of the model: locks are not copyable
         state = self.__dict__.copy()
@@ -81,6 +85,11 @@ class LoraManager:
             manager = cls(model)
             object.__setattr__(model, "_blora_manager", manager)
         return manager
+
+    def set_backend(self, name: str) -> None:
+        """Library mode's LoRA backend by name (``blora.lora.backends``), for the model's device."""
+        device = next(self.model.parameters()).device
+        self.backend = backends.select(name, backends.BackendOptions(device))
 
     def __contains__(self, name: str) -> bool:
         return name in self.adapters
@@ -152,7 +161,7 @@ class LoraManager:
         modules = {}
         for module_name, weights in prepared.modules.items():
             wrapper = self._wrap_lora(module_name)
-            w = modules[module_name] = weights.to(wrapper.weight.device)
+            w = modules[module_name] = weights.to(base_dtype_device(wrapper)[1])
             if isinstance(wrapper, LoraEmbedding):
                 wrapper.set_lora(slot, w.a, w.b, dora_scale=w.dora_scale)
             else:
@@ -207,6 +216,7 @@ class LoraManager:
             wrapper = LoraEmbedding(inner) if isinstance(inner, nn.Embedding) else LoraLinear(inner)
             with self._tree_lock:
                 setattr(holder, child, wrapper)
+                bump_structure_version(self.model)
             self._wrappers[module_name] = wrapper
         return wrapper
 
@@ -219,6 +229,7 @@ class LoraManager:
             wrapper = SavedModules(current, unwrap(current))
             with self._tree_lock:
                 setattr(parent, child, wrapper)
+                bump_structure_version(self.model)
             self._saved[module_name] = wrapper
         return wrapper
 

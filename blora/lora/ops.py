@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from blora.lora.context import TokenGroups
+from blora.lora.plan import LoraPlan
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -43,7 +43,7 @@ def add_single(y: torch.Tensor, x: torch.Tensor, pair: Pair) -> None:
     y.addmm_(x @ a, b)
 
 
-def add_segments(y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, pairs: list[Pair]) -> None:
+def add_segments(y: torch.Tensor, x: torch.Tensor, groups: LoraPlan, pairs: list[Pair]) -> None:
     """One GEMM pair per adapter segment. Semantics: ``y[idx_i] += x[idx_i] @ A_i @ B_i`` for each i."""
     for idx, (a, b) in zip(groups.index, pairs, strict=True):
         y.index_add_(0, idx, (x.index_select(0, idx) @ a) @ b)
@@ -53,7 +53,7 @@ def add_segments(y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, pairs: l
 class RankGroup:
     """Adapters sharing one (possibly padded) rank, weights stacked for ``bmm``.
 
-    ``members``: positions into ``TokenGroups.active``. Adapters of smaller rank may be zero-padded up to
+    ``members``: positions into ``LoraPlan.active``. Adapters of smaller rank may be zero-padded up to
     the group's rank when that is cheaper than another pair of launches (decided per batch, per layer).
     """
 
@@ -97,7 +97,7 @@ def _stack(members: tuple[int, ...], pairs: list[Pair]) -> RankGroup:
     return RankGroup(members=members, A=A, B=B)
 
 
-def add_grouped(y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, rank_groups: list[RankGroup]) -> None:
+def add_grouped(y: torch.Tensor, x: torch.Tensor, groups: LoraPlan, rank_groups: list[RankGroup]) -> None:
     """Rank-grouped bmm. Semantics: as ``add_segments``; tokens padded per adapter, pads masked to zero."""
     for g in rank_groups:
         pos, valid = groups.padded(g.members, x.dtype)
@@ -124,7 +124,7 @@ def build_stacked(slots: tuple[int, ...], pairs: list[Pair]) -> Stacked:
     return Stacked(A=a, B=b, col_slot=torch.cat(cols).to(a.device))
 
 
-def add_stacked(y: torch.Tensor, x: torch.Tensor, groups: TokenGroups, st: Stacked) -> None:
+def add_stacked(y: torch.Tensor, x: torch.Tensor, groups: LoraPlan, st: Stacked) -> None:
     """Two GEMMs over all active adapters. Semantics: ``y += ((x @ A_cat) * [slot_t == col_slot]) @ B_cat``."""
     h = x @ st.A
     h.mul_(groups.slots.unsqueeze(1) == st.col_slot.unsqueeze(0))

@@ -62,7 +62,7 @@ class SavedModules(nn.Module):
             return y
         ids = x.dtype in (torch.long, torch.int32)
         flat = x.reshape(-1) if ids else x.reshape(-1, x.shape[-1])
-        groups = batch.groups(flat.shape[0])
+        groups = batch.plan(flat.shape[0])
         y2 = y.view(-1, y.shape[-1])
         for slot, idx in zip(groups.active, groups.index, strict=True):
             params = self.copies.get(slot)

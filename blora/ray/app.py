@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from ray import serve
 
+from blora.engine.llm_engine import EngineConfig
 from blora.ray.cluster_engine import ClusterEngine
 from blora.ray.registry import AdapterRegistry
 from blora.ray.replica import EngineReplica, ReplicaOptions
@@ -109,7 +110,8 @@ def build_app(
     if "adapters" in engine_kwargs:
         raise ValueError("pass adapters to build_app, not in engine_kwargs: replicas load them on first use")
     queue = server.max_queue if server.max_queue is not None else 10_000
-    per_replica = engine_kwargs.get("max_num_seqs", 64) + queue  # Serve holds back nothing the engine queues
+    # Serve holds back nothing the engine queues
+    per_replica = engine_kwargs.get("max_num_seqs", EngineConfig.max_num_seqs) + queue
     threads = cluster.threads or max(1, int(cluster.replica_cpus))
     options = ReplicaOptions(
         cluster.max_adapters_per_replica, threads, cluster.report_interval_s, server.drain_timeout_s

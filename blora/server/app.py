@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from blora.engine.llm_engine import EngineConfig
 from blora.server.adapters import AdapterManager
 from blora.server.completions import create_chat_completion, create_completion
 from blora.server.errors import (
@@ -65,7 +66,7 @@ class ServerConfig:
     served_model_name: str
     model_source: str = ""
     api_key: str | None = None
-    max_num_seqs: int = 64
+    max_num_seqs: int = EngineConfig.max_num_seqs
     max_queue: int | None = 256  # waiting requests beyond max_num_seqs; None = unbounded
     max_loras: int | None = None
     adapter_root: Path | None = None

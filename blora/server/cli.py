@@ -24,6 +24,8 @@ def _lora_module(spec: str) -> tuple[str, str]:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``serve`` options to ``parser`` (a sub-command parser of ``blora``)."""
+    from blora.engine.llm_engine import EngineConfig  # the one set of engine defaults
+
     a = parser.add_argument
     a(
         "--model",
@@ -43,19 +45,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=os.environ.get("BLORA_API_KEY"),
         help="require 'Authorization: Bearer KEY' (env BLORA_API_KEY)",
     )
-    a("--max-loras", type=int, default=16, help="distinct adapters in one engine step")
+    a("--max-loras", type=int, default=EngineConfig.max_loras, help="distinct adapters in one engine step")
     a("--max-lora-rank", type=int, default=None,
       help="refuse adapters of a higher rank (checked on adapter_config.json, before the weights are read)")  # fmt: skip
-    a("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
+    a("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs, help="sequences in the running batch")
     a(
         "--max-model-len",
         type=int,
         default=None,
         help="prompt + output tokens per request (default: the model's)",
     )
-    a("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step (prefill chunk)")
+    a("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+      help="tokens per engine step (prefill chunk)")  # fmt: skip
     a("--num-kv-blocks", type=int, default=None, help="KV-cache size in blocks (default: sized from memory)")
-    a("--seed", type=int, default=0, help="engine seed for requests without their own seed")
+    a("--seed", type=int, default=EngineConfig.seed, help="engine seed for requests without their own seed")
+    a("--lora-backend", default=EngineConfig.lora_backend,
+      help="how the LoRA math runs: auto | cpu (C++ kernel + GEMMs) | torch (PyTorch ops) (default: auto)")  # fmt: skip
+    a("--fast-path", choices=("auto", "on", "off"), default=EngineConfig.fast_path,
+      help="the engine's own forward for Llama-family models: auto (where it is faster: CPU with AVX-512), "
+           "on (on any CPU the kernels build for), off (transformers' modules)")  # fmt: skip
+    a("--cpu-kernel", action=argparse.BooleanOptionalAction, default=EngineConfig.cpu_kernel,
+      help="the C++ CPU kernels (LoRA, decode attention, fast path); --no-cpu-kernel: PyTorch ops only")  # fmt: skip
+    a("--packed-weights", action=argparse.BooleanOptionalAction, default=EngineConfig.packed_weights,
+      help="oneDNN-prepacked weights on the fast path (a second copy of the linear weights)")  # fmt: skip
     a("--max-queue", type=int, default=256,
       help="requests that may wait beyond --max-num-seqs before new ones get 429 (-1: unbounded)")  # fmt: skip
     a("--retry-after", type=int, default=1, help="Retry-After seconds sent with 429")
@@ -122,6 +134,10 @@ def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
         num_kv_blocks=args.num_kv_blocks,
         seed=args.seed,
         max_lora_rank=args.max_lora_rank,
+        lora_backend=args.lora_backend,
+        fast_path=args.fast_path,
+        cpu_kernel=args.cpu_kernel,
+        packed_weights=args.packed_weights,
     )
 
 

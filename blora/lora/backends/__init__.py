@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from blora import kernels
 from blora.lora.backends.base import BackendUnavailableError, BoundAdd, LoraBackend, ReferenceBackend
 
 logger = logging.getLogger("blora")
@@ -29,7 +30,7 @@ class BackendOptions:
 
     device: torch.device
     cpu_kernel: bool = True
-    kernel_max_work: int = 2048
+    kernel_max_work: int = kernels.MAX_WORK
 
 
 Factory = Callable[[BackendOptions], LoraBackend]
@@ -38,6 +39,7 @@ _FACTORIES: dict[str, Factory | str] = {
     "reference": "blora.lora.backends.base:ReferenceBackend.create",
     "torch": "blora.lora.backends.torch_ops:TorchBackend.create",
     "cpu": "blora.lora.backends.cpu:CpuKernelBackend.create",
+    "triton": "blora.lora.backends.triton:TritonBackend.create",
 }
 # "auto": the first of these that can run on the device type (the rest: "torch")
 PREFERENCE: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}

@@ -84,6 +84,9 @@ class ReferenceBackend:
     def create(cls, options: object = None) -> ReferenceBackend:
         return cls()
 
+    def __deepcopy__(self, memo: dict) -> ReferenceBackend:
+        return self  # a backend is a shared service, not model state (``copy.deepcopy`` of a model keeps it)
+
     def shrink(self, x: torch.Tensor, plan: LoraPlan, loras: LayerLoras) -> torch.Tensor:
         x = x.to(loras.dtype)
         h = x.new_zeros(x.shape[0], loras.max_rank)

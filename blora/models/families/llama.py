@@ -1,0 +1,340 @@
+"""The engine's own decoder forward for the Llama family (Llama / SmolLM, Mistral, Qwen2) on CPU.
+
+transformers' modules run every architecture (``blora.engine.attention``). For this family the engine can
+instead run this forward over the same flat batch, which removes what a decode step spends outside the
+arithmetic: ~45 small PyTorch ops per layer become ~10 calls, and no GEMM re-lays out its weight.
+
+- q/k/v and gate/up run as ONE matmul each, over weights concatenated once at load time (``fuse_linears``);
+  the modules' own weights become views into them (no extra memory; transformers' modules still work).
+- Every GEMM (and the LM head) uses a oneDNN-prepacked copy of its weight (``Packed``), when memory allows.
+- RMSNorm with the residual add, rotary embedding and SiLU-times-up are C++ kernels (``blora.kernels``)
+  that round every intermediate as the PyTorch ops do: bfloat16 results equal transformers' bit for bit up
+  to the order of a float32 sum.
+- LoRA wrappers (``LoraLinear``) stay where they are: the step's ``LoraBackend`` adds each adapter's delta
+  into its column slice of a fused output (``add_fused``: at decode, q/k/v or gate/up as ONE kernel call)
+  or after the packed o_proj / down_proj GEMM. The embedding is called as a module; attention is the same
+  ``paged_attention`` transformers' modules call.
+
+Used only when the model is exactly this family (its layers, norms and MLP activation checked when built),
+on CPU in float32 / bfloat16 with the kernels built (in ``fast_path="auto"`` only the AVX-512 build; "on"
+takes the portable one too). Everything else (rotary variants, biases, sliding windows) is read from the
+modules and config transformers built.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from blora import kernels
+from blora.engine import attention
+from blora.lora.context import current_batch
+from blora.lora.layers import LoraLinear
+from blora.models.families import Family, FastPathOptions, structure_version
+from blora.models.families.packing import Packed, fuse_linears
+
+logger = logging.getLogger("blora")
+
+_ATTN = {"q", "k", "v", "o"}
+
+
+@dataclass
+class _Layer:
+    layer: nn.Module
+    attn: nn.Module
+    mlp: nn.Module
+    in_norm: nn.Module
+    post_norm: nn.Module
+    bases: dict[str, nn.Module]  # q k v o gate up down -> the plain linear layers
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    gu_w: torch.Tensor
+    gu_b: torch.Tensor | None
+    window: int | None
+    scaling: float
+    packed: dict[str, torch.Tensor | None] = field(default_factory=dict)  # qkv / o / gu / down -> oneDNN
+
+
+def build(model: nn.Module, family: Family, options: FastPathOptions) -> FastDecoder | str:
+    """The fast decoder for ``model`` (weights fused, and prepacked if ``options.packed_weights``), or why
+    it does not apply."""
+    kernel = kernels.get()
+    reason = _unsupported(model, family, kernel, options)
+    if reason:
+        return reason
+    decoder = model.base_model
+    config = model.config
+    attn0 = decoder.layers[0].self_attn
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    fused = {name: [p.removesuffix("_proj") for p in projections] for name, projections in family.fused}
+    layers = []
+    with torch.no_grad():
+        for layer in decoder.layers[: config.num_hidden_layers]:
+            attn, mlp = layer.self_attn, layer.mlp
+            bases = {name: _base(getattr(attn, f"{name}_proj")) for name in ("q", "k", "v", "o")}
+            bases |= {name: _base(getattr(mlp, f"{name}_proj")) for name in ("gate", "up", "down")}
+            qkv_w, qkv_b = fuse_linears([bases[p] for p in fused["qkv"]])  # q, k, v in this order
+            gu_w, gu_b = fuse_linears([bases[p] for p in fused["gate_up"]])
+            if hasattr(attn, "sliding_window"):
+                window = attn.sliding_window
+            elif type(layer).__name__.startswith("Mistral"):
+                window = getattr(config, "sliding_window", None)
+            else:
+                window = None
+            layers.append(
+                _Layer(
+                    layer,
+                    attn,
+                    mlp,
+                    layer.input_layernorm,
+                    layer.post_attention_layernorm,
+                    bases,
+                    qkv_w,
+                    qkv_b,
+                    gu_w,
+                    gu_b,
+                    window,
+                    float(attn.scaling),
+                )  # fmt: skip
+            )
+    fast = FastDecoder(model, kernel, layers, heads, kv_heads, attn0.head_dim, options)
+    if options.packed_weights:
+        fast.pack()
+    return fast
+
+
+class FastDecoder:
+    """``decoder(input_ids [N], position_ids [N]) -> [N, hidden]`` final-normed hidden states."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kernel: kernels.CpuKernel,
+        layers: list[_Layer],
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        options: FastPathOptions,
+    ) -> None:
+        self.model = model
+        self.kernel = kernel
+        self.decoder = model.base_model
+        self.layers = layers
+        self.norm = self.decoder.norm
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.lora_max_work = options.lora_max_work
+        self.inter = layers[0].gu_w.shape[0] // 2
+        self._sections = (heads * head_dim, (heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)
+        self._checked, self._valid = -1, False  # structure version of the last module check, its result
+        self.head: nn.Module | None = None  # the LM head module the packed copy was made of
+        self.head_packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """oneDNN-prepacked copies of the decoder's linear weights and of the LM head (``Packed``), where the
+        machine has the memory for a second copy (the modules keep theirs: transformers' path and the LoRA
+        wrappers read them)."""
+        head = self.model.get_output_embeddings()
+        weights = [
+            w
+            for lay in self.layers
+            for w in (lay.qkv_w, lay.bases["o"].weight, lay.gu_w, lay.bases["down"].weight)
+        ]
+        if isinstance(head, nn.Linear):
+            weights.append(head.weight)
+        if not Packed.worth_it(sum(w.numel() * w.element_size() for w in weights)):
+            return
+        try:
+            with torch.no_grad():
+                for lay in self.layers:
+                    lay.packed = {
+                        "qkv": Packed.of(lay.qkv_w),
+                        "o": Packed.of(lay.bases["o"].weight),
+                        "gu": Packed.of(lay.gu_w),
+                        "down": Packed.of(lay.bases["down"].weight),
+                    }
+                if type(head) is nn.Linear and head.bias is None:  # a wrapped head (lm_head LoRA) runs as is
+                    self.head, self.head_packed = head, Packed.of(head.weight)
+        except (RuntimeError, AttributeError, NotImplementedError) as exc:  # op missing in this torch build
+            logger.info("blora: no prepacked weights (%s)", exc)
+            for lay in self.layers:
+                lay.packed = {}
+            self.head, self.head_packed = None, None
+
+    def usable(self) -> bool:
+        """Whether every module is still the one this decoder was built over (LoRA wrappers aside). The
+        module walk runs again only after the model's structure version moved."""
+        version = structure_version(self.model)
+        if self._checked != version:
+            self._checked = version
+            self._valid = self._modules_unchanged()
+        return self._valid
+
+    def _modules_unchanged(self) -> bool:
+        if self.decoder.norm is not self.norm:
+            return False
+        for lay in self.layers:
+            attn, mlp = lay.attn, lay.mlp
+            if (
+                lay.layer.self_attn is not attn
+                or lay.layer.mlp is not mlp
+                or lay.layer.input_layernorm is not lay.in_norm
+                or lay.layer.post_attention_layernorm is not lay.post_norm
+            ):
+                return False
+            for name, base in lay.bases.items():
+                module = getattr(attn if name in _ATTN else mlp, f"{name}_proj")
+                if module is not base and not (isinstance(module, LoraLinear) and module.base is base):
+                    return False
+        return True
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel
+        n = input_ids.shape[0]
+        h, kvh, d = self.heads, self.kv_heads, self.head_dim
+        q_end, k_end, v_end = self._sections
+        work = self.lora_max_work
+        res = self.decoder.embed_tokens(input_ids[None])[0].contiguous()
+        cos, sin = self.decoder.rotary_emb(res[None], position_ids[None])
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        first = self.layers[0].in_norm
+        x = kernel.rms_norm(res, first.weight, first.variance_epsilon)
+        for i, lay in enumerate(self.layers):
+            attn, mlp = lay.attn, lay.mlp
+            pk = lay.packed
+            qkv = Packed.linear(x, pk.get("qkv"), lay.qkv_w, lay.qkv_b)
+            _fused_lora(
+                qkv,
+                x,
+                ((attn.q_proj, 0, q_end), (attn.k_proj, q_end, k_end), (attn.v_proj, k_end, v_end)),
+                work,
+            )
+            kernel.rotary(qkv, h + kvh, d, cos, sin)
+            q = qkv[:, :q_end].view(n, h, d).transpose(0, 1)[None]
+            k = qkv[:, q_end:k_end].view(n, kvh, d).transpose(0, 1)[None]
+            v = qkv[:, k_end:].view(n, kvh, d).transpose(0, 1)[None]
+            out, _ = attention.paged_attention(
+                attn, q, k, v, None, scaling=lay.scaling, sliding_window=lay.window
+            )
+            o = _project(attn.o_proj, lay.bases["o"], pk.get("o"), out.view(n, h * d), work)
+            x = kernel.rms_norm(o, lay.post_norm.weight, lay.post_norm.variance_epsilon, residual=res)
+            gu = Packed.linear(x, pk.get("gu"), lay.gu_w, lay.gu_b)
+            _fused_lora(
+                gu, x, ((mlp.gate_proj, 0, self.inter), (mlp.up_proj, self.inter, 2 * self.inter)), work
+            )
+            m = _project(
+                mlp.down_proj, lay.bases["down"], pk.get("down"), kernel.silu_mul(gu, self.inter), work
+            )
+            norm = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
+            x = kernel.rms_norm(m, norm.weight, norm.variance_epsilon, residual=res)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The LM head over ``hidden`` [B, hidden] with its packed copy, or None (the runner calls the head
+        module: it was wrapped, e.g. an lm_head LoRA, or has no packed copy)."""
+        head = self.model.get_output_embeddings()
+        if self.head_packed is None or head is not self.head:
+            return None
+        return Packed.linear(hidden.contiguous(), self.head_packed, head.weight, None)
+
+
+def _project(
+    module: nn.Module, base: nn.Module, packed: torch.Tensor | None, x: torch.Tensor, max_work: int
+) -> torch.Tensor:
+    """``module(x)`` for a projection that is ``base`` or a LoRA wrapper of it, through the packed weight."""
+    y = Packed.linear(x, packed, base.weight, base.bias)
+    if isinstance(module, LoraLinear):
+        module.add_lora(y, x, max_work)
+    return y
+
+
+def _fused_lora(y: torch.Tensor, x: torch.Tensor, parts, max_work: int) -> None:
+    """LoRA of the projections ``parts`` ((module, start, stop) columns of ``y``) sharing the input ``x``:
+    one ``LoraBackend.add_fused`` call (at decode, one CPU kernel call for q/k/v or gate/up); wrappers with
+    DoRA / LoRA-bias extras add their own part."""
+    batch = current_batch()
+    if batch is None or not batch.any_adapter:
+        return
+    lora = [(m, lo, hi) for m, lo, hi in parts if isinstance(m, LoraLinear) and m.pairs]
+    if not lora:
+        return
+    if any(m.has_extras for m, _, _ in lora):
+        for module, lo, hi in lora:
+            module.add_lora(y[:, lo:hi], x, max_work)
+        return
+    plan = batch.plan(x.shape[0])
+    slices = [s for m, lo, hi in lora if (s := m.output_slice(plan, lo, hi)) is not None]
+    batch.backend.add_fused(y, x, plan, slices, max_work)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, LoraLinear) else module
+
+
+def _unsupported(
+    model: nn.Module, family: Family, kernel: kernels.CpuKernel | None, options: FastPathOptions
+) -> str | None:
+    """Why the fast decoder cannot run ``model`` (None: it can)."""
+    decoder = getattr(model, "base_model", None)
+    layers = getattr(decoder, "layers", None)
+    if decoder is None or decoder is model or layers is None or len(layers) == 0:
+        return "not a decoder-only model with .layers"
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype not in kernels.DTYPES:
+        return f"{param.device.type} {param.dtype}: the fast path is for CPU float32/bfloat16"
+    if kernel is None:
+        return "CPU kernels unavailable"
+    if not kernel.native_vector and options.mode == "auto":
+        return "no AVX-512 build of the kernels on this CPU (PyTorch's vectorized ops are faster; fast_path='on' forces it)"
+    for name in ("embed_tokens", "rotary_emb", "norm"):
+        if not hasattr(decoder, name):
+            return f"decoder has no {name}"
+    if type(decoder.norm).__name__ not in family.norms:
+        return f"final norm is {type(decoder.norm).__name__}"
+    config = model.config
+    if len(layers) < config.num_hidden_layers:
+        return "fewer layers than config.num_hidden_layers"
+    for layer in layers[: config.num_hidden_layers]:
+        if reason := _unsupported_layer(layer, family, config, param):
+            return reason
+    if decoder.norm.weight.dtype != param.dtype:
+        return "norm weights in another dtype"
+    return None
+
+
+def _unsupported_layer(layer: nn.Module, family: Family, config, param: torch.Tensor) -> str | None:
+    kind = type(layer).__name__
+    if kind not in family.layers:
+        return f"{kind} is not a {family.name}-family layer"
+    if (
+        type(layer.input_layernorm).__name__ not in family.norms
+        or type(layer.post_attention_layernorm).__name__ not in family.norms
+    ):
+        return f"{kind} norms are not RMSNorm"
+    if type(layer.mlp.act_fn).__name__ not in family.activations:
+        return f"activation {type(layer.mlp.act_fn).__name__} is not SiLU"
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    if head_dim % 2 or head_dim > 1024:
+        return f"head_dim {head_dim}"
+    modules = [getattr(attn, f"{n}_proj", None) for n in "qkvo"]
+    modules += [getattr(layer.mlp, f"{n}_proj", None) for n in ("gate", "up", "down")]
+    for module in modules:
+        base = _base(module) if module is not None else None
+        if not isinstance(base, nn.Linear):
+            return f"{kind} projection {type(module).__name__} is not a linear layer"
+        if base.weight.dtype != param.dtype or base.weight.device != param.device:
+            return "mixed dtypes or devices"
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    kv_heads = kv_heads or heads
+    if _base(attn.q_proj).weight.shape[0] != heads * head_dim or heads % kv_heads:
+        return "q_proj does not match num_attention_heads * head_dim"
+    if _base(attn.k_proj).weight.shape[0] != kv_heads * head_dim:
+        return "k_proj does not match num_key_value_heads * head_dim"
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        if norm.weight.dtype != param.dtype:
+            return "norm weights in another dtype"
+    return None
