@@ -16,6 +16,6 @@ __all__ = [
     "unload_loras",
 ]
 
-from blora.engine import LLM, SamplingParams  # noqa: E402
+from blora.engine import LLM, LoRARequest, SamplingParams  # noqa: E402
 
-__all__ += ["LLM", "SamplingParams"]
+__all__ += ["LLM", "LoRARequest", "SamplingParams"]

@@ -3,6 +3,7 @@
 from blora.engine.async_llm import AsyncLLM
 from blora.engine.llm import LLM
 from blora.engine.llm_engine import EngineConfig, LLMEngine
+from blora.engine.lora_request import LoRARequest
 from blora.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from blora.engine.sampling_params import SamplingParams
 
@@ -12,6 +13,7 @@ __all__ = [
     "CompletionOutput",
     "EngineConfig",
     "LLMEngine",
+    "LoRARequest",
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",

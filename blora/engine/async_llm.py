@@ -21,6 +21,7 @@ from pathlib import Path
 
 from blora.engine.llm import build_engine
 from blora.engine.llm_engine import EngineConfig
+from blora.engine.lora_request import LoRARequest, LoRARequestRegistry
 from blora.engine.memory import release_free_memory
 from blora.engine.outputs import RequestOutput
 from blora.engine.sampling_params import SamplingParams
@@ -61,6 +62,7 @@ class AsyncLLM:
         self._wakeup = threading.Event()
         self._accepting = True
         self._stopped = False
+        self._lora_requests = LoRARequestRegistry()
         # Build the engine (load the model) in the thread that runs it. Every thread that runs parallel torch
         # ops keeps its own OpenMP team; with two teams on a machine with few cores, GNU OpenMP stops its
         # workers spinning between parallel regions and each op pays a wake-up (measured, bf16, 2 threads:
@@ -112,13 +114,18 @@ class AsyncLLM:
         sampling_params: SamplingParams | None = None,
         adapter: str | dict[str, float] | None = None,
         request_id: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output as tokens arrive; the last one has ``finished=True``. An invalid
         request raises ``ValueError`` on the first iteration (invalid sampling settings before anything
         is queued). If the request fails inside an engine step, the iteration raises
-        ``RequestFailedError`` and the other requests keep running. Closing the iterator early aborts it."""
+        ``RequestFailedError`` and the other requests keep running. Closing the iterator early aborts it.
+        ``lora_request``: vLLM's ``LoRARequest(name, int_id, path)`` instead of ``adapter`` (loaded on
+        first use)."""
         if not self._accepting:
             raise RuntimeError("AsyncLLM is shutting down and accepts no new requests")
+        if lora_request is not None:
+            adapter = await self._lora_adapter(lora_request, adapter)
         sampling_params = sampling_params or SamplingParams()
         self.engine.check_params(sampling_params)  # cheap and thread-safe: refused here, not in a step
         request_id = request_id or uuid.uuid4().hex
@@ -144,6 +151,20 @@ class AsyncLLM:
                 self._streams.pop(request_id, None)
             if not finished:
                 self._submit(self.engine.abort_request, request_id, True)
+
+    async def _lora_adapter(self, req: LoRARequest, adapter) -> str:
+        if adapter is not None:
+            raise ValueError("pass adapter= or lora_request=, not both")
+        if not isinstance(req, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got {type(req).__name__}")
+        if self._lora_requests.needs_load(req, self.list_adapters()):
+            try:
+                await self.load_adapter(req.lora_name, req.path)
+            except Exception:
+                if self._lora_requests.needs_load(req, self.list_adapters()):
+                    raise
+            self._lora_requests.loaded(req)  # (or a concurrent request loaded it first)
+        return req.lora_name
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; its stream ends with finish_reason "abort"."""

@@ -6,6 +6,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from blora.engine.llm_engine import EngineConfig, LLMEngine
+from blora.engine.lora_request import (
+    LoRARequest,
+    LoRARequestRegistry,
+    adapter_names,
+    per_prompt_requests,
+)
 from blora.engine.outputs import RequestOutput
 from blora.engine.sampling_params import SamplingParams
 from blora.models import LoadedModel, load_model
@@ -20,16 +26,33 @@ def build_engine(
     adapters: dict[str, str] | None = None,
     dtype=None,
     device=None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    enable_lora: bool = True,
     **config,
 ) -> LLMEngine:
     """An engine over ``model``: None (embedded default), a path / hub id / .gguf file, a ``LoadedModel``,
-    or an already-built HF model (then pass ``tokenizer``). ``config``: ``EngineConfig`` fields."""
+    or an already-built HF model (then pass ``tokenizer``). ``config``: ``EngineConfig`` fields.
+    ``tokenizer``: a tokenizer, or where to load one from (default: the model's); ``revision`` and
+    ``trust_remote_code`` as in ``from_pretrained``; ``chat_template`` replaces the tokenizer's.
+    ``enable_lora``: accepted for vLLM compatibility (``LLM(model, enable_lora=True)``); adapters are always
+    enabled, so it changes nothing."""
+    source = str(tokenizer) if isinstance(tokenizer, (str, Path)) else None
     if model is None or isinstance(model, (str, Path)):
-        model = load_model(None if model is None else str(model), dtype=dtype, device=device)
+        model = load_model(
+            None if model is None else str(model), dtype=dtype, device=device, tokenizer=source,
+            revision=revision, trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    elif source is not None:
+        raise ValueError("tokenizer= as a path needs model= as a path too (or pass a tokenizer object)")
     if isinstance(model, LoadedModel):
-        model, tokenizer = model.model, tokenizer or model.tokenizer
+        own = model.tokenizer if source is not None else tokenizer or model.tokenizer
+        model, tokenizer = model.model, own
     if tokenizer is None:
         raise ValueError("pass tokenizer= together with an already-built model")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     model.eval()
     return LLMEngine(model, tokenizer, EngineConfig(**config), adapters=adapters)
 
@@ -73,6 +96,7 @@ class LLM:
             seed=seed,
             **engine_config,
         )
+        self._lora_requests = LoRARequestRegistry()
 
     @property
     def tokenizer(self):
@@ -92,16 +116,23 @@ class LLM:
     def list_adapters(self) -> dict[str, str]:
         return self.engine.list_adapters()
 
+    def stats(self) -> dict:
+        """The engine's counters and state (``LLMEngine.stats``), e.g. ``prefix_cache_hit_rate``."""
+        return self.engine.stats()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapters: str | dict | Sequence[str | dict | None] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; returns the final outputs in prompt order. ``adapters``: one per
         prompt or one for all: a name, None (base model) or a weighted mixture ``{"a": 0.5, "b": 0.5}``
-        (the weighted sum of the adapters' LoRA terms, computed in the batch)."""
+        (the weighted sum of the adapters' LoRA terms, computed in the batch). ``lora_request``: vLLM's
+        way instead (``LoRARequest(name, int_id, path)``, one or one per prompt; loaded on first use)."""
         final: dict[str, RequestOutput] = {}
+        adapters = self._lora_adapters(lora_request, adapters, prompts)
         ids = self._add(prompts, sampling_params, adapters)
         for out in self._run(ids):
             if out.finished:
@@ -123,9 +154,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapters: str | dict | Sequence[str | dict | None] | None = None,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """``generate`` on conversations rendered with the tokenizer's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        adapters = self._lora_adapters(lora_request, adapters, conversations)
         prompts = [
             self.tokenizer.apply_chat_template(
                 conv, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -138,6 +171,14 @@ class LLM:
             if out.finished:
                 final[out.request_id] = out
         return [final[i] for i in ids]
+
+    def _lora_adapters(self, lora_request, adapters, prompts):
+        """``adapters`` from ``lora_request`` (loading what is new), or ``adapters`` as given."""
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        requests = per_prompt_requests(lora_request, adapters, 1 if single else len(prompts))
+        if requests is None:
+            return adapters
+        return adapter_names(requests, self._lora_requests, self.list_adapters, self.load_adapter)
 
     def _add(self, prompts, sampling_params, adapters, add_special_tokens: bool = True) -> list[str]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):

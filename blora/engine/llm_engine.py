@@ -61,6 +61,7 @@ class EngineConfig:
     max_adapter_wait_steps: int = 16
     adapter_root: str | Path | list[str | Path] | None = None
     cpu_cache_bytes: int = 2 << 30
+    max_cpu_loras: int | None = None  # adapters in the host cache (None: bounded by cpu_cache_bytes only)
     prefetch_depth: int | None = None
     # How the forward runs (docs/engine.md), resolved once when the engine starts:
     lora_backend: str = "auto"  # "auto", "cpu" (C++ kernel + GEMMs), "torch", ... (blora.lora.backends)
@@ -97,6 +98,7 @@ class LLMEngine:
         store_config = StoreConfig(
             max_loras=config.max_loras,
             cpu_cache_bytes=config.cpu_cache_bytes,
+            max_cpu_loras=config.max_cpu_loras,
             prefetch_depth=config.prefetch_depth,
             max_rank=config.max_lora_rank,
             roots=tuple(roots if isinstance(roots, (list, tuple)) else [roots] if roots else []),
@@ -313,6 +315,10 @@ class LLMEngine:
         outputs += self._activate(plan)
         if not plan.scheduled:
             return outputs
+        now = time.time()
+        for s in plan.scheduled:  # queue time ends at a request's first step (metrics)
+            if s.seq.request.metrics.first_scheduled_time is None:
+                s.seq.request.metrics.first_scheduled_time = now
         try:
             logits = self.runner.execute(plan.scheduled, self._adapter_slot)
         except Exception as exc:

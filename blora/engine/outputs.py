@@ -38,6 +38,7 @@ class RequestMetrics:
     """Wall-clock times (``time.time()``) of a request's life."""
 
     arrival_time: float
+    first_scheduled_time: float | None = None  # first engine step that ran it (queue time ends)
     first_token_time: float | None = None
     finished_time: float | None = None
 

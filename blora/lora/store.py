@@ -61,6 +61,7 @@ class StoreConfig:
 
     max_loras: int = 16
     cpu_cache_bytes: int = 2 << 30
+    max_cpu_loras: int | None = None  # adapters in the host cache, besides the byte budget (None: no count)
     prefetch_depth: int | None = None
     max_rank: int | None = None
     roots: tuple[str | Path, ...] = ()
@@ -610,14 +611,15 @@ class AdapterStore:
         self._cache_pop(name)
         keep = set(self._wanted) | self._promised | {name}
         victims = [n for n in self._cache if n not in keep]
-        budget = self.config.cpu_cache_bytes
+        budget, count = self.config.cpu_cache_bytes, self.config.max_cpu_loras
         freeable = sum(self._cache[n].nbytes for n in victims)
-        if not required and self._cache_bytes - freeable + prepared.nbytes > budget:
+        too_many = count is not None and len(self._cache) - len(victims) + 1 > count
+        if not required and (self._cache_bytes - freeable + prepared.nbytes > budget or too_many):
             return
         self._cache[name] = prepared
         self._cache_bytes += prepared.nbytes
         for victim in victims:
-            if self._cache_bytes <= budget:
+            if self._cache_bytes <= budget and (count is None or len(self._cache) <= count):
                 break
             self._cache_pop(victim)
             self.stats_.cache_evictions += 1

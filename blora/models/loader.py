@@ -121,17 +121,27 @@ def load_model(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    tokenizer: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     ``model`` is None (embedded default), a local HF directory, a ``.gguf`` file or a hub id that must
-    already be in the local Hugging Face cache (this project never downloads at run time).
+    already be in the local Hugging Face cache (this project never downloads at run time). ``tokenizer``:
+    another tokenizer source (same rules); ``revision``, ``trust_remote_code``: as in ``from_pretrained``.
     """
     source, extra = resolve_source(model)
+    if revision is not None:
+        extra["revision"] = revision
+    if trust_remote_code:
+        extra["trust_remote_code"] = True
+    tok_source, tok_extra = (source, extra) if tokenizer is None else resolve_source(tokenizer)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        tok_kwargs = {**tok_extra, **_pick(extra, "trust_remote_code")}
+        tokenizer = AutoTokenizer.from_pretrained(tok_source, **tok_kwargs)
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **extra)
     except OSError as exc:
         if extra.get("local_files_only"):
@@ -145,6 +155,10 @@ def load_model(
         hf_model.config.quantization_config = None
     hf_model.to(dev).eval()
     return LoadedModel(model=hf_model, tokenizer=tokenizer, source=source)
+
+
+def _pick(d: dict, *keys: str) -> dict:
+    return {k: d[k] for k in keys if k in d}
 
 
 def load_config(model: str | None = None):

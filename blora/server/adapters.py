@@ -4,6 +4,10 @@ A runtime load names a path *inside* ``--adapter-root``. The path is checked bef
 no ``..`` components, and after resolving symlinks it and each adapter file in it must still lie inside
 the (resolved) root, so neither an absolute path elsewhere nor a symlink pointing out of the root (the
 directory's or a file's) can load foreign files. Loops and over-long paths are refused with a 400.
+
+With runtime adapters enabled, a request whose ``model`` is not loaded but names an adapter directory under
+the root (``model`` = its path relative to the root) loads it first, under that name (vLLM's resolver
+behaviour); the same confinement applies, and a name that is not there stays a 404.
 """
 
 from __future__ import annotations
@@ -83,9 +87,13 @@ class AdapterManager:
         base_source: str,
         adapter_root: Path | None,
         allow_runtime: bool,
+        aliases: tuple[str, ...] = (),
+        parents: dict[str, str] | None = None,
     ) -> None:
         self.engine = engine
         self.base_name = base_name
+        self.base_names = (base_name, *aliases)  # every served name of the base model
+        self.parents = dict(parents or {})  # adapter -> the base model name its card shows
         self.base_source = base_source
         self.adapter_root = adapter_root
         self.allow_runtime = allow_runtime
@@ -96,7 +104,7 @@ class AdapterManager:
 
     def resolve(self, model: str) -> str | None:
         """The adapter name for an OpenAI ``model`` field (None = the base model); 404 if unknown."""
-        if model == self.base_name:
+        if model in self.base_names:
             return None
         if model in self.adapters():
             return model
@@ -108,7 +116,7 @@ class AdapterManager:
 
     def resolve_mixture(self, model: str, mixture: dict[str, float]) -> dict[str, float]:
         """Check an ``adapter_mixture`` request: ``model`` is the base, every component is loaded."""
-        if model != self.base_name:
+        if model not in self.base_names:
             raise InvalidRequestError(
                 f"With adapter_mixture, model must be the base model {self.base_name!r}, not {clip(model)!r}",
                 param="model",
@@ -123,10 +131,10 @@ class AdapterManager:
 
     def cards(self) -> list[ModelCard]:
         max_len = getattr(self.engine, "max_model_len", None)
-        base = ModelCard(id=self.base_name, root=self.base_source, max_model_len=max_len)
-        cards = [base]
+        cards = [ModelCard(id=name, root=self.base_source, max_model_len=max_len) for name in self.base_names]
         for name, source in sorted(self.adapters().items()):
-            cards.append(ModelCard(id=name, root=str(source), parent=self.base_name, max_model_len=max_len))
+            parent = self.parents.get(name, self.base_name)
+            cards.append(ModelCard(id=name, root=str(source), parent=parent, max_model_len=max_len))
         return cards
 
     def _check_enabled(self) -> None:
@@ -137,7 +145,46 @@ class AdapterManager:
                 code="runtime_adapters_disabled",
             )
 
-    async def load(self, name: str, raw_path: str) -> str:
+    async def autoload(self, model: str, mixture: dict[str, float] | None = None) -> None:
+        """Load the adapter ``model`` names from the adapter root if it is not loaded (runtime adapters
+        only). Unknown names are left to ``resolve`` (404); a broken adapter is a 400 like an explicit load."""
+        if not self.allow_runtime or self.adapter_root is None or mixture is not None:
+            return
+        if model in self.base_names or model in self.adapters() or not ADAPTER_NAME.match(model):
+            return
+        try:
+            path = resolve_adapter_path(self.adapter_root, model)
+        except NotFoundError:
+            return  # resolve() answers with the model 404
+        except InvalidRequestError as exc:  # leaves the root (symlink, ..), unresolvable, not an adapter
+            logger.warning("model %r not served from the adapter root: %s", clip(model), exc.message)
+            return  # the model 404 (the root's layout is not the client's business)
+        async with self._lock:
+            if model in self.adapters():  # a concurrent request loaded it
+                return
+            await self._engine_load(model, model, path, replace=False)
+        logger.info("loaded adapter %r from %s on first request", model, path)
+
+    async def _engine_load(self, name: str, raw_path: str, path: Path, replace: bool) -> None:
+        if replace and "replace" not in inspect.signature(self.engine.load_adapter).parameters:
+            raise InvalidRequestError(
+                "load_inplace is not supported by this deployment (Ray replicas); unload, then load",
+                param="load_inplace",
+            )
+        try:
+            if replace:  # requests on the old weights finish on them; the swap happens when they have
+                await _call(self.engine.load_adapter, name, str(path), True, True)
+            else:
+                await _call(self.engine.load_adapter, name, str(path))
+        except Exception as exc:  # a bad adapter must never take the server down
+            logger.warning("loading adapter %r from %s failed: %s", name, path, exc)
+            raise InvalidRequestError(
+                f"Failed to load adapter {name!r} from {raw_path!r}: {exc}",
+                param="lora_path",
+                code="adapter_load_failed",
+            ) from exc
+
+    async def load(self, name: str, raw_path: str, replace: bool = False) -> str:
         self._check_enabled()
         assert self.adapter_root is not None
         if not ADAPTER_NAME.match(name):
@@ -147,22 +194,22 @@ class AdapterManager:
             )
         path = resolve_adapter_path(self.adapter_root, raw_path)
         async with self._lock:
-            if name == self.base_name or name in self.adapters():
+            if name in self.base_names:
                 raise InvalidRequestError(
-                    f"An adapter or model named {name!r} is already loaded; unload it first",
+                    f"{name!r} is the base model's name; choose another lora_name", param="lora_name"
+                )
+            exists = name in self.adapters()
+            if exists and not replace:
+                raise InvalidRequestError(
+                    f"An adapter named {name!r} is already loaded; unload it first, or send "
+                    '"load_inplace": true to replace it',
                     param="lora_name",
                     code="adapter_exists",
                 )
-            try:
-                await _call(self.engine.load_adapter, name, str(path))
-            except Exception as exc:  # a bad adapter must never take the server down
-                logger.warning("loading adapter %r from %s failed: %s", name, path, exc)
-                raise InvalidRequestError(
-                    f"Failed to load adapter {name!r} from {raw_path!r}: {exc}",
-                    param="lora_path",
-                    code="adapter_load_failed",
-                ) from exc
-        logger.info("loaded adapter %r from %s", name, path)
+            await self._engine_load(name, raw_path, path, replace=exists)
+        logger.info("%s adapter %r from %s", "replaced" if exists else "loaded", name, path)
+        if exists:
+            return f"Success: LoRA adapter '{name}' replaced successfully."
         return f"Success: LoRA adapter '{name}' added successfully."
 
     async def unload(self, name: str) -> str:

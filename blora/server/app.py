@@ -5,8 +5,13 @@ own. Routes:
 
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the base model and its adapters
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: streaming (SSE) and not
-- ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``: with ``allow_runtime_adapters``
-- ``GET /health`` (503 while draining), ``GET /metrics`` (Prometheus)
+- ``POST /v1/load_lora_adapter`` (``load_inplace`` replaces), ``POST /v1/unload_lora_adapter``: with
+  ``allow_runtime_adapters``, which also serves an unknown ``model`` by loading that adapter from the root
+- ``POST /tokenize``, ``POST /detokenize`` (vLLM's shapes)
+- ``GET /health`` and ``GET|POST /ping`` (503 while draining), ``GET /metrics`` (Prometheus)
+
+Every response carries the request's ``X-Request-Id`` header back (generation requests also use it in their
+id); with ``allowed_origins`` CORS headers are added; ``root_path`` serves behind a path-stripping proxy.
 - ``GET /docs``, ``GET /redoc``, ``GET /openapi.json``: behind the API key when one is set; removed with
   ``disable_docs``
 """
@@ -20,11 +25,12 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -34,6 +40,7 @@ from blora.server.completions import create_chat_completion, create_completion
 from blora.server.errors import (
     APIError,
     AuthenticationError,
+    InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
     ShuttingDownError,
@@ -50,13 +57,23 @@ from blora.server.protocol import (
     ModelList,
     UnloadLoRAAdapterRequest,
 )
-from blora.server.serving import Serving
+from blora.server.serving import REQUEST_ID, Serving
+from blora.server.tokenization import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    detokenize,
+    tokenize,
+)
 
 logger = logging.getLogger("blora.server")
 
 MAX_BODY_BYTES = 32 << 20
 MAX_DRAIN_BYTES = 64 << 20  # of an oversized body, read and dropped before the 413 (so clients see it)
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+TOKENIZER_PATHS = ("/tokenize", "/detokenize")  # behind the API key like /v1 (they cost tokenizer time)
 
 
 @dataclass
@@ -77,6 +94,22 @@ class ServerConfig:
     disable_docs: bool = False  # remove /docs, /redoc and /openapi.json
     max_body_bytes: int = MAX_BODY_BYTES
     max_prompt_chars: int | None = None  # None: max_model_len x the longest vocabulary entry
+    served_model_aliases: tuple[
+        str, ...
+    ] = ()  # more names of the base model (vLLM's --served-model-name A B)
+    metric_names: str = "both"  # /metrics prefixes: "both" (vllm: and blora:), "vllm" or "blora"
+    log_requests: bool = False  # one INFO line per generation request
+    sampling_defaults: dict[str, Any] = field(
+        default_factory=dict
+    )  # request fields left unset (--generation-config)
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    root_path: str = ""
+    adapter_parents: dict[str, str] = field(
+        default_factory=dict
+    )  # model card parent (vLLM's base_model_name)
 
 
 class GateMiddleware:
@@ -123,7 +156,7 @@ class GateMiddleware:
         if self.lifecycle.draining and path != "/metrics":
             self.metrics.reject("shutting_down")
             return ShuttingDownError("The server is shutting down and does not accept new requests")
-        protected = path.startswith("/v1") or path in DOCS_PATHS
+        protected = path.startswith("/v1") or path in DOCS_PATHS or path in TOKENIZER_PATHS
         if self.api_key and protected and not self._authorized(scope):
             return AuthenticationError("Incorrect or missing API key; send 'Authorization: Bearer <key>'")
         if _content_length(scope) > self.max_body_bytes:
@@ -166,6 +199,43 @@ class GateMiddleware:
         assert self.api_key is not None
         given, expected = token.strip().encode("latin-1"), self.api_key.encode()
         return scheme.lower() == "bearer" and secrets.compare_digest(given, expected)
+
+
+MAX_REQUEST_ID_CHARS = 256
+
+
+class RequestIdMiddleware:
+    """Honour ``X-Request-Id``: generation requests take it into their id (``REQUEST_ID``) and every response
+    sends it back. Ids longer than ``MAX_REQUEST_ID_CHARS`` or with non-printable characters get a 400."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        raw = next((v for k, v in scope.get("headers") or [] if k == b"x-request-id"), None)
+        if raw is None:
+            return await self.app(scope, receive, send)
+        value = raw.decode("latin-1")
+        if len(value) > MAX_REQUEST_ID_CHARS or not value.isprintable() or not value.strip():
+            error = InvalidRequestError(
+                f"The X-Request-Id header must be 1 to {MAX_REQUEST_ID_CHARS} printable characters",
+                param="X-Request-Id",
+            )
+            return await error.to_response()(scope, receive, send)
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", raw)]}
+            await send(message)
+
+        token = REQUEST_ID.set(value)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 def _replay(messages: list[dict], receive: Any) -> Any:
@@ -226,7 +296,17 @@ def with_cancellation(handler: Callable[..., Awaitable[Any]]) -> Callable[..., A
 
 def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     """The OpenAI-compatible app around ``engine`` (an ``AsyncLLM`` or anything with its interface)."""
-    metrics = ServerMetrics(engine, config.served_model_name, config.max_loras)
+    engine_config = getattr(getattr(engine, "engine", None), "config", None)  # AsyncLLM's LLMEngine
+    max_loras = (
+        config.max_loras if config.max_loras is not None else getattr(engine_config, "max_loras", None)
+    )
+    metrics = ServerMetrics(
+        engine,
+        config.served_model_name,
+        max_loras,
+        config.metric_names,
+        getattr(engine, "max_model_len", None),
+    )
     capacity = None if config.max_queue is None else config.max_num_seqs + config.max_queue
     lifecycle = Lifecycle(
         capacity, config.retry_after_s, on_change=metrics.in_flight.labels(config.served_model_name).set
@@ -237,8 +317,12 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         config.model_source,
         config.adapter_root,
         config.allow_runtime_adapters,
+        config.served_model_aliases,
+        config.adapter_parents,
     )
     serving = Serving(engine, adapters, metrics, lifecycle, config.max_prompt_chars)
+    serving.sampling_defaults = dict(config.sampling_defaults)
+    serving.log_requests = config.log_requests
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -253,7 +337,7 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     docs: dict[str, Any] = (
         dict(docs_url=None, redoc_url=None, openapi_url=None) if config.disable_docs else {}
     )
-    app = FastAPI(title="blora", lifespan=lifespan, **docs)
+    app = FastAPI(title="blora", lifespan=lifespan, root_path=config.root_path, **docs)
     app.state.engine, app.state.config, app.state.lifecycle = engine, config, lifecycle
     app.state.metrics, app.state.adapters, app.state.serving = metrics, adapters, serving
     install_error_handlers(app)
@@ -264,11 +348,35 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         metrics=metrics,
         max_body_bytes=config.max_body_bytes,
     )
+    app.add_middleware(RequestIdMiddleware)  # outermost but CORS: refusals carry the id too
+    if config.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=list(config.allowed_methods),
+            allow_headers=list(config.allowed_headers),
+            allow_credentials=config.allow_credentials,
+            expose_headers=["X-Request-Id"],
+        )
     metrics.draining.labels(config.served_model_name).set_function(lambda: float(lifecycle.draining))
 
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200)
+
+    @app.get("/ping")
+    @app.post("/ping")
+    async def ping() -> Response:
+        """SageMaker-style liveness (vLLM's): 200, or 503 while draining (answered by the gate)."""
+        return Response(status_code=200)
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeChatRequest | TokenizeCompletionRequest) -> TokenizeResponse:
+        return await tokenize(serving, body)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await detokenize(serving, body)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -288,17 +396,19 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     @with_cancellation
     async def completions(body: CompletionRequest, raw_request: Request) -> Any:
+        await adapters.autoload(body.model, body.adapter_mixture)
         return await create_completion(serving, body)
 
     @app.post("/v1/chat/completions")
     @with_cancellation
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Any:
+        await adapters.autoload(body.model, body.adapter_mixture)
         return await create_chat_completion(serving, body)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
         try:
-            message = await adapters.load(body.lora_name, body.lora_path)
+            message = await adapters.load(body.lora_name, body.lora_path, replace=body.load_inplace)
         except Exception:
             metrics.adapter_loads.labels(config.served_model_name, "failure").inc()
             raise

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -42,6 +43,9 @@ PREP_WORKERS = 2  # threads for tokenization and chat templating (bounded: a flo
 MIN_CHARS_PER_TOKEN, MAX_CHARS_PER_TOKEN = 16, 256  # clamp of the longest vocabulary entry
 
 T = TypeVar("T")
+
+# The client's X-Request-Id for the request being handled (set by the app's middleware), or None.
+REQUEST_ID: ContextVar[str | None] = ContextVar("blora_request_id", default=None)
 
 
 def longest_token_chars(tokenizer: Any) -> int:
@@ -87,7 +91,7 @@ class Job:
         if out.finished:
             self.final = out
             outputs = [(len(c.token_ids), c.finish_reason) for c in out.outputs]
-            self.timer.on_finish(len(self.prompt_ids), outputs)
+            self.timer.on_finish(len(self.prompt_ids), outputs, getattr(out, "metrics", None))
 
     async def outputs(self) -> AsyncIterator[Any]:
         """Every engine output of this job, starting with the first one (submitted by ``start``)."""
@@ -196,6 +200,8 @@ class Serving:
         self.max_prompt_chars = max_prompt_chars  # None: derived from the context (prompt_char_limit)
         self.chars_per_token = longest_token_chars(self.tokenizer)
         self._prep = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="blora-prep")
+        self.sampling_defaults: dict[str, Any] = {}  # for fields a request leaves unset (--generation-config)
+        self.log_requests = False
 
     def close(self) -> None:
         self._prep.shutdown(wait=False, cancel_futures=True)
@@ -287,7 +293,7 @@ class Serving:
             return max_tokens if max_tokens is not None else 16
         room = limit - len(prompt_ids)
         if max_tokens is None:
-            max_tokens = room
+            max_tokens = min(room, self.sampling_defaults.get("max_tokens", room))
         if room < 1 or max_tokens > room:
             raise InvalidRequestError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -299,14 +305,15 @@ class Serving:
         return max_tokens
 
     def sampling_params(self, req: SamplingFields, max_tokens: int, logprobs: int | None) -> Any:
+        default = self._default
         kwargs = dict(
             n=req.n,
             max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0,
+            temperature=default(req.temperature, "temperature", 1.0),
+            top_p=default(req.top_p, "top_p", 1.0),
+            top_k=default(req.top_k, "top_k", 0) or 0,
+            min_p=default(req.min_p, "min_p", 0.0) or 0.0,
+            repetition_penalty=default(req.repetition_penalty, "repetition_penalty", 1.0) or 1.0,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             seed=req.seed,
@@ -319,6 +326,22 @@ class Serving:
             return SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:
             raise InvalidRequestError(f"Invalid sampling parameters: {exc}") from exc
+
+    def _default(self, value: Any, name: str, fallback: Any) -> Any:
+        """The request's value, else the server's default for ``name`` (``sampling_defaults``), else ``fallback``."""
+        if value is not None:
+            return value
+        return self.sampling_defaults.get(name, fallback)
+
+    def new_request_id(self, prefix: str) -> str:
+        """``prefix-<X-Request-Id>`` when the client sent one (made unique if it is in use), else a uuid."""
+        given = REQUEST_ID.get()
+        if given is None:
+            return f"{prefix}-{uuid.uuid4().hex}"
+        request_id = f"{prefix}-{given}"
+        if request_id in self.lifecycle.tickets:
+            request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        return request_id
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -342,12 +365,18 @@ class Serving:
         """
         adapter = self.resolve(req)
         self.check_choices(len(prompts), params[0].n if params else 1)
-        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        request_id = self.new_request_id(prefix)
         try:
             ticket = self.lifecycle.admit(request_id, adapter_names(adapter))
         except APIError as exc:
             self.metrics.reject(exc.code or exc.error_type)
             raise
+        if self.log_requests:
+            logger.info(
+                "request %s: model %r, %d prompt(s) of %s tokens, n=%d, max_tokens=%s",
+                request_id, req.model, len(prompts), [len(ids) for ids, _ in prompts],
+                params[0].n if params else 1, params[0].max_tokens if params else None,
+            )  # fmt: skip
         arrival = time.monotonic()
         jobs = []
         for i, ((ids, text), sp) in enumerate(zip(prompts, params, strict=True)):
@@ -355,6 +384,7 @@ class Serving:
             ticket.engine_ids.append(rid)
             stream = self.engine.generate(ids, sp, adapter=adapter, request_id=rid)
             job = Job(i, rid, ids, text, stream, RequestTimer(self.metrics, arrival))
+            job.timer.on_params(sp.n, sp.max_tokens)
             job.first = asyncio.ensure_future(anext(stream))
             jobs.append(job)
         gen = Generation(request_id, jobs, ticket, self.engine)
