@@ -31,7 +31,9 @@ class Sim:
 
     def __init__(self, **config) -> None:
         blocks = config.pop("num_blocks", 64)
-        self.blocks = BlockManager(blocks, config.pop("block_size", 4))
+        # scheduler policy alone: the prompts here are all the same tokens, and no step registers its
+        # blocks for sharing (tests/test_prefix_cache*.py cover prefix caching)
+        self.blocks = BlockManager(blocks, config.pop("block_size", 4), enable_caching=False)
         self.sched = Scheduler(SchedulerConfig(**config), self.blocks)
         self.finished: list[Sequence] = []
         self.admitted: list[Sequence] = []

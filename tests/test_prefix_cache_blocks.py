@@ -135,3 +135,19 @@ def test_duplicate_blocks_computed_at_once_are_cached_once():
     bm.free(a)
     bm.free(b)  # b's duplicates were never cached: they are plain free blocks again
     assert bm.num_free_blocks == 16 and bm.num_cached_blocks == 2
+
+
+def test_a_block_being_computed_is_waited_for_not_computed_twice():
+    bm = BlockManager(num_blocks=16, block_size=BS)
+    a, b = make_seq(list(range(9)), "", 0), make_seq(list(range(9)) + [5], "", 1)
+    bm.allocate(a, 6)  # a chunk: block 0 full this step, block 1 not yet
+    assert bm.computing_next(b, bm.computed_blocks(b))  # b would compute block 0 again: wait a step
+    assert not bm.computing_next(make_seq(list(range(9)), "adapter:x@1", 2), [])  # another adapter
+    a.num_computed_tokens = 6
+    bm.cache_blocks(a)
+    computed = bm.computed_blocks(b)
+    assert len(computed) == 1 and not bm.computing_next(b, computed)  # block 1 is not being computed
+    bm.allocate(a, 9)
+    assert bm.computing_next(b, computed)
+    bm.free(a)  # preempted before computing it: nobody computes it any more
+    assert not bm.computing_next(b, computed) and len(bm.computed_blocks(b)) == 1

@@ -9,6 +9,9 @@ components and weights) is part of the hash: base rows share only with base rows
 blocks are never hit again. Blocks are reference-counted; a freed block keeps its K/V and its hash and
 waits in an LRU list, evicted only when a new block is needed and no never-cached block is free. At least
 the last token of a sequence is always computed (its logits are needed), so a hit never covers it.
+Blocks that a running sequence is computing in the current step are known too (``computing_next``): the
+scheduler admits a sequence that would compute the same block a step later, to share it instead (the
+``n`` sequences of one request, requests with the same system prompt arriving together).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class BlockManager:
         self._refs: list[int] = [0] * num_blocks
         self._hash_of: dict[int, bytes] = {}  # cached block -> its key
         self._cached: dict[bytes, int] = {}  # key -> cached block
+        self._computing: dict[bytes, int] = {}  # key of a block being computed -> seq_id computing it
         self.stats = PrefixCacheStats()
 
     @property
@@ -80,7 +84,7 @@ class BlockManager:
     def computed_blocks(self, seq: Sequence) -> list[int]:
         """Cached blocks holding ``seq``'s leading tokens, never its last token (which must be computed to
         give logits). Empty when caching is off or ``seq`` already has blocks."""
-        if not self.enable_caching or seq.block_table:
+        if not self._shared(seq) or seq.block_table:
             return []
         hashes = self._hashes(seq, (len(seq.token_ids) - 1) // self.block_size)
         blocks: list[int] = []
@@ -91,11 +95,23 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
+    def computing_next(self, seq: Sequence, computed: list[int]) -> bool:
+        """Whether another sequence is computing, this step, the block that follows ``seq``'s cached ones
+        (then ``seq`` shares it if admitted after this step)."""
+        if not self._shared(seq) or not self._computing:
+            return False
+        hashes = self._hashes(seq, (len(seq.token_ids) - 1) // self.block_size)
+        i = len(computed)
+        return i < len(hashes) and self._computing.get(hashes[i], seq.seq_id) != seq.seq_id
+
+    def _shared(self, seq: Sequence) -> bool:
+        """Whether ``seq`` takes part in prefix caching (the scheduler gives every sequence its adapter's
+        ``cache_identity`` when it is first admitted; one without is never shared)."""
+        return self.enable_caching and seq.cache_identity is not None
+
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """Keys of ``seq``'s first ``num_blocks`` full blocks (extends ``seq.block_hashes`` as needed)."""
         bs, hashes = self.block_size, seq.block_hashes
-        if seq.cache_identity is None:
-            raise RuntimeError(f"sequence {seq.seq_id} has no cache identity (the scheduler sets it)")
         parent = hashes[-1] if hashes else root_hash(seq.cache_identity)
         for i in range(len(hashes), num_blocks):
             parent = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
@@ -135,6 +151,11 @@ class BlockManager:
             block = self._take()
             self._refs[block] = 1
             seq.block_table.append(block)
+        if self._shared(seq):  # the full blocks this allocation covers are computed in this step
+            full = min(num_tokens, len(seq.token_ids)) // self.block_size
+            for key in self._hashes(seq, full)[seq.num_cached_blocks :]:
+                if key not in self._cached:
+                    self._computing.setdefault(key, seq.seq_id)
 
     def _take(self) -> int:
         """A free block: a never-cached one, else the least recently used cached one (forgotten)."""
@@ -152,12 +173,14 @@ class BlockManager:
 
     def cache_blocks(self, seq: Sequence) -> None:
         """Register ``seq``'s full, computed blocks so later sequences can share them (after a step)."""
-        if not self.enable_caching:
+        if not self._shared(seq):
             return
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         hashes = self._hashes(seq, full)
         for i in range(seq.num_cached_blocks, full):
             block, key = seq.block_table[i], hashes[i]
+            if self._computing.get(key) == seq.seq_id:
+                del self._computing[key]
             if block not in self._hash_of and key not in self._cached:  # else: the same K/V is cached
                 self._cached[key] = block
                 self._hash_of[block] = key
@@ -166,6 +189,9 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Release all of ``seq``'s blocks (cached ones stay shareable until evicted); the sequence itself
         forgets them and has nothing computed."""
+        for key in seq.block_hashes[seq.num_cached_blocks :]:  # blocks it will not compute after all
+            if self._computing.get(key) == seq.seq_id:
+                del self._computing[key]
         for block in reversed(seq.block_table):  # the chain's tail is evicted before its head
             self._refs[block] -= 1
             if self._refs[block] == 0:

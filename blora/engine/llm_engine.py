@@ -48,7 +48,9 @@ class EngineConfig:
     (None: sized from memory); ``max_model_len``: prompt + generated tokens per sequence.
     Adapter store (``blora.lora.store``): ``adapter_root`` (a directory or list of them whose sub-folders
     are adapters, resolved by name on first use), ``cpu_cache_bytes`` (host cache of prepared adapters),
-    ``prefetch_depth`` (distinct adapters of waiting requests loaded ahead; default ``max_loras``)."""
+    ``prefetch_depth`` (distinct adapters of waiting requests loaded ahead; default ``max_loras``).
+    ``enable_prefix_caching``: reuse the K/V of full blocks of earlier requests with the same leading tokens
+    and the same adapter (``blora.engine.block_manager``)."""
 
     max_loras: int = 16
     max_num_seqs: int = 64
@@ -63,6 +65,7 @@ class EngineConfig:
     cpu_cache_bytes: int = 2 << 30
     max_cpu_loras: int | None = None  # adapters in the host cache (None: bounded by cpu_cache_bytes only)
     prefetch_depth: int | None = None
+    enable_prefix_caching: bool = True
     # How the forward runs (docs/engine.md), resolved once when the engine starts:
     lora_backend: str = "auto"  # "auto", "cpu" (C++ kernel + GEMMs), "torch", ... (blora.lora.backends)
     cpu_kernel: bool = True  # the C++ kernels (LoRA, decode attention, fast path); False: PyTorch ops only
@@ -80,14 +83,16 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_model_len, num_blocks = size_kv_cache(model, config)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_loras=config.max_loras,
             max_adapter_wait_steps=config.max_adapter_wait_steps,
         )
-        self.scheduler = Scheduler(sched, self.block_manager, can_admit=self._can_admit)
+        self.scheduler = Scheduler(
+            sched, self.block_manager, can_admit=self._can_admit, cache_identity=self._cache_identity
+        )
         self.runner = ModelRunner.from_config(model, num_blocks, config)
         self.sampler = Sampler(self.runner.device, config.seed)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
@@ -143,6 +148,10 @@ class LLMEngine:
 
     def _adapter_slot(self, name: str | None) -> int:
         return -1 if name is None else self.store.slot(name)
+
+    def _cache_identity(self, name: str | None) -> str:
+        """The adapter part of prefix-cache keys: its name and weight version (none for base rows)."""
+        return "" if name is None else "adapter:" + self.store.identity(name)
 
     def _can_admit(self, seq: Sequence) -> bool:
         return self.store.ready(seq.adapter, seq.request.request_id)
@@ -375,6 +384,7 @@ class LLMEngine:
         """Advance the computed tokens, sample, append each sampled token; outputs of the touched requests."""
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_tokens
+            self.block_manager.cache_blocks(s.seq)  # full blocks now shareable (prefix caching)
         sampled = [s.seq for s in scheduled if s.sample]
         if not sampled:
             return []
@@ -456,6 +466,9 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "num_preemptions_total": self.num_preemptions_total,
+            "prefix_cache_queries_total": self.block_manager.stats.queries,
+            "prefix_cache_hits_total": self.block_manager.stats.hits,
+            "prefix_cache_hit_rate": self.block_manager.stats.hit_rate,
             "adapters_active": len(self.store._slots),
             "adapters_cached": len(self.store._cache),
         }

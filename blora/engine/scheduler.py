@@ -164,6 +164,8 @@ class Scheduler:
             if seq.cache_identity is None:  # first admission: the adapter's weights are ready now
                 seq.cache_identity = self.cache_identity(seq.adapter)
             computed = self.blocks.computed_blocks(seq)
+            if self.blocks.computing_next(seq, computed):
+                continue  # a running sequence computes its next block now: admitted later, it shares it
             start = len(computed) * self.blocks.block_size
             n = min(len(seq.token_ids) - start, budget)
             if not self.blocks.can_allocate(seq, start + n, computed):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
@@ -47,6 +48,7 @@ from blora.lora.weights import resolve_adapter_dir
 log = logging.getLogger(__name__)
 
 _WEIGHT_FILES = ADAPTER_FILES
+_VERSIONS = itertools.count(1)  # weight versions, unique in the process (prefix-cache keys)
 
 
 class AdapterInUseError(AdapterError):
@@ -90,6 +92,7 @@ class _Entry:
     error: Exception | None = None
     mixture: Mixture | None = None
     root: Path | None = None  # files must stay inside it (adapters found under a root)
+    version: int = field(default_factory=lambda: next(_VERSIONS))  # new on every replace / re-register
 
 
 @dataclass
@@ -309,6 +312,7 @@ class AdapterStore:
                 del self._entries[entry.name]
         else:
             entry.generation += 1
+            entry.version = next(_VERSIONS)
             entry.error = None
             entry.nbytes = pending.prepared.nbytes
             self._cache_put(entry.name, pending.prepared)
@@ -476,6 +480,14 @@ class AdapterStore:
 
     def slot(self, name: str) -> int:
         return self.manager.slot(name)
+
+    def identity(self, name: str) -> str:
+        """What ``name`` computes now, for caches keyed by adapter (the prefix cache): its name and a version
+        that changes when it is replaced or unloaded and registered again; a mixture's names its components'."""
+        entry = self._entry(name)
+        if entry.mixture is not None:
+            return name + "@" + ",".join(str(self._entry(c).version) for c in entry.mixture.names)
+        return f"{name}@{entry.version}"
 
     def loading(self) -> bool:
         """Whether the loader has work (the engine may wait for it instead of spinning)."""

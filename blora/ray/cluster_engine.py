@@ -231,12 +231,13 @@ class ClusterEngine:
 
     def stats(self) -> dict:
         """The replicas' ``LLMEngine.stats`` combined: gauges of live replicas, counters of all."""
-        total: dict[str, Any] = {"num_running": 0, "num_waiting": 0, "prompt_tokens_total": 0}
-        total["generation_tokens_total"] = 0
+        counters = ("prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
+                    "prefix_cache_queries_total", "prefix_cache_hits_total")  # fmt: skip
+        total: dict[str, Any] = {"num_running": 0, "num_waiting": 0, **dict.fromkeys(counters, 0)}
         running, waiting, usage = Counter(), Counter(), []
         for live, s in self.replica_reports().values():
-            total["prompt_tokens_total"] += s.get("prompt_tokens_total", 0)
-            total["generation_tokens_total"] += s.get("generation_tokens_total", 0)
+            for key in counters:
+                total[key] += s.get(key, 0)
             if not live:
                 continue
             total["num_running"] += s.get("num_running", 0)
@@ -245,5 +246,7 @@ class ClusterEngine:
             running.update(s.get("running_adapters") or {})
             waiting.update(s.get("waiting_adapters") or {})
         total["kv_usage"] = sum(usage) / len(usage) if usage else 0.0
+        queries = total["prefix_cache_queries_total"]
+        total["prefix_cache_hit_rate"] = total["prefix_cache_hits_total"] / queries if queries else 0.0
         total["running_adapters"], total["waiting_adapters"] = dict(running), dict(waiting)
         return total
