@@ -120,10 +120,6 @@ class LLM:
         """The engine's counters and state (``LLMEngine.stats``), e.g. ``prefix_cache_hit_rate``."""
         return self.engine.stats()
 
-    def stats(self) -> dict:
-        """The engine's counters and state (``LLMEngine.stats``), e.g. ``prefix_cache_hit_rate``."""
-        return self.engine.stats()
-
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

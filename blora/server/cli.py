@@ -205,10 +205,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="reuse the KV cache of full prompt blocks of earlier requests with the same tokens and the same "
            "adapter (default: on; --no-enable-prefix-caching or --no-prefix-caching turns it off)")  # fmt: skip
     a("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
-    a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-      help="reuse the KV cache of full prompt blocks of earlier requests with the same tokens and the same "
-           "adapter (default: on; --no-enable-prefix-caching or --no-prefix-caching turns it off)")  # fmt: skip
-    a("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
     a("--seed", type=int, default=EngineConfig.seed, help="engine seed for requests without their own seed")
     a("--lora-backend", default=EngineConfig.lora_backend,
       help="how the LoRA math runs: auto | cpu (C++ kernel + GEMMs) | torch (PyTorch ops) (default: auto)")  # fmt: skip
@@ -407,7 +403,6 @@ def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
         num_kv_blocks=args.num_kv_blocks,
         seed=args.seed,
         max_lora_rank=args.max_lora_rank,
-        enable_prefix_caching=args.enable_prefix_caching,
         enable_prefix_caching=args.enable_prefix_caching,
         lora_backend=args.lora_backend,
         fast_path=args.fast_path,
