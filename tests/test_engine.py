@@ -117,7 +117,9 @@ def test_mixed_batch_matches_generate_and_peft(family, kernel, monkeypatch):
         max_loras=4,
         cpu_kernel=kernel == "cpu_kernel",
     )
-    assert engine.runner.backend.name == ("torch" if kernel == "torch_ops" or kernels.get() is None else "cpu")
+    assert engine.runner.backend.name == (
+        "torch" if kernel == "torch_ops" or kernels.get() is None else "cpu"
+    )
     seen_adapters = []
     schedule = engine.scheduler.schedule
 
@@ -156,7 +158,11 @@ def test_sliding_window_matches_generate(kernel):
     model = MistralForCausalLM(config).eval()
     prompts_ = [p for p in prompts() if len(p) > 8][:4]
     llm = LLM(
-        model, tokenizer=tokenizer(), block_size=4, max_num_batched_tokens=32, cpu_kernel=kernel == "cpu_kernel"
+        model,
+        tokenizer=tokenizer(),
+        block_size=4,
+        max_num_batched_tokens=32,
+        cpu_kernel=kernel == "cpu_kernel",
     )
     outs = llm.generate(prompts_, SamplingParams(max_tokens=12, temperature=0))
     model.config._attn_implementation = "sdpa"

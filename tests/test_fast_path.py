@@ -85,7 +85,9 @@ def test_every_step_matches_transformers_modules(arch, dtype, max_work, tmp_path
     runner = engine.runner
     assert runner.fast is not None, "a Llama-family model on CPU must get the fast path"
     if can_pack(dtype):
-        assert runner.fast.layers[0].packed and runner.fast.head_packed is not None, "weights must be prepacked"
+        assert runner.fast.layers[0].packed and runner.fast.head_packed is not None, (
+            "weights must be prepacked"
+        )
     else:
         assert runner.fast.layers[0].packed == {}, "this CPU has no oneDNN prepacking for this dtype"
     execute = runner.execute

@@ -322,7 +322,10 @@ def test_kernel_unbuildable_falls_back(monkeypatch, tmp_path, caplog):
     layer, weights = _wrapped("linear", {0: 4, 1: 8})
     slots = torch.tensor([0, 1, -1, 1])
     x = torch.randn(4, IN)
-    with torch.no_grad(), lora_batch(slots, backend=backends.select("auto", backends.BackendOptions(x.device))):
+    with (
+        torch.no_grad(),
+        lora_batch(slots, backend=backends.select("auto", backends.BackendOptions(x.device))),
+    ):
         y = layer(x)
     torch.testing.assert_close(y, reference_out(layer.base(x), x, slots, weights), rtol=1e-5, atol=1e-5)
 

@@ -133,12 +133,13 @@ class ModelRunner:
                 prefills.append((row, n, start, used))
             if s.sample:
                 sample_rows.append(row + n - 1)
-        routed = any(slot >= 0 for slot in lora)
-        step_lora = head_lora = None
-        if routed:
-            step_lora = LoraBatch(lora, self.device, self.backend)
+        step_lora: LoraBatch | None = LoraBatch(lora, self.device, self.backend)
+        head_lora = None
+        if step_lora.any_adapter:
             step_lora.plan(len(lora))  # the step's plan: built once here, read by every layer
             head_lora = LoraBatch([lora[r] for r in sample_rows], self.device, self.backend)
+        else:
+            step_lora = None
         return StepBatch(
             input_ids=self._tensor(ids)[None],
             position_ids=self._tensor(positions)[None],

@@ -13,6 +13,7 @@ has exactly one slot and the plan carries no per-row mixture weights.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ class LoraPlan:
     def any_adapter(self) -> bool:
         return bool(self.active)
 
-    @property
+    @functools.cached_property
     def max_count(self) -> int:
         """Tokens of the busiest adapter (0 when none)."""
         return max(self.counts, default=0)
@@ -162,15 +163,15 @@ class LayerLoras:
     out_features: int
     cache: dict = field(default_factory=dict, repr=False)
 
-    @property
+    @functools.cached_property
     def ranks(self) -> list[int]:
         return [int(a.shape[1]) for a, _ in self.pairs]
 
-    @property
+    @functools.cached_property
     def max_rank(self) -> int:
-        return max(int(a.shape[1]) for a, _ in self.pairs)
+        return max(self.ranks)
 
-    @property
+    @functools.cached_property
     def dtype(self) -> torch.dtype:
         return self.pairs[0][0].dtype
 

@@ -44,8 +44,6 @@ class FastPathOptions:
 class FastModel(Protocol):
     """A family's forward over one flat batch (what the model runner calls)."""
 
-    steps: int
-
     def usable(self) -> bool:
         """Whether this step can run here: the modules it was built over are still the model's."""
         ...
