@@ -204,3 +204,33 @@ def test_request_validation():
         engine.add_request("x", "hello", SamplingParams())
     with pytest.raises(ValueError, match="max_position_embeddings"):
         build_engine(tiny_model("llama"), tokenizer=tokenizer(), max_model_len=10**6)
+
+
+def test_one_set_of_engine_defaults():
+    """``LLM``, ``AsyncLLM`` and ``blora serve`` take their defaults from ``EngineConfig`` (one place)."""
+    import argparse
+    import inspect
+
+    from blora.engine import AsyncLLM
+    from blora.engine.llm_engine import EngineConfig
+    from blora.server.cli import add_serve_arguments, engine_kwargs
+
+    shared = ("max_loras", "max_num_seqs", "max_num_batched_tokens", "block_size", "seed")
+    for cls in (LLM, AsyncLLM):
+        params = inspect.signature(cls.__init__).parameters
+        for name in shared:
+            assert params[name].default == getattr(EngineConfig, name), (cls.__name__, name)
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args([])
+    kwargs = engine_kwargs(args, None)
+    for name in (*shared[:3], "seed", "lora_backend", "fast_path", "cpu_kernel", "packed_weights"):
+        assert kwargs[name] == getattr(EngineConfig, name), name
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args(
+        ["--fast-path", "on", "--no-cpu-kernel", "--lora-backend", "torch", "--no-packed-weights"]
+    )
+    kwargs = engine_kwargs(args, None)
+    assert (kwargs["fast_path"], kwargs["cpu_kernel"], kwargs["lora_backend"], kwargs["packed_weights"]) == (
+        "on",
+        False,
+        "torch",
+        False,
+    )
