@@ -2,11 +2,14 @@
 
 The chat template is always the tokenizer's own: ``chat_template_kwargs`` only sets template variables, and
 names that would replace the template (``chat_template``) or other arguments of the templating call are
-refused.
+refused. Output constraints (``response_format``, ``structured_outputs``, ``guided_*``) are compiled off the
+event loop before the request reaches the engine (a bad one is a 400); ``tools`` are planned by
+``blora.server.tools`` and rendered as OpenAI ``tool_calls``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -14,35 +17,83 @@ from typing import Any
 
 from starlette.responses import Response
 
+from blora.engine.sampling_params import SamplingParamError, StructuredOutputsParams
 from blora.server.errors import InvalidRequestError
 from blora.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessageOut,
     ChatStreamChoice,
     CompletionChoice,
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    SamplingFields,
 )
-from blora.server.render import DeltaTracker, TokenText, chat_logprobs, completion_logprobs, usage_of
+from blora.server.render import (
+    DeltaTracker,
+    TokenText,
+    ToolStream,
+    chat_logprobs,
+    completion_logprobs,
+    tool_message,
+    usage_of,
+)
 from blora.server.serving import Job, Serving
+from blora.server.structured_request import compile_checked, structured_of
+from blora.server.tools import ToolPlan, plan_tools
 
 
 def sse(obj: Any) -> str:
     return f"data: {obj.model_dump_json()}\n\n"
 
 
+def engine_params(
+    serving: Serving,
+    req: SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    structured: StructuredOutputsParams | None,
+    source: str | None,
+) -> Any:
+    """The engine's ``SamplingParams`` for ``req`` (the shared fields, then the vLLM extras)."""
+    params = serving.sampling_params(req, max_tokens, logprobs)
+    extras = dict(
+        min_tokens=req.min_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        skip_special_tokens=req.skip_special_tokens,
+        logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None,
+        allowed_token_ids=req.allowed_token_ids,
+        bad_words=req.bad_words,
+        structured_outputs=structured,
+    )
+    try:
+        return dataclasses.replace(params, **extras)
+    except SamplingParamError as exc:
+        param = source if exc.param.startswith("structured_outputs") and source else exc.param
+        raise InvalidRequestError(f"Invalid sampling parameters: {exc}", param=param) from None
+
+
+async def constraint(
+    serving: Serving, req: SamplingFields
+) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The request's output constraint, compiled (cached) off the event loop; 400 naming the field."""
+    spec, source = structured_of(req)
+    if spec is not None:
+        await compile_checked(serving, spec, source or "structured_outputs")
+    return spec, source
+
+
 async def create_completion(serving: Serving, req: CompletionRequest) -> Any:
     raw = req.prompts()
     serving.check_choices(len(raw), req.n)
     serving.resolve(req)  # 404 before any tokenization work (resolved and pinned again in start)
+    spec, source = await constraint(serving, req)
     prompts = await serving.prompt_ids(raw)
     params = [
-        serving.sampling_params(req, serving.check_length(ids, req.max_tokens), req.logprobs)
+        engine_params(serving, req, serving.check_length(ids, req.max_tokens), req.logprobs, spec, source)
         for ids, _ in prompts
     ]
     gen = await serving.start("cmpl", req, prompts, params, wait_first=not req.stream)
@@ -137,8 +188,11 @@ def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: boo
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-async def chat_prompt_ids(serving: Serving, req: ChatCompletionRequest) -> list[int]:
-    """Token ids of the chat: bounded (messages, characters), then templated and tokenized off the loop."""
+async def chat_prompt_ids(
+    serving: Serving, req: ChatCompletionRequest, plan: ToolPlan | None = None
+) -> list[int]:
+    """Token ids of the chat: bounded (messages, characters), then templated and tokenized off the loop.
+    With ``plan`` (tool_choice "auto"), the tools go to the template, or into a system message."""
     tok = serving.tokenizer
     if not getattr(tok, "chat_template", None):
         raise InvalidRequestError(
@@ -153,33 +207,63 @@ async def chat_prompt_ids(serving: Serving, req: ChatCompletionRequest) -> list[
             param="messages",
             code="context_length_exceeded",
         )
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    chars = sum(len(m["content"]) for m in messages) + (len(json.dumps(kwargs)) if kwargs else 0)
+    messages = [m.template_dict() for m in req.messages]
+    if plan is not None:
+        messages, kwargs = with_tools(tok, plan, messages, kwargs)
+    chars = sum(len(json.dumps(m)) for m in messages) + (len(json.dumps(kwargs)) if kwargs else 0)
     serving.check_chars(chars, "messages")
     return await serving.off_loop(chars, render_chat, tok, messages, req.add_generation_prompt, kwargs)
 
 
+def with_tools(
+    tokenizer: Any, plan: ToolPlan, messages: list[dict], kwargs: dict[str, Any]
+) -> tuple[list[dict], dict[str, Any]]:
+    """The messages and template variables that show ``plan``'s tools to the model (``auto`` only)."""
+    tools = plan.template_tools(tokenizer)
+    if tools is not None:
+        return messages, {**kwargs, "tools": tools}
+    prompt = plan.system_prompt(tokenizer)
+    if prompt is None:
+        return messages, kwargs
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{prompt}"}
+        return [first, *messages[1:]], kwargs
+    return [{"role": "system", "content": prompt}, *messages], kwargs
+
+
+async def chat_constraint(
+    serving: Serving, req: ChatCompletionRequest, plan: ToolPlan
+) -> tuple[StructuredOutputsParams | None, str | None]:
+    spec, source = structured_of(req)
+    tool_spec = plan.structured()
+    if tool_spec is not None:
+        if spec is not None:
+            raise InvalidRequestError(
+                f'tool_choice "{plan.mode}" constrains the output already; drop {source}', param=source
+            )
+        spec, source = tool_spec, "tools"
+    if spec is not None:
+        await compile_checked(serving, spec, source or "structured_outputs")
+    return spec, source
+
+
 async def create_chat_completion(serving: Serving, req: ChatCompletionRequest) -> Response | Any:
     serving.resolve(req)  # 404 before any templating work (resolved and pinned again in start)
-    ids = await chat_prompt_ids(serving, req)
+    plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+    spec, source = await chat_constraint(serving, req, plan)
+    ids = await chat_prompt_ids(serving, req, plan)
     k = req.num_logprobs()
-    params = serving.sampling_params(req, serving.check_length(ids, req.token_limit()), k)
+    params = engine_params(serving, req, serving.check_length(ids, req.token_limit()), k, spec, source)
     gen = await serving.start("chatcmpl", req, [(ids, None)], [params], wait_first=not req.stream)
     text = TokenText(serving.tokenizer)
 
     if not req.stream:
         (final,) = await serving.collect(gen)
-        choices = [
-            ChatChoice(
-                index=comp.index,
-                message=ChatMessageOut(content=comp.text),
-                logprobs=chat_logprobs(comp.token_ids, comp.logprobs or [], k, text)
-                if k is not None
-                else None,
-                finish_reason=comp.finish_reason or "stop",
-            )
-            for comp in final.outputs
-        ]
+        choices = []
+        for comp in final.outputs:
+            message, finish = tool_message(plan, comp.text, comp.finish_reason or "stop")
+            lp = chat_logprobs(comp.token_ids, comp.logprobs or [], k, text) if k is not None else None
+            choices.append(ChatChoice(index=comp.index, message=message, logprobs=lp, finish_reason=finish))
         choices.sort(key=lambda c: c.index)
         return ChatCompletionResponse(
             id=gen.request_id, model=req.model, choices=choices, usage=usage_of([final])
@@ -193,18 +277,29 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest) -
         for i in range(req.n)
     ]
 
+    tool_streams: dict[int, ToolStream] = {}
+
     def render(job: Job, tracker: DeltaTracker, out: Any) -> list[str]:
         chunks = []
         for d in tracker.deltas(job.index, out):
             lp = chat_logprobs(d.token_ids, d.logprobs, k, text) if k is not None else None
-            if not (d.text or d.finish_reason or (lp and lp.content)):
+            if plan.active:
+                stream = tool_streams.setdefault(d.index, ToolStream(plan))
+                deltas, finish = stream.feed(d.text, d.finish_reason)
+            else:
+                deltas, finish = ([DeltaMessage(content=d.text)] if d.text else []), d.finish_reason
+            if not (deltas or finish or (lp and lp.content)):
                 continue
-            delta = DeltaMessage(content=d.text) if d.text else DeltaMessage()
-            chunks.append(
-                chunk(
-                    [ChatStreamChoice(index=d.index, delta=delta, logprobs=lp, finish_reason=d.finish_reason)]
+            deltas = deltas or [DeltaMessage()]
+            for i, delta in enumerate(deltas):
+                last = i == len(deltas) - 1
+                choice = ChatStreamChoice(
+                    index=d.index,
+                    delta=delta,
+                    logprobs=lp if i == 0 else None,
+                    finish_reason=finish if last else None,
                 )
-            )
+                chunks.append(chunk([choice]))
         return chunks
 
     def usage_chunk(usage: Any) -> str:

@@ -12,10 +12,17 @@ from typing import Any
 from blora.server.protocol import (
     ChatLogProb,
     ChatLogProbs,
+    ChatMessageOut,
     CompletionLogProbs,
+    DeltaFunctionCall,
+    DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCallOut,
     TopLogProb,
     UsageInfo,
 )
+from blora.server.tools import ToolPlan, call_id, held_back, parse_output
 
 LOW_LOGPROB = -9999.0  # what OpenAI reports for a token whose logprob the engine did not return
 
@@ -132,3 +139,70 @@ def usage_of(finals: list[Any]) -> UsageInfo:
     prompt = sum(len(out.prompt_token_ids or []) for out in finals)
     completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _finish(plan: ToolPlan, calls: list, finish: str) -> str:
+    """OpenAI's finish_reason: "tool_calls" when the model chose to call (a named choice keeps "stop")."""
+    return "tool_calls" if calls and plan.mode in ("auto", "required") and finish == "stop" else finish
+
+
+def tool_message(plan: ToolPlan, text: str, finish: str) -> tuple[ChatMessageOut, str]:
+    """The assistant message and finish_reason of a finished output under ``plan``."""
+    if not plan.active:
+        return ChatMessageOut(content=text), finish
+    parsed = parse_output(plan, text)
+    calls = [ToolCallOut(id=call_id(), function=FunctionCall(name=n, arguments=a)) for n, a in parsed.calls]
+    return ChatMessageOut(content=parsed.content, tool_calls=calls), _finish(plan, calls, finish)
+
+
+@dataclass
+class ToolStream:
+    """Streaming deltas of one choice under a tool plan (OpenAI's ``delta.tool_calls`` shape).
+
+    ``named``: the arguments stream as they are generated (the first delta carries the call's id and name).
+    ``required``: the calls are sent whole when the output ends (the JSON array must be complete to split).
+    ``auto``: content streams up to a ``<tool_call>`` tag (or a tail that may start one); the rest is held
+    and sent at the end as tool calls, or as content if it holds none.
+    """
+
+    plan: ToolPlan
+    text: str = ""
+    sent: int = 0  # characters of ``text`` sent as content (auto) or arguments (named)
+    call: str | None = None  # the named call's id once announced
+
+    def feed(self, delta: str, finish: str | None) -> tuple[list[DeltaMessage], str | None]:
+        """(deltas to send, finish_reason) for the next piece of text."""
+        self.text += delta
+        if self.plan.mode == "named":
+            return self._named(delta), finish
+        if finish is None:
+            if self.plan.mode == "auto":
+                return self._content(held_back(self.text)), None
+            return [], None
+        parsed = parse_output(self.plan, self.text)
+        if not parsed.calls:
+            return self._content(len(self.text)), finish
+        calls = [
+            DeltaToolCall(
+                index=i, id=call_id(), type="function", function=DeltaFunctionCall(name=name, arguments=args)
+            )
+            for i, (name, args) in enumerate(parsed.calls)
+        ]
+        return [DeltaMessage(tool_calls=calls)], _finish(self.plan, calls, finish)
+
+    def _content(self, upto: int) -> list[DeltaMessage]:
+        piece, self.sent = self.text[self.sent : upto], max(self.sent, upto)
+        return [DeltaMessage(content=piece)] if piece else []
+
+    def _named(self, delta: str) -> list[DeltaMessage]:
+        if self.call is None:
+            self.call = call_id()
+            fn = DeltaFunctionCall(name=self.plan.named, arguments=delta)
+            return [
+                DeltaMessage(tool_calls=[DeltaToolCall(index=0, id=self.call, type="function", function=fn)])
+            ]
+        if not delta:
+            return []
+        return [
+            DeltaMessage(tool_calls=[DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=delta))])
+        ]
