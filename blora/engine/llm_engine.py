@@ -27,6 +27,7 @@ from blora.engine.sequence import Request, Sequence, SequenceStatus
 from blora.lora.manager import LoraManager
 from blora.lora.mixtures import mixture_key
 from blora.lora.store import AdapterStore, StoreConfig
+from blora.models.quant import quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class EngineConfig:
     fast_path: Literal["auto", "on", "off"] = "auto"  # a model family's own forward (blora.models.families)
     packed_weights: bool = True  # the fast path's oneDNN-prepacked GEMM weights
     fused_lora_kernel_max_work: int = kernels.FUSED_MAX_WORK  # the fast path's LoRA kernel bound
+    quantization: str | None = None  # "int8" / "int4": weight-only base linears, in place (blora.models.quant)
 
 
 class LLMEngine:
@@ -80,6 +82,8 @@ class LLMEngine:
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, adapters=None) -> None:
         self.config = config = config or EngineConfig()
+        if config.quantization is not None:  # before anything reads or wraps the base linears
+            quantize_model(model, config.quantization)
         self.model = model
         self.tokenizer = tokenizer
         self.max_model_len, num_blocks = size_kv_cache(model, config)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from blora.lora.config import AdapterError, LoraConfig
-from blora.lora.layers import base_features
+from blora.lora.layers import base_dtype_device, base_features
 from blora.lora.saved import is_token_wise
 from blora.lora.weights import ModuleLora
 
@@ -114,8 +114,8 @@ def prepare_module(
     if raw.magnitude is not None:
         norm = dora_norm(weight_rows(module).detach(), b, a, scale).to(device=raw.magnitude.device)
         g = raw.magnitude.float() / norm
-    dtype = module.weight.dtype
-    device = module.weight.device if device is None else device
+    dtype, home = base_dtype_device(module)
+    device = home if device is None else device
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         """One copy into a fresh contiguous tensor of the model's dtype (transposes included)."""
