@@ -17,6 +17,7 @@ import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -180,9 +181,9 @@ class LayerLoras:
         return len(self.positions) == len(plan.active)
 
 
-@dataclass(frozen=True)
-class OutputSlice:
-    """One projection of a fused output: its LoRA ``loras`` writes output columns ``[start, stop)``."""
+class OutputSlice(NamedTuple):
+    """One projection of a fused output: its LoRA ``loras`` writes output columns ``[start, stop)``.
+    (A tuple: made per projection per step on the hot path.)"""
 
     loras: LayerLoras
     start: int
