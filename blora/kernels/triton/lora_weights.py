@@ -66,9 +66,9 @@ class LoraWeights:
         ints = [*(v for row in a_off for v in row), *(v for row in b_off for v in row)]
         small = [*(v for row in self.host_ranks for v in row), *self.out_features, *cols]
         shape = (self.num_slices, self.num_slots)
-        off = torch.tensor(ints, dtype=torch.int64).to(device, non_blocking=True)
+        off = _to_device(torch.tensor(ints, dtype=torch.int64), device)
         self.a_off, self.b_off = off[: len(ints) // 2].view(shape), off[len(ints) // 2 :].view(shape)
-        meta = torch.tensor(small, dtype=torch.int32).to(device, non_blocking=True)
+        meta = _to_device(torch.tensor(small, dtype=torch.int32), device)
         n = self.num_slices * self.num_slots
         self.ranks = meta[:n].view(shape)
         self.slice_out, self.slice_col = meta[n : n + self.num_slices], meta[n + self.num_slices :]
@@ -93,3 +93,11 @@ class LoraWeights:
     def step_rank(self, active: Sequence[int]) -> int:
         """Largest rank among ``active`` slots over all slices (host only): the width of the launch grid."""
         return max((r[s] for r in self.host_ranks for s in active if s < self.num_slots), default=0)
+
+
+def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host -> device without a stream sync: a copy from pageable memory waits for the stream, one from
+    pinned memory is queued (non-blocking)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
