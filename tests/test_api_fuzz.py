@@ -37,6 +37,7 @@ from schemathesis import GenerationMode  # noqa: E402
 
 from blora.engine import AsyncLLM  # noqa: E402
 from blora.server import ServerConfig, create_app  # noqa: E402
+from blora.server.protocol import CHAT_NOT_IMPLEMENTED, NOT_IMPLEMENTED  # noqa: E402
 from tests.helpers import make_adapter, targets, tiny_model, tokenizer  # noqa: E402
 
 KEY = "fuzz-key"
@@ -74,7 +75,13 @@ GENERATION = ("POST /v1/completions", "POST /v1/chat/completions")
 
 # Steering: None keeps the generated model name; the others replace it (half of the cases).
 MODELS = (None, None, None, BASE, *ADAPTERS)
-UNSUPPORTED = ("logit_bias", "adapter_mixture", "tools", "response_format", "best_of", "suffix")
+UNSUPPORTED = (
+    *("logit_bias", "adapter_mixture", "tools", "tool_choice", "response_format", "best_of", "suffix"),
+    *("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"),
+    *("min_tokens", "allowed_token_ids", "guided_decoding_backend", "modalities"),
+    *NOT_IMPLEMENTED,  # accepted only at their default values
+    *CHAT_NOT_IMPLEMENTED,
+)
 VOCAB = 1000  # token ids of steered requests are taken modulo this (the tokenizer has more)
 
 
