@@ -86,10 +86,11 @@ class BlockManager:
         give logits). Empty when caching is off or ``seq`` already has blocks."""
         if not self._shared(seq) or seq.block_table:
             return []
-        hashes = self._hashes(seq, (len(seq.token_ids) - 1) // self.block_size)
+        limit = (len(seq.token_ids) - 1) // self.block_size
+        hashes = self._hashes(seq, limit)
         blocks: list[int] = []
-        for key in hashes:
-            block = self._cached.get(key)
+        for i in range(limit):
+            block = self._cached.get(hashes[i])
             if block is None:
                 break
             blocks.append(block)
@@ -100,9 +101,9 @@ class BlockManager:
         (then ``seq`` shares it if admitted after this step)."""
         if not self._shared(seq) or not self._computing:
             return False
-        hashes = self._hashes(seq, (len(seq.token_ids) - 1) // self.block_size)
+        limit = (len(seq.token_ids) - 1) // self.block_size
         i = len(computed)
-        return i < len(hashes) and self._computing.get(hashes[i], seq.seq_id) != seq.seq_id
+        return i < limit and self._computing.get(self._hashes(seq, limit)[i], seq.seq_id) != seq.seq_id
 
     def _shared(self, seq: Sequence) -> bool:
         """Whether ``seq`` takes part in prefix caching (the scheduler gives every sequence its adapter's
@@ -110,13 +111,13 @@ class BlockManager:
         return self.enable_caching and seq.cache_identity is not None
 
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
-        """Keys of ``seq``'s first ``num_blocks`` full blocks (extends ``seq.block_hashes`` as needed)."""
+        """``seq.block_hashes``, extended to hold at least the keys of its first ``num_blocks`` full blocks."""
         bs, hashes = self.block_size, seq.block_hashes
         parent = hashes[-1] if hashes else root_hash(seq.cache_identity)
         for i in range(len(hashes), num_blocks):
             parent = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
             hashes.append(parent)
-        return hashes[:num_blocks]
+        return hashes
 
     # -- allocation --------------------------------------------------------------------------------
     def blocks_needed(self, seq: Sequence, num_tokens: int, computed: list[int] | None = None) -> int:
@@ -153,7 +154,9 @@ class BlockManager:
             seq.block_table.append(block)
         if self._shared(seq):  # the full blocks this allocation covers are computed in this step
             full = min(num_tokens, len(seq.token_ids)) // self.block_size
-            for key in self._hashes(seq, full)[seq.num_cached_blocks :]:
+            hashes = self._hashes(seq, full)
+            for i in range(seq.num_cached_blocks, full):
+                key = hashes[i]
                 if key not in self._cached:
                     self._computing.setdefault(key, seq.seq_id)
 
