@@ -51,7 +51,7 @@ def _sgmv_shrink_kernel(
         return
     n = tl.load(seg_len_ptr + seg)
     rank = tl.load(rank_ptr + sl * num_slots + slot)
-    if pid_m * BLOCK_M >= n or pid_r * BLOCK_R >= rank:
+    if (pid_m * BLOCK_M >= n) | (pid_r * BLOCK_R >= rank):  # `|`: Triton compiles no chained `or`
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
@@ -92,7 +92,7 @@ def _sgmv_expand_kernel(
     n = tl.load(seg_len_ptr + seg)
     rank = tl.load(rank_ptr + sl * num_slots + slot)
     out = tl.load(slice_out_ptr + sl)
-    if pid_m * BLOCK_M >= n or pid_n * BLOCK_N >= out or rank == 0:
+    if (pid_m * BLOCK_M >= n) | (pid_n * BLOCK_N >= out) | (rank == 0):
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
@@ -156,7 +156,7 @@ def _bgmv_expand_kernel(
         return
     rank = tl.load(rank_ptr + sl * num_slots + slot)
     out = tl.load(slice_out_ptr + sl)
-    if pid_n * BLOCK_N >= out or rank == 0:
+    if (pid_n * BLOCK_N >= out) | (rank == 0):
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < out
