@@ -370,7 +370,7 @@ def write_adapters(model, sizes: Sizes, root: Path) -> list[Path]:
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=sizes.rank, lora_alpha=2 * sizes.rank, target_modules="all-linear")
-    peft = get_peft_model(model, cfg)
+    peft = get_peft_model(model, cfg, autocast_adapter_dtype=False)  # adapters saved in the model's dtype
     dirs = []
     for i in range(sizes.distinct_files):
         g = torch.Generator(device=next(model.parameters()).device).manual_seed(i)
@@ -455,9 +455,9 @@ def stage_engine(sizes: Sizes, device: torch.device, smoke: bool) -> dict:
     runs["transformers_generate_base"] = run_hf(model, prompts, sizes.new_tokens, device)
     tmp = Path(tempfile.mkdtemp(prefix="blora-gpu-check-"))
     dirs = write_adapters(model, sizes, tmp)
-    peft = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name="a0")
+    peft = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name="a0", autocast_adapter_dtype=False)
     for i in range(1, sizes.peft_adapters):
-        peft.load_adapter(str(dirs[i % len(dirs)]), adapter_name=f"a{i}")
+        peft.load_adapter(str(dirs[i % len(dirs)]), adapter_name=f"a{i}", autocast_adapter_dtype=False)
     names = [f"a{i % sizes.peft_adapters}" for i in range(sizes.requests)]
     runs[f"peft_mixed_{sizes.peft_adapters}"] = run_hf(peft, prompts, sizes.peft_new_tokens, device, names)
     model = peft.unload()
@@ -468,7 +468,7 @@ def stage_engine(sizes: Sizes, device: torch.device, smoke: bool) -> dict:
     engine = build_engine(
         model, tokenizer=synthetic_tokenizer(sizes.vocab), max_loras=max(sizes.adapter_counts),
         max_num_seqs=sizes.requests, max_num_batched_tokens=max(64, 32 * sizes.prompt_len), block_size=16,
-        max_model_len=max_len, num_kv_blocks=sizes.requests * (max_len // 16 + 1), cpu_cache_bytes=1 << 40,
+        max_model_len=max_len, num_kv_blocks=sizes.requests * (max_len // 16 + 1), cpu_cache_bytes=32 << 30,
         enable_prefix_caching=False, lora_backend="triton",
     )  # fmt: skip
     result = {"backend": engine.runner.backend.name, "runs": runs}
@@ -503,6 +503,11 @@ def table(rows: list[dict]) -> str:
 def write(out: Path, results: dict) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     md = [f"# blora GPU check ({results['mode']})", ""]
+    if results["mode"] == "smoke":
+        md += [
+            "Smoke run: CPU tensors, kernels in Triton's interpreter, tiny model. The timings mean nothing.",
+            "",
+        ]
     for name, stage in results["stages"].items():
         md += [f"## {name} ({stage.get('seconds', '?')} s)", ""]
         if "error" in stage or "skipped" in stage:
