@@ -262,6 +262,13 @@ def test_a_failing_grammar_fails_only_its_request(llm, monkeypatch):
         (S(grammar="root ::= "), "structured_outputs.grammar", "invalid grammar"),
         (S(grammar="x" * 70000), "structured_outputs.grammar", "at most"),
         (S(choice=[]), "structured_outputs.choice", "choice must be"),
+        (S(json={"type": "string", "maxLength": 5000}), "structured_outputs.json", "limited to 1000"),
+        (
+            S(json={"properties": {"a": {"pattern": "x{1,3000}"}}}),
+            "structured_outputs.json",
+            "#/properties/a",
+        ),
+        (S(regex="a{2000}"), "structured_outputs.regex", "limited to 1000"),
         (S(), "structured_outputs", "exactly one"),
         (S(regex="a", choice=["a"]), "structured_outputs", "exactly one"),
     ],
@@ -286,11 +293,18 @@ def test_compiled_grammars_are_cached_by_schema():
     assert so.compile(S(json={"type": "object"})) is not first
 
 
-def test_compile_time_is_bounded():
+def test_compile_time_is_bounded(monkeypatch):
+    import time
+
+    from blora.engine import structured
+
     so = StructuredOutputs(tokenizer(), len(tokenizer()), [2])
     so.compiler()
-    with pytest.raises(SamplingParamError, match="took longer than"):
-        so.compile(S(regex="(a|b|c|d){1,9}" * 8), timeout=1e-6)
+    monkeypatch.setattr(structured, "_compile", lambda compiler, spec: time.sleep(2))
+    start = time.monotonic()
+    with pytest.raises(SamplingParamError, match="took longer than 0.2 s"):
+        so.compile(S(regex="[0-9]+"), timeout=0.2)
+    assert time.monotonic() - start < 1.5
 
 
 def test_ignore_eos_with_a_grammar_is_refused():

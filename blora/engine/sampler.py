@@ -118,7 +118,8 @@ class Sampler:
         advanced by its sampled token here.
         """
         raw, errors = logits, {}
-        if any(s.params.uses_logits_processors for s in seqs):
+        processed = [i for i, s in enumerate(seqs) if s.params.uses_logits_processors]
+        if processed:
             logits, errors = self._process(logits, seqs)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         u = self._uniform([seqs[i] for i in sampled]) if sampled else None
@@ -128,13 +129,13 @@ class Sampler:
             results = self._sample_rows(logits, seqs, sampled, u, exc, raw)
         for i, exc in errors.items():
             results[i] = SampleResult(-1, error=exc)
-        if self.structured is not None:
-            for i, seq in enumerate(seqs):
-                if seq.params.structured_outputs is not None and results[i].error is None:
-                    try:
-                        self.structured.accept(seq, results[i].token_id)
-                    except Exception as exc:
-                        results[i] = SampleResult(-1, error=exc)
+        for i in processed:  # grammars advance by the sampled token
+            seq = seqs[i]
+            if seq.params.structured_outputs is not None and results[i].error is None:
+                try:
+                    self.structured.accept(seq, results[i].token_id)
+                except Exception as exc:
+                    results[i] = SampleResult(-1, error=exc)
         return results
 
     def _process(

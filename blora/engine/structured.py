@@ -14,7 +14,8 @@ busy): tokenizer setup 0.37 s (llguidance 1.09 s); first schema compile 20 ms th
 and JSON schema in one compiler with a cache.
 
 Bounds on compile time and memory: input sizes (``blora.engine.sampling_params``: schema / grammar 64 KiB,
-regex 4 KiB, 256 choices), a compile time limit (``COMPILE_TIMEOUT_S``; the request is refused after it,
+regex 4 KiB, 256 choices), counted repetitions (string lengths and regex ``{n,m}`` up to ``MAX_REPEAT``:
+``[a-z]{1,4000}`` took 1.8 s to compile here, ``maxLength: 100000`` 11 s), a compile time limit (``COMPILE_TIMEOUT_S``; the request is refused after it,
 the compile thread finishes in the background), the compiled grammar's size (``MAX_GRAMMAR_BYTES``) and an
 LRU cache of ``CACHE_SIZE`` compiled grammars keyed by the constraint's canonical text.
 
@@ -40,10 +41,12 @@ from blora.engine.sampling_params import SamplingParamError, StructuredOutputsPa
 
 log = logging.getLogger(__name__)
 
-COMPILE_TIMEOUT_S = 10.0
+COMPILE_TIMEOUT_S = 30.0  # a maxLength of 300 took 11 s on this busy 2-core machine (load 9)
 MAX_GRAMMAR_BYTES = 64 << 20
 CACHE_SIZE = 256
 COMPILE_THREADS = 2
+MAX_REPEAT = 1000  # string length bounds and regex {n,m} counts (see oversized_repeats)
+_COUNT = re.compile(r"\{\s*([0-9]+)\s*(?:,\s*([0-9]*)\s*)?\}")
 
 # JSON-schema keywords the grammar enforces (xgrammar's JSON schema converter), and annotations that do
 # not constrain the output. Any other keyword is refused by name instead of being silently ignored.
@@ -93,6 +96,40 @@ def unsupported_schema_features(schema: Any, path: str = "#") -> list[str]:
         elif key in _SUBSCHEMAS:
             found += unsupported_schema_features(value, where)
     return found
+
+
+def oversized_repeats(spec: StructuredOutputsParams) -> list[str]:
+    """Counted repetitions above ``MAX_REPEAT`` (string lengths, regex ``{n,m}``): each unrolls into the
+    grammar (a ``maxLength`` of 100,000 took 11 s to compile here), so they bound the compile time."""
+    kind = spec.kind()
+    if kind in ("regex", "grammar"):  # EBNF has {n,m} repetition too
+        return _regex_repeats(getattr(spec, kind), kind)
+    if kind != "json":
+        return []
+    found: list[str] = []
+    _walk_repeats(spec.json, "#", found)
+    return found
+
+
+def _regex_repeats(regex: str, where: str) -> list[str]:
+    counts = [int(n) for m in _COUNT.finditer(regex) for n in m.groups() if n]
+    return [f"{where}: a repetition count of {max(counts)}"] if counts and max(counts) > MAX_REPEAT else []
+
+
+def _walk_repeats(schema: Any, path: str, found: list[str]) -> None:
+    if isinstance(schema, list):
+        for i, sub in enumerate(schema):
+            _walk_repeats(sub, f"{path}/{i}", found)
+        return
+    if not isinstance(schema, dict):
+        return
+    for key, value in schema.items():
+        if key in ("minLength", "maxLength") and isinstance(value, int) and value > MAX_REPEAT:
+            found.append(f"{path}/{key}: {value}")
+        elif key == "pattern" and isinstance(value, str):
+            found += _regex_repeats(value, f"{path}/pattern")
+        elif isinstance(value, (dict, list)):
+            _walk_repeats(value, f"{path}/{key}", found)
 
 
 def choice_grammar(choices: list[str]) -> str:
@@ -152,6 +189,11 @@ class StructuredOutputs:
                     + "; ".join(bad[:10])
                     + ". Remove them or express them with supported keywords.",
                 )
+        big = oversized_repeats(spec)
+        if big:
+            raise SamplingParamError(
+                param, f"counted repetitions are limited to {MAX_REPEAT}: " + "; ".join(big[:5])
+            )
         compiler = self.compiler()
         future = self._pool.submit(_compile, compiler, spec)
         try:
