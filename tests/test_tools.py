@@ -335,11 +335,6 @@ def test_assistant_tool_calls_and_tool_results_in_history(live):
         ({"frobnicate": 1}, "frobnicate", "Extra inputs"),
         ({"suffix": "x"}, "suffix", "suffix"),
         ({"echo": True, "logprobs": 1}, "echo", "prompt logprobs"),
-        (
-            {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
-            "continuous_usage_stats",
-            "continuous_usage_stats",
-        ),  # fmt: skip
     ],
 )
 def test_completions_refusals_name_the_field(live, body, param, words):

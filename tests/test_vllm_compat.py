@@ -408,3 +408,17 @@ def test_max_cpu_loras_bounds_the_host_cache(files):
     assert cached_after(None) == (3, 0)  # the byte budget alone keeps all three
     most, evictions = cached_after(1)
     assert most == 1 and evictions >= 3
+
+
+def test_continuous_usage_stats_in_every_chunk(client):
+    body = {"model": BASE, "prompt": "Hello there", "stream": True, **GREEDY}
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    with client.stream("POST", "/v1/completions", json=body) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    usages = [e["usage"] for e in events]
+    assert all(u is not None for u in usages) and len(usages) >= 2
+    prompt = len(client.post("/tokenize", json={"prompt": "Hello there"}).json()["tokens"])
+    assert {u["prompt_tokens"] for u in usages} == {prompt}
+    done = [u["completion_tokens"] for u in usages]
+    assert done == sorted(done) and done[-1] == GREEDY["max_tokens"] and done[0] < done[-1]
+    assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)

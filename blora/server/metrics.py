@@ -129,6 +129,9 @@ class EngineCollector:
         yield family(CounterMetricFamily, "prompt_tokens", "Number of prefill tokens processed.", s.get("prompt_tokens_total", 0))  # fmt: skip
         yield family(CounterMetricFamily, "generation_tokens", "Number of generation tokens processed.", s.get("generation_tokens_total", 0))  # fmt: skip
         yield family(CounterMetricFamily, "num_preemptions", "Cumulative number of preemptions from the engine.", s.get("num_preemptions_total", 0))  # fmt: skip
+        if "prefix_cache_queries_total" in s:  # engines with a prefix cache
+            yield family(CounterMetricFamily, "prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", s["prefix_cache_queries_total"])  # fmt: skip
+            yield family(CounterMetricFamily, "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", s.get("prefix_cache_hits_total", 0))  # fmt: skip
         yield family(CounterMetricFamily, "prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", s.get("prefix_cache_queries_total", 0))  # fmt: skip
         yield family(CounterMetricFamily, "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", s.get("prefix_cache_hits_total", 0))  # fmt: skip
 

@@ -89,16 +89,7 @@ NOT_IMPLEMENTED: dict[str, Any] = {
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
-
-    @field_validator("continuous_usage_stats")
-    @classmethod
-    def _no_continuous(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "continuous_usage_stats is not supported by blora (usage comes in the last chunk)"
-            )
-        return value
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, usage so far in every chunk
 
 
 class SamplingFields(StrictModel):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -114,6 +115,21 @@ class Generation:
     jobs: list[Job]
     ticket: Ticket
     engine: Any
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage so far in every chunk
+
+    def usage_so_far(self) -> UsageInfo:
+        """Usage of the tokens streamed so far (vLLM's continuous usage stats); a prompt counts once."""
+        prompt = sum(len(job.prompt_ids) for job in self.jobs)
+        completion = sum(job.tokens_seen for job in self.jobs)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def with_usage(self, chunk: str) -> str:
+        """``chunk`` (an SSE ``data:`` line of one JSON object) with ``usage`` set to the usage so far."""
+        if not self.continuous_usage or not chunk.startswith("data: {"):
+            return chunk
+        payload = json.loads(chunk[len("data: ") :])
+        payload["usage"] = self.usage_so_far().model_dump()
+        return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
     async def cleanup(self) -> None:
         for job in self.jobs:
@@ -387,7 +403,11 @@ class Serving:
             job.timer.on_params(sp.n, sp.max_tokens)
             job.first = asyncio.ensure_future(anext(stream))
             jobs.append(job)
-        gen = Generation(request_id, jobs, ticket, self.engine)
+        options = getattr(req, "stream_options", None)
+        continuous = bool(
+            options and options.include_usage and getattr(options, "continuous_usage_stats", False)
+        )
+        gen = Generation(request_id, jobs, ticket, self.engine, continuous)
         try:
             if wait_first:
                 await asyncio.wait([job.first for job in jobs])
@@ -429,10 +449,10 @@ class Serving:
             tracker = DeltaTracker(n)
             try:
                 for chunk in opening:
-                    yield chunk
+                    yield gen.with_usage(chunk)
                 async for job, out in merge(gen.jobs):
                     for chunk in render(job, tracker, out):
-                        yield chunk
+                        yield gen.with_usage(chunk)
                 if usage_chunk is not None:
                     yield usage_chunk(usage_of([job.final for job in gen.jobs if job.final]))
             except APIError as exc:
