@@ -72,21 +72,20 @@ class CpuKernelBackend(TorchBackend):
         if not slices:
             return
         bound = self.max_work if max_work is None else max_work
-        tables = [self.table(x, plan, s.loras, bound) for s in slices]
-        if any(t is None for t in tables) or y.stride(1) != 1:
-            for s in slices:
-                self.add(y[:, s.start : s.stop], x, plan, s.loras, bound)
-            return
-        parts = tuple((t, s.start) for t, s in zip(tables, slices, strict=True))
+        parts = []
+        for s in slices:
+            table = self.table(x, plan, s.loras, bound) if y.stride(1) == 1 else None
+            if table is None:  # e.g. a prefill-sized adapter: each projection on its own
+                for each in slices:
+                    self.add(y[:, each.start : each.stop], x, plan, each.loras, bound)
+                return
+            parts.append((table, s.start))
+        key = tuple(parts)
         cache = slices[0].loras.cache
         hit = cache.get("fused")
-        # tables are cached objects held by the key, so comparing them by identity is exact
-        if (
-            hit is None
-            or len(hit[0]) != len(parts)
-            or any(a is not b or c != d for (a, c), (b, d) in zip(hit[0], parts, strict=True))
-        ):
-            hit = cache["fused"] = (parts, KernelTable.cat([t.at_column(c) for t, c in parts]))
+        # KernelTable compares by identity and the cached key holds its tables alive: the match is exact
+        if hit is None or hit[0] != key:
+            hit = cache["fused"] = (key, KernelTable.cat([t.at_column(c) for t, c in key]))
         combined = hit[1]
         if len(combined):
             self.kernel.add(y, x if x.stride(1) == 1 else x.contiguous(), combined, *plan.flat())

@@ -261,7 +261,7 @@ def _fused_lora(y: torch.Tensor, x: torch.Tensor, parts, max_work: int) -> None:
     lora = [(m, lo, hi) for m, lo, hi in parts if isinstance(m, LoraLinear) and m.pairs]
     if not lora:
         return
-    if any(m.has_extras for m, _, _ in lora):
+    if any(m.extras for m, _, _ in lora):
         for module, lo, hi in lora:
             module.add_lora(y[:, lo:hi], x, max_work)
         return
