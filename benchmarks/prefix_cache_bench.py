@@ -137,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )
-    adapter_root = args.adapter_dir / (
-        "tiny" if args.model == "tiny" else Path(str(args.model)).name or "default"
-    )
+    adapter_root = args.adapter_dir / ("default" if args.model is None else Path(args.model).name or "model")
     for i, path in enumerate(make_bench_adapters(engine.model, adapter_root, args.adapters)):
         engine.load_adapter(f"bench-{i}", path)
     warm = requests(engine.tokenizer, args, variant=-1)[: args.adapters]  # adapters in slots, kernels warm
