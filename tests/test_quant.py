@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ("int8", "int4")
 # Largest |logit difference| to the unquantized model, relative to the largest |logit| (tiny random
-# models, measured: int8 <= 0.01, int4 <= 0.08 on these seeds).
+# models, measured: int8 <= 0.009, int4 <= 0.11 on these seeds; random weights have no block structure).
 LOGIT_TOL = {"int8": 0.03, "int4": 0.2}
 KERNEL_TOL = 1e-2  # kernel vs F.linear on the dequantized weight: bfloat16 activations and outputs
 

@@ -27,7 +27,10 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_METHODS = ("int8", "int4")
-INT4_GROUP_SIZE = 64  # input columns per int4 scale/zero (divides SmolLM2's 576 and 1536; 128 does not)
+# Input columns per int4 scale/zero: the block of GGUF's Q4_0 / Q4_1, so a model dequantized from such a file
+# (the embedded default is Q4_1) is re-quantized onto nearly the same grid (measured on SmolLM2: logits within
+# 4.4% of the float32 model with 32, 58% with 64).
+INT4_GROUP_SIZE = 32
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 KERNEL_DTYPE = torch.bfloat16  # activations enter the integer kernels in this dtype (see the module doc)
 INT8_IN_MULTIPLE = 8  # the int8 kernel reads inputs in blocks of 8 columns

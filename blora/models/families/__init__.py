@@ -23,6 +23,8 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from blora.models.quant import is_quantized
+
 logger = logging.getLogger("blora")
 
 FastPathMode = Literal["auto", "on", "off"]
@@ -107,6 +109,8 @@ def build(model: nn.Module, options: FastPathOptions) -> FastModel | None:
     debug level, where no family runs it: then transformers' modules run every step."""
     if options.mode == "off":
         reason = "fast_path='off'"
+    elif is_quantized(model):  # the families' forwards read plain weights (blora.models.quant)
+        reason = "its linears are quantized (quantization='int8' / 'int4'), which only transformers' modules run"
     elif (family := family_of(model)) is None:
         reason = "no model family matches its decoder layers"
     else:

@@ -1,0 +1,209 @@
+"""Quantized base models: engine tok/s and weight memory of int8 / int4 against float32 and bfloat16.
+
+``engine`` (default): the embedded SmolLM2-135M-Instruct (or ``--model``) in four variants, float32,
+bfloat16, int8 and int4 (the quantized ones keep float32 for everything but the decoder's linears), each an
+``LLM`` built once; ``--requests 1 4 32`` concurrent greedy requests of ``--new-tokens`` tokens (1: memory
+bound decode, 32: compute bound), half of them on a LoRA adapter (rank 16 on every linear, ``--no-adapters``
+for base only). After a warm-up the variants run in alternation, ``--rounds`` times, so drifting load on a
+shared machine hits all alike; the table gives the median tok/s, the median of the per-round ratios to
+bfloat16 and to float32, and the bytes of the decoder's weights.
+
+``ops``: the kernels alone at the model's shapes (q/o 576x576, k/v 576x192, gate/up 576x1536, down
+1536x576), one row and 32 rows: ``F.linear`` in float32 and bfloat16, PyTorch's int8 / int4 packed matmuls
+with float32 and with bfloat16 activations, and torchao's int8 weight-only and CPU int4 tensors when torchao
+is importable (``pip install --no-deps torchao``; not a dependency). This is how ``blora.models.quant``
+picked its kernels.
+
+llama.cpp's q8_0 / q4_0 on the same load: ``benchmarks/llamacpp_compare.py`` serves those GGUF files; run it
+beside ``blora serve --quantization int8|int4`` (this script measures the engine only).
+
+Run: ``.venv/bin/python benchmarks/quant_bench.py [engine|ops] [--requests 1 4 32] [--rounds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("float32", "bfloat16", "int8", "int4")
+SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))  # (in, out) of SmolLM2-135M's linears
+PROMPTS = (
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle stays upright.",
+    "List five uses of a paper clip.",
+    "What makes bread rise?",
+)
+
+
+# -- engine ------------------------------------------------------------------------------------------------
+def build_llms(args) -> dict[str, object]:
+    from blora import LLM
+    from blora.models import load_model
+
+    loaded = {dt: load_model(args.model, dtype=dt, device="cpu") for dt in ("float32", "bfloat16")}
+    adapters = None if args.no_adapters else {"lora": str(make_adapter(loaded["float32"].model))}
+    llms = {}
+    for variant in VARIANTS:
+        source = loaded["bfloat16" if variant == "bfloat16" else "float32"]
+        model = copy.deepcopy(source.model)  # each LLM wraps its own copy
+        quant = variant if variant in ("int8", "int4") else None
+        llms[variant] = LLM(
+            model, tokenizer=source.tokenizer, adapters=adapters, quantization=quant, max_num_seqs=64
+        )
+    return llms
+
+
+def make_adapter(model) -> Path:
+    """A rank-16 adapter on every linear with non-zero B, saved once in a temporary directory."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(model), cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    path = Path(tempfile.mkdtemp(prefix="quant_bench_")) / "lora"
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def weight_bytes(llm) -> int:
+    """Bytes of the decoder layers' parameters and buffers (what quantization shrinks)."""
+    layers = llm.engine.model.base_model.layers
+    tensors = [*layers.parameters(), *layers.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run_once(llm, requests: int, new_tokens: int, with_adapters: bool) -> float:
+    from blora import SamplingParams
+
+    chats = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(requests)]
+    names = [("lora" if with_adapters and i % 2 else None) for i in range(requests)]
+    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0)
+    start = time.perf_counter()
+    outs = llm.chat(chats, params, adapters=names)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
+
+
+def bench_engine(args) -> None:
+    llms = build_llms(args)
+    print(f"threads: {torch.get_num_threads()}; decoder weights (MB):", end="")
+    print("".join(f"  {v} {weight_bytes(llm) / 1e6:.0f}" for v, llm in llms.items()))
+    print(f"| requests | {' | '.join(VARIANTS)} | int8/bf16 | int8/fp32 | int4/bf16 | int4/fp32 |")
+    print("|---:|" + "---:|" * (len(VARIANTS) + 4))
+    for requests in args.requests:
+        for llm in llms.values():  # warm-up
+            run_once(llm, requests, 4, not args.no_adapters)
+        rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for r in range(args.rounds):
+            order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
+            for variant in order:
+                rates[variant].append(
+                    run_once(llms[variant], requests, args.new_tokens, not args.no_adapters)
+                )
+        cells = [f"{statistics.median(rates[v]):.1f}" for v in VARIANTS]
+        pairs = (("int8", "bfloat16"), ("int8", "float32"), ("int4", "bfloat16"), ("int4", "float32"))
+        ratios = [statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True)) for a, b in pairs]
+        print(f"| {requests} | {' | '.join(cells)} | " + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
+
+
+# -- ops ---------------------------------------------------------------------------------------------------
+def op_variants() -> dict[str, Callable[[dict[int, torch.Tensor]], object]]:
+    from blora.models.quant import INT4_GROUP_SIZE, _quantize_int4, _quantize_int8
+
+    torch.manual_seed(0)
+    ws = [torch.randn(o, i) / i**0.5 for i, o in SHAPES]
+    wb = [w.bfloat16() for w in ws]
+    q8 = [_quantize_int8(w) for w in ws]
+    q4 = [_quantize_int4(w, INT4_GROUP_SIZE) for w in ws]
+    g = INT4_GROUP_SIZE
+    bf = torch.bfloat16
+    variants = {
+        "fp32 F.linear": lambda x: [F.linear(x[w.shape[1]], w) for w in ws],
+        "bf16 F.linear": lambda x: [F.linear(x[w.shape[1]].to(bf), w) for w in wb],
+        "int8 aten, fp32 x": lambda x: [
+            torch._weight_int8pack_mm(x[q.shape[1]], q, s.float()) for q, s in q8
+        ],
+        "int8 aten, bf16 x": lambda x: [torch._weight_int8pack_mm(x[q.shape[1]].to(bf), q, s) for q, s in q8],
+        "int4 aten, fp32 x": lambda x: [
+            torch._weight_int4pack_mm_for_cpu(x[p.shape[1] * 2], p, g, sz.float()) for p, sz in q4
+        ],
+        "int4 aten, bf16 x": lambda x: [
+            torch._weight_int4pack_mm_for_cpu(x[p.shape[1] * 2].to(bf), p, g, sz) for p, sz in q4
+        ],
+    }
+    variants.update(torchao_variants(ws))
+    return variants
+
+
+def torchao_variants(ws: list[torch.Tensor]) -> dict[str, Callable]:
+    try:
+        from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except Exception as exc:  # not a dependency: measured when installed
+        print(f"torchao not measured ({type(exc).__name__}: {exc})")
+        return {}
+    ao8 = []
+    for w in ws:
+        lin = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
+        lin[0].weight.data = w.clone()
+        quantize_(lin, Int8WeightOnlyConfig())
+        ao8.append(lin[0])
+    ao4 = [Int4OpaqueTensor.from_hp(w, [1, 64]) for w in ws]
+    return {
+        "torchao int8 weight-only": lambda x: [m(x[m.in_features]) for m in ao8],
+        "torchao int4 CPU (opaque)": lambda x: [F.linear(x[t.shape[1]], t) for t in ao4],
+    }
+
+
+def bench_ops(args) -> None:
+    variants = op_variants()
+    times = {(k, b): [] for k in variants for b in (1, 32)}
+    for _ in range(args.rounds):
+        for rows in (1, 32):
+            x = {576: torch.randn(rows, 576), 1536: torch.randn(rows, 1536)}
+            for name, fn in variants.items():
+                fn(x)
+                start = time.perf_counter()
+                for _ in range(20):
+                    fn(x)
+                times[(name, rows)].append((time.perf_counter() - start) / 20 * 1e6)
+    print(
+        f"threads: {torch.get_num_threads()}; the four SmolLM2 linears of one layer, median of {args.rounds}"
+    )
+    print("| kernel | 1 row (us) | vs fp32 | 32 rows (us) | vs fp32 |")
+    print("|---|---:|---:|---:|---:|")
+    base = {rows: statistics.median(times[("fp32 F.linear", rows)]) for rows in (1, 32)}
+    for name in variants:
+        cells = []
+        for rows in (1, 32):
+            t = statistics.median(times[(name, rows)])
+            cells += [f"{t:.0f}", f"{base[rows] / t:.2f}x"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", nargs="?", choices=["engine", "ops"], default="engine")
+    parser.add_argument("--model", default=None, help="model path / .gguf (default: the embedded SmolLM2)")
+    parser.add_argument("--requests", type=int, nargs="+", default=[1, 4, 32])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-adapters", action="store_true", help="base-only requests")
+    args = parser.parse_args()
+    bench_ops(args) if args.mode == "ops" else bench_engine(args)
+
+
+if __name__ == "__main__":
+    main()
