@@ -458,3 +458,39 @@ def test_template_with_tools_gets_them_and_others_get_a_system_prompt():
     msgs, kwargs = with_tools(tokenizer(), plan, [{"role": "user", "content": "hi"}], {})
     assert "tools" not in kwargs and msgs[0]["role"] == "system" and "<tool_call>" in msgs[0]["content"]
     assert isinstance(plan, ToolPlan) and plan_tools(None, None, True).mode == "none"
+
+
+def test_auto_tool_calls_end_to_end_over_a_scripted_engine():
+    """A scripted engine writes a Hermes tool call: the server parses it, streamed and not."""
+    from fastapi.testclient import TestClient
+
+    from tests.test_server_api import FakeEngine
+
+    class Scripted(FakeEngine):
+        max_model_len = 4096
+        prompts: list[list[int]] = []
+
+        def generate(self, prompt, sampling_params, adapter=None, request_id=None):
+            self.prompts.append(list(prompt))  # the fake's own 64-token check sees the prompt's tail only
+            return super().generate(prompt[-2:], sampling_params, adapter, request_id)
+
+    tok = tokenizer()
+    engine = Scripted(tok)
+    engine.script = tok.encode('I will check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+                               '"unit": "c", "days": 2}}\n</tool_call>END')  # fmt: skip
+    body = {"model": BASE, "messages": MSGS, "tools": [WEATHER], "max_tokens": 60, "stop": ["END"]}
+    with TestClient(create_app(engine, ServerConfig(served_model_name=BASE))) as http:
+        done = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert "<tools>" in tok.decode(engine.prompts[-1])  # the template has no tools: a system prompt
+        assert done["finish_reason"] == "tool_calls" and done["message"]["content"] == "I will check."
+        (call,) = done["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "unit": "c", "days": 2}
+        chunks = sse(http.post("/v1/chat/completions", json={**body, "stream": True}))
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    content = "".join(d["delta"].get("content") or "" for d in deltas)
+    calls = [tc for d in deltas for tc in d["delta"].get("tool_calls") or []]
+    assert content == "I will check." and deltas[-1]["finish_reason"] == "tool_calls"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "c", "days": 2})
+    ]
