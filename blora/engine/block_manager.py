@@ -83,8 +83,8 @@ class BlockManager:
     # -- lookups -----------------------------------------------------------------------------------
     def computed_blocks(self, seq: Sequence) -> list[int]:
         """Cached blocks holding ``seq``'s leading tokens, never its last token (which must be computed to
-        give logits). Empty when caching is off or ``seq`` already has blocks."""
-        if not self._shared(seq) or seq.block_table:
+        give logits). Empty when caching is off, ``seq`` already has blocks or needs its prompt logprobs."""
+        if not self._shared(seq) or seq.block_table or seq.needs_full_prompt:
             return []
         limit = (len(seq.token_ids) - 1) // self.block_size
         hashes = self._hashes(seq, limit)
@@ -99,7 +99,7 @@ class BlockManager:
     def computing_next(self, seq: Sequence, computed: list[int]) -> bool:
         """Whether another sequence is computing, this step, the block that follows ``seq``'s cached ones
         (then ``seq`` shares it if admitted after this step)."""
-        if not self._shared(seq) or not self._computing:
+        if not self._shared(seq) or not self._computing or seq.needs_full_prompt:
             return False
         limit = (len(seq.token_ids) - 1) // self.block_size
         i = len(computed)

@@ -282,7 +282,12 @@ class LLMEngine:
             generator=generator,
             logprobs=[] if req.params.logprobs is not None else None,
             cumulative_logprob=0.0 if req.params.logprobs is not None else None,
+            prompt_logprobs=[None] if req.params.prompt_logprobs is not None and index == 0 else None,
         )
+
+    def _decode_each(self, token_ids: list[int]) -> list[str]:
+        """Each token's text decoded alone (``Logprob.decoded_token``)."""
+        return self.tokenizer.batch_decode([[t] for t in token_ids])
 
     def abort_request(self, request_id: str, quiet: bool = False, error: Exception | None = None) -> bool:
         """Stop a request now and free its blocks; its final output (finish_reason "abort", with ``error``
@@ -386,6 +391,8 @@ class LLMEngine:
 
     def _finish_step(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestOutput]:
         """Advance the computed tokens, sample, append each sampled token; outputs of the touched requests."""
+        for res in self.runner.prompt_logprobs:  # this step's prompt logprobs (prompt_logprobs=k)
+            res.append_to_seq(self._decode_each)
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_tokens
             self.block_manager.cache_blocks(s.seq)  # full blocks now shareable (prefix caching)

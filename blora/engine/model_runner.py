@@ -8,13 +8,15 @@ decoder runs once over it; the LM head runs only on the rows whose logits are sa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from blora.engine import attention
 from blora.engine.attention import AttentionMetadata, KVCache, PrefillChunk
+from blora.engine.sampler import PromptTopK, prompt_topk
 from blora.engine.scheduler import ScheduledSeq
 from blora.lora import backends
 from blora.lora.backends import BackendOptions, LoraBackend
@@ -35,6 +37,8 @@ class StepBatch:
     head_lora: LoraBatch | None
     sample_rows: torch.Tensor
     attn: AttentionMetadata
+    # per sequence asking for prompt logprobs: (seq, first prompt index, flat rows, prompt tokens, adapter slot)
+    prompt_rows: list[tuple[Any, int, list[int], list[int], int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -68,6 +72,7 @@ class ModelRunner:
         # a model family's own forward (weights fused and prepacked now), or None: transformers' modules
         self.fast = families.build(model, fast_path or FastPathOptions())
         self.fast_steps = 0  # steps the fast decoder ran (the rest ran transformers' modules)
+        self.prompt_logprobs: list[PromptTopK] = []  # of the last execute(): its prompt-logprob rows
 
     @classmethod
     def from_config(cls, model: nn.Module, num_blocks: int, config) -> ModelRunner:
@@ -82,7 +87,9 @@ class ModelRunner:
         self, scheduled: Sequence[ScheduledSeq], adapter_slot: Callable[[str | None], int]
     ) -> torch.Tensor:
         """Run one step; returns logits [num sampled seqs, vocab] in ``scheduled`` order, in the model's dtype
-        (the sampler converts to float32 only what needs it: greedy argmax does not)."""
+        (the sampler converts to float32 only what needs it: greedy argmax does not). The prompt logprobs
+        of sequences that ask for them are left in ``self.prompt_logprobs``."""
+        self.prompt_logprobs = []
         batch = self.prepare(scheduled, adapter_slot)
         fast = self.fast is not None and self.fast.usable()
         with attention.forward_context(self.cache, batch.attn), lora_context(batch.lora):
@@ -94,16 +101,34 @@ class ModelRunner:
                     input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
                 )
                 hidden = out.last_hidden_state[0]
+        for seq, first, rows, targets, slot in batch.prompt_rows:
+            self.prompt_logprobs.append(self._prompt_topk(hidden, fast, seq, first, rows, targets, slot))
         hidden = hidden.index_select(0, batch.sample_rows)
+        return self._head(hidden, fast, batch.head_lora)
+
+    def _head(self, hidden: torch.Tensor, fast: bool, head_lora: LoraBatch | None) -> torch.Tensor:
+        """LM head (+ softcapping) over ``hidden`` [m, hidden size] -> logits [m, vocab]."""
         # looked up each step: an lm_head LoRA / modules_to_save wraps the head after the runner was built
         logits = self.fast.logits(hidden) if fast else None
         if logits is None:
-            with lora_context(batch.head_lora):
+            with lora_context(head_lora):
                 logits = self.model.get_output_embeddings()(hidden)
         if self.softcap:
             logits = logits.float()
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def _prompt_topk(self, hidden, fast, seq, first, rows, targets, slot) -> PromptTopK:
+        """Prompt logprobs of one sequence's chunk: the LM head over its prompt rows, a slice at a time."""
+        rows_t, targets_t = self._tensor(rows), self._tensor(targets)
+
+        def head(part: slice) -> torch.Tensor:
+            h = hidden.index_select(0, rows_t[part])
+            lora = LoraBatch([slot] * h.shape[0], self.device, self.backend) if slot >= 0 else None
+            return self._head(h, fast, lora)
+
+        lp, ranks, vals, ids = prompt_topk(head, len(rows), targets_t, seq.params.prompt_logprobs)
+        return PromptTopK(seq, first, lp, ranks, ids, vals)
 
     def prepare(
         self, scheduled: Sequence[ScheduledSeq], adapter_slot: Callable[[str | None], int]
@@ -117,6 +142,7 @@ class ModelRunner:
         positions: list[int] = []
         dec_rows, dec_tables, dec_lens = [], [], []
         prefills: list[tuple[int, int, int, list[int]]] = []
+        prompt_rows: list[tuple[Any, int, list[int], list[int], int]] = []
         for s in scheduled:
             seq, start, n, row = s.seq, s.start, s.num_tokens, len(ids)
             table = seq.block_table
@@ -133,6 +159,11 @@ class ModelRunner:
                 prefills.append((row, n, start, used))
             if s.sample:
                 sample_rows.append(row + n - 1)
+            span = seq.prompt_logprob_span(start, n)
+            if span:
+                rows = [row + p - start for p in span]
+                targets = seq.token_ids[span.start + 1 : span.stop + 1]
+                prompt_rows.append((seq, span.start + 1, rows, targets, lora[row]))
         step_lora: LoraBatch | None = LoraBatch(lora, self.device, self.backend)
         head_lora = None
         if step_lora.any_adapter:
@@ -147,6 +178,7 @@ class ModelRunner:
             head_lora=head_lora,
             sample_rows=self._tensor(sample_rows),
             attn=self._metadata(len(ids), slots, dec_rows, dec_tables, dec_lens, prefills),
+            prompt_rows=prompt_rows,
         )
 
     def _metadata(self, n, slots, dec_rows, dec_tables, dec_lens, prefills) -> AttentionMetadata:

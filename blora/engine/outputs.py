@@ -6,6 +6,20 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """One token's entry in ``RequestOutput.prompt_logprobs`` (vLLM's shape): its log-probability under the
+    model, its rank among the vocabulary (1 = most likely) and its text decoded alone."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per prompt position: None for the first token, then {token_id: Logprob} with the prompt token and the top-k.
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass
 class CompletionOutput:
     """One completion (of ``n``) of a request.
 
@@ -46,7 +60,9 @@ class RequestMetrics:
 @dataclass
 class RequestOutput:
     """The state of one request after an engine step; ``finished`` is True on its last output.
-    ``error``: why a request ended early (e.g. its adapter failed to load); ``LLM``/``AsyncLLM`` raise it."""
+    ``error``: why a request ended early (e.g. its adapter failed to load); ``LLM``/``AsyncLLM`` raise it.
+    ``prompt_logprobs``: with ``SamplingParams(prompt_logprobs=k)``, per prompt token (the first is None) a
+    dict ``{token_id: Logprob}`` holding the prompt token and the top-k; in every output once computed."""
 
     request_id: str
     prompt: str | None
@@ -56,3 +72,4 @@ class RequestOutput:
     adapter: str | None
     metrics: RequestMetrics
     error: Exception | None = None
+    prompt_logprobs: PromptLogprobs | None = None

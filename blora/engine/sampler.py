@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
 from blora import kernels
+from blora.engine.outputs import Logprob
 from blora.engine.sampling_params import SamplingParamError, SamplingParams
 from blora.engine.sequence import Sequence
 from blora.engine.structured import StructuredOutputs
@@ -61,6 +63,64 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
         if kernel is not None and kernel.native_vector:
             return kernel.argmax(logits)
     return logits.argmax(dim=-1)
+
+
+# Prompt rows whose [rows, vocab] fp32 log-softmax is held at once (bounds memory for long prompt chunks).
+PROMPT_LOGPROBS_ROWS = 256
+
+
+@dataclass
+class PromptTopK:
+    """Prompt logprobs of ``seq``'s prompt tokens ``first .. first + m - 1`` (computed from the logits of the
+    positions before them): ``logprobs`` [m] of the prompt tokens, their ``ranks`` [m] (1 = most likely),
+    ``top_ids`` / ``top_logprobs`` [m, k]. CPU tensors; the full vocabulary is never kept."""
+
+    seq: Sequence
+    first: int
+    logprobs: torch.Tensor
+    ranks: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+
+    def append_to_seq(self, decode: Callable[[list[int]], list[str]]) -> None:
+        """Append the entries ``seq.prompt_logprobs`` does not hold yet, as ``{token_id: Logprob}`` (the
+        prompt token first, then the top-k by rank); ``decode``: token ids -> each one's text alone."""
+        held = self.seq.prompt_logprobs
+        if held is None or len(held) - self.first >= len(self.logprobs):
+            return
+        skip = len(held) - self.first
+        targets = self.seq.token_ids[self.first : self.first + len(self.logprobs)]
+        lps, ranks = self.logprobs.tolist(), self.ranks.tolist()
+        top_ids, top_lps = self.top_ids.tolist(), self.top_logprobs.tolist()
+        unique = sorted({*targets[skip:], *(t for row in top_ids[skip:] for t in row)})
+        text = dict(zip(unique, decode(unique), strict=True))
+        for j in range(skip, len(lps)):
+            entry = {targets[j]: Logprob(lps[j], ranks[j], text[targets[j]])}
+            for r, (tid, lp) in enumerate(zip(top_ids[j], top_lps[j], strict=True)):
+                entry.setdefault(tid, Logprob(lp, r + 1, text[tid]))
+            held.append(entry)
+
+
+def prompt_topk(
+    head: Callable[[torch.Tensor, slice], torch.Tensor],
+    num_rows: int,
+    targets: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logprob, rank and top-k of ``targets`` [m] under the logits ``head(rows)`` of ``num_rows`` = m rows,
+    PROMPT_LOGPROBS_ROWS rows at a time. Returns (logprobs [m], ranks [m], top_logprobs [m, k], top_ids
+    [m, k]) on the CPU.
+
+    Semantics: lp = log_softmax(logits.float()); lp[target], 1 + #{v: lp[v] > lp[target]}, topk(lp, k)."""
+    parts = []
+    for lo in range(0, num_rows, PROMPT_LOGPROBS_ROWS):
+        rows = slice(lo, min(lo + PROMPT_LOGPROBS_ROWS, num_rows))
+        lp = torch.log_softmax(head(rows).float(), dim=-1)
+        chosen = lp.gather(1, targets[rows, None])
+        ranks = (lp > chosen).sum(dim=-1) + 1
+        vals, ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+        parts.append((chosen[:, 0].cpu(), ranks.cpu(), vals.cpu(), ids.cpu()))
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
 @dataclass

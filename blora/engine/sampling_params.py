@@ -141,6 +141,8 @@ class SamplingParams:
     of the batch. ``stop`` strings end generation and are never part of the returned text;
     ``stop_token_ids`` end it too (the token is kept). ``logprobs=k`` returns, per generated token, its
     log-probability under the model (before penalties and temperature) and the ``k`` most likely tokens.
+    ``prompt_logprobs=k`` returns the same for every prompt token (the first is None): the request is then
+    computed over its whole prompt, never from prefix-cached blocks.
     ``max_tokens=None`` means up to the model's length limit.
 
     vLLM's extras: ``min_tokens`` keeps EOS and ``stop_token_ids`` from being sampled before that many
@@ -152,9 +154,9 @@ class SamplingParams:
     JSON schema, regex, choice or grammar (``blora.engine.structured``).
 
     Ranges (``ValueError`` naming the field otherwise): ``n`` 1..256, ``temperature`` 0..1e4, ``top_k`` -1..
-    2**31-1, ``repetition_penalty`` 0.01..100, presence / frequency penalties -2..2, ``logprobs`` 0..20, at
-    most 16 stop strings of up to 256 characters and 256 stop token ids. The engine checks token ids
-    against the model's vocabulary when the request is queued.
+    2**31-1, ``repetition_penalty`` 0.01..100, presence / frequency penalties -2..2, ``logprobs`` and
+    ``prompt_logprobs`` 0..20, at most 16 stop strings of up to 256 characters and 256 stop token ids.
+    The engine checks token ids against the model's vocabulary when the request is queued.
     """
 
     n: int = 1
@@ -171,6 +173,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
@@ -204,6 +207,8 @@ class SamplingParams:
             )
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         self.stop_strings = _stop_strings(self.stop)
         self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
         self._validate_extras()

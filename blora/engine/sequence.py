@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from blora.engine.detokenizer import IncrementalDetokenizer
-from blora.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from blora.engine.outputs import CompletionOutput, PromptLogprobs, RequestMetrics, RequestOutput
 from blora.engine.sampling_params import SamplingParams
 
 
@@ -41,6 +41,7 @@ class Sequence:
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # the request's first sequence, with prompt_logprobs=k
     num_preemptions: int = 0
     sent_text_len: int = 0
     sent_num_tokens: int = 0
@@ -77,6 +78,18 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def needs_full_prompt(self) -> bool:
+        """Its prompt logprobs are not all computed yet: it must compute its whole prompt (no cached blocks)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    def prompt_logprob_span(self, start: int, num_tokens: int) -> range:
+        """Positions of the chunk ``[start, start + num_tokens)`` whose logits give a prompt logprob not yet
+        held (position p gives prompt token p + 1's)."""
+        if not self.needs_full_prompt:
+            return range(0)
+        return range(max(start, len(self.prompt_logprobs) - 1), min(start + num_tokens, self.num_prompt_tokens - 1))
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status = SequenceStatus.FINISHED
@@ -136,4 +149,9 @@ class Request:
             adapter=self.adapter,
             metrics=dataclasses.replace(self.metrics),
             error=self.error,
+            prompt_logprobs=self._prompt_logprobs(),
         )
+
+    def _prompt_logprobs(self) -> PromptLogprobs | None:
+        held = self.seqs[0].prompt_logprobs if self.seqs else None
+        return list(held) if held is not None and len(held) == len(self.prompt_token_ids) else None

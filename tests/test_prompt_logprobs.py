@@ -1,0 +1,124 @@
+"""``SamplingParams(prompt_logprobs=k)``: per prompt token the logprob under the model (PEFT with an adapter,
+the plain model without), its rank and the top-k, the same with chunked prefill and with prefix caching on
+(cached blocks of an earlier request are not used), and rows that do not ask are unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blora.engine import SamplingParams
+from blora.engine.llm import build_engine
+from blora.engine.outputs import Logprob
+from blora.engine.sampling_params import SamplingParamError
+from tests.helpers import make_adapter, peft_logits, targets, tiny_model, tokenizer
+
+K = 5
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
+ASK = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=K)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plp")
+    return make_adapter(
+        tiny_model("llama"), root / "a", seed=1, r=4, lora_alpha=8, target_modules=targets("llama", "all")
+    )
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(3, len(tokenizer()), (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reference(ids: list[int], adapter_dir) -> torch.Tensor:
+    """[len(ids), vocab] fp32 log_softmax of a plain transformers / PEFT forward over the prompt."""
+    logits = peft_logits(tiny_model("llama"), adapter_dir, torch.tensor([ids]))[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def check(prompt_logprobs, ids: list[int], ref: torch.Tensor, k: int = K) -> None:
+    """Every entry against the reference: the prompt token's logprob and rank, the top-k's logprobs, ranks
+    and texts (ties within float noise may order differently: compared with a tolerance)."""
+    assert prompt_logprobs is not None and len(prompt_logprobs) == len(ids)
+    assert prompt_logprobs[0] is None
+    for i in range(1, len(ids)):
+        entry, lp = prompt_logprobs[i], ref[i - 1]
+        assert all(isinstance(v, Logprob) for v in entry.values())
+        own, target = entry[ids[i]], lp[ids[i]].item()
+        assert own.logprob == pytest.approx(target, abs=1e-4)
+        assert int((lp > target + 1e-4).sum()) + 1 <= own.rank <= int((lp > target - 1e-4).sum()) + 1
+        top = sorted((e for t, e in entry.items() if t != ids[i] or e.rank <= k), key=lambda e: e.rank)
+        assert [e.rank for e in top] == list(range(1, k + 1))
+        ref_top = lp.topk(k).values.tolist()
+        for tid, e in entry.items():
+            assert e.logprob == pytest.approx(lp[tid].item(), abs=1e-4)
+            assert e.decoded_token == tokenizer().decode([tid])
+        for e, val in zip(top, ref_top, strict=True):
+            assert e.logprob == pytest.approx(val, abs=1e-4)
+
+
+def run(engine, requests) -> dict:
+    """requests: {id: (prompt ids, params, adapter)} -> {id: final RequestOutput}."""
+    for rid, (ids, params, name) in requests.items():
+        engine.add_request(rid, ids, params, name)
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.error is None
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
+@pytest.mark.parametrize("chunk", [1024, 7], ids=["whole", "chunked"])
+def test_prompt_logprobs_match_transformers_and_peft(adapter, chunk):
+    engine = build_engine(
+        tiny_model("llama"), tokenizer=tokenizer(), adapters={"a": adapter}, block_size=4,
+        max_num_batched_tokens=chunk,
+    )  # fmt: skip
+    ids = [prompt(23, 0), prompt(17, 1)]
+    reqs = {
+        "base": (ids[0], ASK, None),
+        "lora": (ids[1], ASK, "a"),
+        "plain": (ids[0], GREEDY, None),
+        "plain-lora": (ids[1], GREEDY, "a"),
+    }
+    out = run(engine, reqs)
+    check(out["base"].prompt_logprobs, ids[0], reference(ids[0], None))
+    check(out["lora"].prompt_logprobs, ids[1], reference(ids[1], adapter))
+    assert out["plain"].prompt_logprobs is None and out["plain-lora"].prompt_logprobs is None
+    # rows that ask do not change what rows that do not ask generate (and vice versa)
+    assert out["plain"].outputs[0].token_ids == out["base"].outputs[0].token_ids
+    assert out["plain-lora"].outputs[0].token_ids == out["lora"].outputs[0].token_ids
+    alone = run(build_engine(tiny_model("llama"), tokenizer=tokenizer(), adapters={"a": adapter}), {
+        "x": (ids[1], GREEDY, "a")})  # fmt: skip
+    assert alone["x"].outputs[0].token_ids == out["plain-lora"].outputs[0].token_ids
+
+
+def test_prefix_cached_blocks_are_not_used_for_prompt_logprobs(adapter):
+    engine = build_engine(tiny_model("llama"), tokenizer=tokenizer(), adapters={"a": adapter}, block_size=4)
+    ids = prompt(30, 2)
+    run(engine, {"warm": (ids, GREEDY, "a")})
+    hits = engine.stats()["prefix_cache_hits_total"]
+    out = run(engine, {"ask": (ids, ASK, "a")})
+    assert engine.stats()["prefix_cache_hits_total"] == hits  # computed its whole prompt
+    check(out["ask"].prompt_logprobs, ids, reference(ids, adapter))
+    again = run(engine, {"after": (ids, GREEDY, "a")})  # a request that does not ask still hits the cache
+    assert engine.stats()["prefix_cache_hits_total"] > hits
+    assert again["after"].outputs[0].token_ids == out["ask"].outputs[0].token_ids
+
+
+def test_prompt_logprobs_zero_and_n_greater_than_one():
+    engine = build_engine(tiny_model("llama"), tokenizer=tokenizer(), block_size=4)
+    ids = prompt(9, 3)
+    params = SamplingParams(max_tokens=3, temperature=1.0, seed=5, n=3, prompt_logprobs=0)
+    out = run(engine, {"r": (ids, params, None)})["r"]
+    check(out.prompt_logprobs, ids, reference(ids, None), k=0)
+    assert all(len(e) == 1 for e in out.prompt_logprobs[1:])
+    assert len(out.outputs) == 3
+
+
+@pytest.mark.parametrize("bad", [-1, 21, 1.5, True])
+def test_prompt_logprobs_bounds(bad):
+    with pytest.raises(SamplingParamError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=bad)
