@@ -12,8 +12,10 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PreTrainedModel,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from blora.models import default_model_dir
@@ -44,6 +46,16 @@ def tiny_config(arch: str, vocab_size: int):
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, **common,
         )  # fmt: skip
+    if arch == "qwen3":  # q/k norms; head_dim 32 with hidden 64 and 4 heads (q_proj wider than hidden)
+        return Qwen3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True, **common,
+        )  # fmt: skip
+    if arch == "phi3":  # fused qkv_proj / gate_up_proj in the checkpoint
+        return Phi3Config(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **common,
+        )  # fmt: skip
     if arch == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
     raise ValueError(arch)
@@ -57,6 +69,11 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(0, 0.5)
+    if arch in ("qwen3", "phi3"):  # non-unit norm weights (q/k norms included) so they are exercised
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(1, 0.3)
     return model.eval()
 
 
@@ -67,9 +84,13 @@ def save_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:
 
 
 # Per-family module names for adapter targets.
-ATTN = {"gpt2": ["c_attn"], "default": ["q_proj", "v_proj"]}
-MLP = {"gpt2": ["c_fc", "c_proj"], "default": ["gate_proj", "down_proj"]}
-ALL = {"gpt2": ["c_attn", "c_proj", "c_fc"], "default": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]}
+ATTN = {"gpt2": ["c_attn"], "phi3": ["qkv_proj"], "default": ["q_proj", "v_proj"]}
+MLP = {"gpt2": ["c_fc", "c_proj"], "phi3": ["gate_up_proj", "down_proj"], "default": ["gate_proj", "down_proj"]}
+ALL = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj"],
+    "default": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+}
 
 
 def targets(arch: str, kind: str) -> list[str]:

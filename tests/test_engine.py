@@ -45,7 +45,7 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=(*ARCHS, "qwen3", "phi3"))
 def family(request, tmp_path_factory):
     """(arch, adapter dirs, reference outputs per request) for one model family."""
     arch = request.param
@@ -105,17 +105,22 @@ def check(done, refs) -> None:
         )
 
 
-@pytest.mark.parametrize("kernel", ["cpu_kernel", "torch_ops"])
+@pytest.mark.parametrize("kernel", ["cpu_kernel", "torch_ops", "fast_path"])
 def test_mixed_batch_matches_generate_and_peft(family, kernel, monkeypatch):
-    """CPU: decode attention and LoRA through the compiled kernels (where they build), and through PyTorch."""
+    """CPU: decode attention and LoRA through the compiled kernels (where they build), and through PyTorch;
+    "fast_path": the engine's own family forward forced on (``fast_path="on"``, any CPU the kernels build for)."""
     arch, dirs, refs = family
+    forced = kernel == "fast_path" and arch != "gpt2"
+    if forced and kernels.get() is None:
+        pytest.skip("the fast path needs the CPU kernels")
     engine = build_engine(
         tiny_model(arch),
         tokenizer=tokenizer(),
         max_num_batched_tokens=64,
         block_size=4,
         max_loras=4,
-        cpu_kernel=kernel == "cpu_kernel",
+        cpu_kernel=kernel != "torch_ops",
+        **({"fast_path": "on"} if forced else {}),
     )
     assert engine.runner.backend.name == (
         "torch" if kernel == "torch_ops" or kernels.get() is None else "cpu"
@@ -132,7 +137,7 @@ def test_mixed_batch_matches_generate_and_peft(family, kernel, monkeypatch):
     check(run_staggered(engine, dirs), refs)
     assert max(len(a) for a in seen_adapters) <= 4
     native = kernel == "cpu_kernel" and kernels.get() is not None and kernels.get().native_vector
-    if native and arch != "gpt2":  # Llama-family models ran the engine's own forward (blora.models.families)
+    if (native or forced) and arch != "gpt2":  # Llama-family models ran the engine's own forward (blora.models.families)
         assert engine.runner.fast_steps > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 

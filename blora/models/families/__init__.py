@@ -87,6 +87,22 @@ FAMILIES: list[Family] = [
         fused=(("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))),
         build="blora.models.families.llama:build",
     ),
+    Family(  # Llama's forward with per-head q/k RMSNorm before the rotary embedding
+        name="qwen3",
+        layers=frozenset({"Qwen3DecoderLayer"}),
+        norms=frozenset({"Qwen3RMSNorm"}),
+        activations=frozenset({"SiLU", "SiLUActivation"}),
+        fused=(("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))),
+        build="blora.models.families.llama:build",
+    ),
+    Family(  # Llama's forward over the checkpoint's own fused qkv_proj / gate_up_proj
+        name="phi3",
+        layers=frozenset({"Phi3DecoderLayer"}),
+        norms=frozenset({"Phi3RMSNorm"}),
+        activations=frozenset({"SiLU", "SiLUActivation"}),
+        fused=(("qkv", ("qkv_proj",)), ("gate_up", ("gate_up_proj",))),
+        build="blora.models.families.llama:build",
+    ),
 ]
 
 

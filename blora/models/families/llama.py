@@ -1,4 +1,4 @@
-"""The engine's own decoder forward for the Llama family (Llama / SmolLM, Mistral, Qwen2) on CPU.
+"""The engine's own decoder forward for the Llama family (Llama / SmolLM, Mistral, Qwen2, Qwen3, Phi-3) on CPU.
 
 transformers' modules run every architecture (``blora.engine.attention``). For this family the engine can
 instead run this forward over the same flat batch, which removes what a decode step spends outside the
@@ -14,6 +14,11 @@ arithmetic: ~45 small PyTorch ops per layer become ~10 calls, and no GEMM re-lay
   into its column slice of a fused output (``add_fused``: at decode, q/k/v or gate/up as ONE kernel call)
   or after the packed o_proj / down_proj GEMM. The embedding is called as a module; attention is the same
   ``paged_attention`` transformers' modules call.
+
+The same forward runs the family's two variants: Qwen3's per-head q/k RMSNorm before the rotary embedding
+(applied by the ``q_norm`` / ``k_norm`` modules themselves: the kernel's norm takes one row stride, the q/k
+heads of the fused output are not one strided matrix), and Phi-3's checkpoint-fused ``qkv_proj`` /
+``gate_up_proj`` (used as the fused weights directly; their LoRA targets the fused module, as in PEFT).
 
 Used only when the model is exactly this family (its layers, norms and MLP activation checked when built),
 on CPU in float32 / bfloat16 with the kernels built (in ``fast_path="auto"`` only the AVX-512 build; "on"
@@ -38,8 +43,6 @@ from blora.models.families.packing import Packed, fuse_linears
 
 logger = logging.getLogger("blora")
 
-_ATTN = {"q", "k", "v", "o"}
-
 
 @dataclass
 class _Layer:
@@ -48,7 +51,9 @@ class _Layer:
     mlp: nn.Module
     in_norm: nn.Module
     post_norm: nn.Module
-    bases: dict[str, nn.Module]  # q k v o gate up down -> the plain linear layers
+    q_norm: nn.Module | None  # Qwen3: per-head RMSNorm of q and k before the rotary embedding
+    k_norm: nn.Module | None
+    bases: dict[str, nn.Module]  # projection name (q_proj ... down_proj) -> the plain linear layer
     qkv_w: torch.Tensor
     qkv_b: torch.Tensor | None
     gu_w: torch.Tensor
@@ -58,9 +63,11 @@ class _Layer:
     packed: dict[str, torch.Tensor | None] = field(default_factory=dict)  # qkv / o / gu / down -> oneDNN
 
 
-def build(model: nn.Module, family: Family, options: FastPathOptions) -> FastDecoder | str:
+def build(
+    model: nn.Module, family: Family, options: FastPathOptions, decoder_class: type[FastDecoder] | None = None
+) -> FastDecoder | str:
     """The fast decoder for ``model`` (weights fused, and prepacked if ``options.packed_weights``), or why
-    it does not apply."""
+    it does not apply. ``decoder_class``: a subclass with another layer forward (Gemma's)."""
     kernel = kernels.get()
     reason = _unsupported(model, family, kernel, options)
     if reason:
@@ -70,18 +77,18 @@ def build(model: nn.Module, family: Family, options: FastPathOptions) -> FastDec
     attn0 = decoder.layers[0].self_attn
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    fused = {name: [p.removesuffix("_proj") for p in projections] for name, projections in family.fused}
+    fused = dict(family.fused)
     layers = []
     with torch.no_grad():
         for layer in decoder.layers[: config.num_hidden_layers]:
             attn, mlp = layer.self_attn, layer.mlp
-            bases = {name: _base(getattr(attn, f"{name}_proj")) for name in ("q", "k", "v", "o")}
-            bases |= {name: _base(getattr(mlp, f"{name}_proj")) for name in ("gate", "up", "down")}
+            bases = {name: _base(getattr(attn, name)) for name in (*fused["qkv"], "o_proj")}
+            bases |= {name: _base(getattr(mlp, name)) for name in (*fused["gate_up"], "down_proj")}
             qkv_w, qkv_b = fuse_linears([bases[p] for p in fused["qkv"]])  # q, k, v in this order
             gu_w, gu_b = fuse_linears([bases[p] for p in fused["gate_up"]])
             if hasattr(attn, "sliding_window"):
                 window = attn.sliding_window
-            elif type(layer).__name__.startswith("Mistral"):
+            elif type(layer).__name__.startswith(("Mistral", "Phi3")):  # read from the config in attention
                 window = getattr(config, "sliding_window", None)
             else:
                 window = None
@@ -92,6 +99,8 @@ def build(model: nn.Module, family: Family, options: FastPathOptions) -> FastDec
                     mlp,
                     layer.input_layernorm,
                     layer.post_attention_layernorm,
+                    getattr(attn, "q_norm", None),
+                    getattr(attn, "k_norm", None),
                     bases,
                     qkv_w,
                     qkv_b,
@@ -101,7 +110,8 @@ def build(model: nn.Module, family: Family, options: FastPathOptions) -> FastDec
                     float(attn.scaling),
                 )  # fmt: skip
             )
-    fast = FastDecoder(model, kernel, layers, heads, kv_heads, attn0.head_dim, options)
+    cls = decoder_class or FastDecoder
+    fast = cls(model, kernel, layers, heads, kv_heads, attn0.head_dim, options, fused)
     if options.packed_weights:
         fast.pack()
     return fast
@@ -119,6 +129,7 @@ class FastDecoder:
         kv_heads: int,
         head_dim: int,
         options: FastPathOptions,
+        fused: dict[str, tuple[str, ...]],
     ) -> None:
         self.model = model
         self.kernel = kernel
@@ -129,6 +140,10 @@ class FastDecoder:
         self.lora_max_work = options.lora_max_work
         self.inter = layers[0].gu_w.shape[0] // 2
         self._sections = (heads * head_dim, (heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)
+        self.attn_names = frozenset((*fused["qkv"], "o_proj"))
+        # (projection name, first column, end column) of each module whose output the fused GEMM holds
+        self.qkv_parts = _columns(fused["qkv"], layers[0].bases)
+        self.gu_parts = _columns(fused["gate_up"], layers[0].bases)
         self._checked, self._valid = -1, False  # structure version of the last module check, its result
         self.head: nn.Module | None = None  # the LM head module the packed copy was made of
         self.head_packed: torch.Tensor | None = None
@@ -141,7 +156,7 @@ class FastDecoder:
         weights = [
             w
             for lay in self.layers
-            for w in (lay.qkv_w, lay.bases["o"].weight, lay.gu_w, lay.bases["down"].weight)
+            for w in (lay.qkv_w, lay.bases["o_proj"].weight, lay.gu_w, lay.bases["down_proj"].weight)
         ]
         if isinstance(head, nn.Linear):
             weights.append(head.weight)
@@ -152,9 +167,9 @@ class FastDecoder:
                 for lay in self.layers:
                     lay.packed = {
                         "qkv": Packed.of(lay.qkv_w),
-                        "o": Packed.of(lay.bases["o"].weight),
+                        "o": Packed.of(lay.bases["o_proj"].weight),
                         "gu": Packed.of(lay.gu_w),
-                        "down": Packed.of(lay.bases["down"].weight),
+                        "down": Packed.of(lay.bases["down_proj"].weight),
                     }
                 if type(head) is nn.Linear and head.bias is None:  # a wrapped head (lm_head LoRA) runs as is
                     self.head, self.head_packed = head, Packed.of(head.weight)
@@ -183,10 +198,12 @@ class FastDecoder:
                 or lay.layer.mlp is not mlp
                 or lay.layer.input_layernorm is not lay.in_norm
                 or lay.layer.post_attention_layernorm is not lay.post_norm
+                or getattr(attn, "q_norm", None) is not lay.q_norm
+                or getattr(attn, "k_norm", None) is not lay.k_norm
             ):
                 return False
             for name, base in lay.bases.items():
-                module = getattr(attn if name in _ATTN else mlp, f"{name}_proj")
+                module = getattr(attn if name in self.attn_names else mlp, name)
                 if module is not base and not (isinstance(module, LoraLinear) and module.base is base):
                     return False
         return True
@@ -206,12 +223,10 @@ class FastDecoder:
             attn, mlp = lay.attn, lay.mlp
             pk = lay.packed
             qkv = Packed.linear(x, pk.get("qkv"), lay.qkv_w, lay.qkv_b)
-            _fused_lora(
-                qkv,
-                x,
-                ((attn.q_proj, 0, q_end), (attn.k_proj, q_end, k_end), (attn.v_proj, k_end, v_end)),
-                work,
-            )
+            _fused_lora(qkv, x, [(getattr(attn, name), lo, hi) for name, lo, hi in self.qkv_parts], work)
+            if lay.q_norm is not None:  # torch ops through the modules (see the module docstring)
+                qkv[:, :q_end].view(n, h, d).copy_(lay.q_norm(qkv[:, :q_end].view(n, h, d)))
+                qkv[:, q_end:k_end].view(n, kvh, d).copy_(lay.k_norm(qkv[:, q_end:k_end].view(n, kvh, d)))
             kernel.rotary(qkv, h + kvh, d, cos, sin)
             q = qkv[:, :q_end].view(n, h, d).transpose(0, 1)[None]
             k = qkv[:, q_end:k_end].view(n, kvh, d).transpose(0, 1)[None]
@@ -219,14 +234,12 @@ class FastDecoder:
             out, _ = attention.paged_attention(
                 attn, q, k, v, None, scaling=lay.scaling, sliding_window=lay.window
             )
-            o = _project(attn.o_proj, lay.bases["o"], pk.get("o"), out.view(n, h * d), work)
+            o = _project(attn.o_proj, lay.bases["o_proj"], pk.get("o"), out.view(n, h * d), work)
             x = kernel.rms_norm(o, lay.post_norm.weight, lay.post_norm.variance_epsilon, residual=res)
             gu = Packed.linear(x, pk.get("gu"), lay.gu_w, lay.gu_b)
-            _fused_lora(
-                gu, x, ((mlp.gate_proj, 0, self.inter), (mlp.up_proj, self.inter, 2 * self.inter)), work
-            )
+            _fused_lora(gu, x, [(getattr(mlp, name), lo, hi) for name, lo, hi in self.gu_parts], work)
             m = _project(
-                mlp.down_proj, lay.bases["down"], pk.get("down"), kernel.silu_mul(gu, self.inter), work
+                mlp.down_proj, lay.bases["down_proj"], pk.get("down"), kernel.silu_mul(gu, self.inter), work
             )
             norm = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
             x = kernel.rms_norm(m, norm.weight, norm.variance_epsilon, residual=res)
@@ -268,6 +281,16 @@ def _fused_lora(y: torch.Tensor, x: torch.Tensor, parts, max_work: int) -> None:
     plan = batch.plan(x.shape[0])
     slices = [s for m, lo, hi in lora if (s := m.output_slice(plan, lo, hi)) is not None]
     batch.backend.add_fused(y, x, plan, slices, max_work)
+
+
+def _columns(names: tuple[str, ...], bases: dict[str, nn.Module]) -> list[tuple[str, int, int]]:
+    """(name, start, stop) output columns of each projection in a fused GEMM over ``names`` in order."""
+    parts, start = [], 0
+    for name in names:
+        rows = bases[name].weight.shape[0]
+        parts.append((name, start, start + rows))
+        start += rows
+    return parts
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -314,14 +337,17 @@ def _unsupported_layer(layer: nn.Module, family: Family, config, param: torch.Te
         or type(layer.post_attention_layernorm).__name__ not in family.norms
     ):
         return f"{kind} norms are not RMSNorm"
-    if type(layer.mlp.act_fn).__name__ not in family.activations:
-        return f"activation {type(layer.mlp.act_fn).__name__} is not SiLU"
+    act = getattr(layer.mlp, "act_fn", None) or getattr(layer.mlp, "activation_fn", None)
+    if type(act).__name__ not in family.activations:
+        return f"activation {type(act).__name__} is not SiLU"
     attn = layer.self_attn
     head_dim = attn.head_dim
     if head_dim % 2 or head_dim > 1024:
         return f"head_dim {head_dim}"
-    modules = [getattr(attn, f"{n}_proj", None) for n in "qkvo"]
-    modules += [getattr(layer.mlp, f"{n}_proj", None) for n in ("gate", "up", "down")]
+    fused = dict(family.fused)
+    qkv_names, gu_names = fused["qkv"], fused["gate_up"]
+    modules = [getattr(attn, n, None) for n in (*qkv_names, "o_proj")]
+    modules += [getattr(layer.mlp, n, None) for n in (*gu_names, "down_proj")]
     for module in modules:
         base = _base(module) if module is not None else None
         if not isinstance(base, nn.Linear):
@@ -330,11 +356,27 @@ def _unsupported_layer(layer: nn.Module, family: Family, config, param: torch.Te
             return "mixed dtypes or devices"
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
     kv_heads = kv_heads or heads
-    if _base(attn.q_proj).weight.shape[0] != heads * head_dim or heads % kv_heads:
+    if heads % kv_heads:
+        return "num_attention_heads is not a multiple of num_key_value_heads"
+    rows = [_base(getattr(attn, n)).weight.shape[0] for n in qkv_names]
+    if len(rows) == 3 and rows[0] != heads * head_dim:
         return "q_proj does not match num_attention_heads * head_dim"
-    if _base(attn.k_proj).weight.shape[0] != kv_heads * head_dim:
+    if len(rows) == 3 and rows[1] != kv_heads * head_dim:
         return "k_proj does not match num_key_value_heads * head_dim"
-    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+    if sum(rows) != (heads + 2 * kv_heads) * head_dim:
+        return "q/k/v projections do not match the attention heads"
+    if sum(_base(getattr(layer.mlp, n)).weight.shape[0] for n in gu_names) % 2:
+        return "gate/up projections of unequal sizes"
+    rope = getattr(config, "rope_parameters", None) or {}
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    if partial != 1.0:
+        return f"partial rotary embedding (partial_rotary_factor={partial}) is not implemented in the fast forward"
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        norms += [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+        if any(type(norm).__name__ not in family.norms for norm in norms[2:]):
+            return f"{kind} q/k norms are not RMSNorm"
+    for norm in norms:
         if norm.weight.dtype != param.dtype:
             return "norm weights in another dtype"
     return None
