@@ -164,3 +164,34 @@ def test_bad_method_and_mixed_methods_are_refused():
 def test_int8_refuses_inputs_off_its_block():
     with pytest.raises(QuantizationError, match=r"proj: in_features=12 is not a multiple of 8"):
         QuantizedLinear.from_linear(nn.Linear(12, 16), "int8", "proj")
+
+
+def test_dora_on_a_quantized_base_equals_peft_on_the_dequantized_model(tmp_path):
+    """DoRA's norms are taken over the weight the kernel uses (the dequantized one), as PEFT does there."""
+    base = tiny_model("llama")
+    adapter = make_adapter(
+        base, tmp_path / "d", seed=2, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"]
+    )
+    reference = copy.deepcopy(base)
+    quantize_model(reference, "int8")
+    dequantize_model(reference)
+    llm = LLM(copy.deepcopy(base), tokenizer=tokenizer(), adapters={"d": str(adapter)}, quantization="int8")
+    out = llm.generate(["Hello there"], SamplingParams(max_tokens=8, temperature=0), adapters=["d"])[0]
+    peft = PeftModel.from_pretrained(reference, str(adapter)).eval()
+    ids = tokenizer()("Hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = peft.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist()
+
+
+def test_serve_flag_reaches_the_engine():
+    import argparse
+
+    from blora.server.cli import add_serve_arguments, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert engine_kwargs(parser.parse_args(["--quantization", "int4"]), None)["quantization"] == "int4"
+    assert "quantization" not in engine_kwargs(parser.parse_args([]), None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantization", "fp8"])
