@@ -4,6 +4,8 @@ the plain model without), its rank and the top-k, the same with chunked prefill 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -122,3 +124,96 @@ def test_prompt_logprobs_zero_and_n_greater_than_one():
 def test_prompt_logprobs_bounds(bad):
     with pytest.raises(SamplingParamError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=bad)
+
+
+# --- server: /v1/completions echo + logprobs, prompt_logprobs ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def http(adapter):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from blora.engine import AsyncLLM
+    from blora.server import ServerConfig, create_app
+
+    engine = AsyncLLM(tiny_model("llama"), tokenizer=tokenizer(), adapters={"a": str(adapter)}, block_size=4)
+    with TestClient(create_app(engine, ServerConfig(served_model_name="base"))) as client:
+        yield client
+
+
+def completion(http, **body) -> dict:
+    r = http.post("/v1/completions", json=dict(model="a", max_tokens=3, temperature=0, **body))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_server_echo_with_logprobs(http, adapter):
+    ids = prompt(12, 4)
+    ref = reference(ids, adapter)
+    choice = completion(http, prompt=ids, echo=True, logprobs=2)["choices"][0]
+    plain = completion(http, prompt=ids, logprobs=2)["choices"][0]
+    lp, gen = choice["logprobs"], plain["logprobs"]
+    assert choice["text"] == tokenizer().decode(ids) + plain["text"]
+    assert lp["tokens"] == [tokenizer().decode([t]) for t in ids] + gen["tokens"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for i in range(1, len(ids)):
+        assert lp["token_logprobs"][i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        top = ref[i - 1].topk(2)
+        assert sorted(lp["top_logprobs"][i].values(), reverse=True) == pytest.approx(
+            top.values.tolist(), abs=1e-4
+        )
+    assert lp["token_logprobs"][len(ids) :] == gen["token_logprobs"]
+    assert lp["top_logprobs"][len(ids) :] == gen["top_logprobs"]
+    offsets = [0]
+    for token in lp["tokens"][:-1]:
+        offsets.append(offsets[-1] + len(token))
+    assert lp["text_offset"] == offsets
+    assert "prompt_logprobs" not in choice
+
+    # streamed: the first chunk carries the prompt's logprobs, then the generated ones
+    with http.stream(
+        "POST",
+        "/v1/completions",
+        json=dict(model="a", prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=2, stream=True),
+    ) as r:
+        assert r.status_code == 200
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for c in chunks:
+        for key in streamed:
+            streamed[key] += (c["choices"][0]["logprobs"] or {}).get(key, [])
+    assert streamed == {key: lp[key] for key in streamed}
+
+
+def test_server_prompt_logprobs(http, adapter):
+    ids = prompt(10, 5)
+    ref = reference(ids, adapter)
+    choice = completion(http, prompt=ids, prompt_logprobs=3)["choices"][0]
+    entries = choice["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(ids)
+    for i in range(1, len(ids)):
+        entry = entries[i]
+        own = entry[str(ids[i])]
+        assert own["logprob"] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        assert own["decoded_token"] == tokenizer().decode([ids[i]])
+        assert {e["rank"] for t, e in entry.items() if t != str(ids[i]) or e["rank"] <= 3} == {1, 2, 3}
+    assert choice["logprobs"] is None
+
+    chat = http.post(
+        "/v1/chat/completions",
+        json=dict(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=2, prompt_logprobs=1),
+    )
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["prompt_logprobs"][0] is None and len(chat.json()["prompt_logprobs"]) > 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [dict(prompt_logprobs=21), dict(prompt_logprobs=-1), dict(prompt_logprobs=2, stream=True)],
+    ids=["above-20", "negative", "streamed"],
+)
+def test_server_refuses_bad_prompt_logprobs(http, body):
+    r = http.post("/v1/completions", json=dict(model="a", prompt="hi", max_tokens=2, **body))
+    assert r.status_code == 400, r.text
+    assert "prompt_logprobs" in r.text

@@ -330,11 +330,10 @@ def test_assistant_tool_calls_and_tool_results_in_history(live):
         ({"logit_bias": {"99999999": 1}}, "logit_bias", "vocabulary"),
         ({"allowed_token_ids": [10**8]}, "allowed_token_ids", "vocabulary"),
         ({"use_beam_search": True}, "use_beam_search", "not supported"),
-        ({"prompt_logprobs": 1}, "prompt_logprobs", "not supported"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs", "less than or equal to 20"),
         ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens", "not supported"),
         ({"frobnicate": 1}, "frobnicate", "Extra inputs"),
         ({"suffix": "x"}, "suffix", "suffix"),
-        ({"echo": True, "logprobs": 1}, "echo", "prompt logprobs"),
     ],
 )
 def test_completions_refusals_name_the_field(live, body, param, words):

@@ -27,9 +27,12 @@ from blora.server.protocol import (
     ChatStreamChoice,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    PromptLogprob,
+    PromptLogprobs,
     SamplingFields,
 )
 from blora.server.render import (
@@ -57,10 +60,13 @@ def engine_params(
     logprobs: int | None,
     structured: StructuredOutputsParams | None,
     source: str | None,
+    prompt_logprobs: int | None = None,
 ) -> Any:
-    """The engine's ``SamplingParams`` for ``req`` (the shared fields, then the vLLM extras)."""
+    """The engine's ``SamplingParams`` for ``req`` (the shared fields, then the vLLM extras);
+    ``prompt_logprobs``: the engine's top-k per prompt token (default: the request's field)."""
     params = serving.sampling_params(req, max_tokens, logprobs)
     extras = dict(
+        prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else req.prompt_logprobs,
         min_tokens=req.min_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         skip_special_tokens=req.skip_special_tokens,
@@ -74,6 +80,40 @@ def engine_params(
     except SamplingParamError as exc:
         param = source if exc.param.startswith("structured_outputs") and source else exc.param
         raise InvalidRequestError(f"Invalid sampling parameters: {exc}", param=param) from None
+
+
+def prompt_logprobs_out(entries: list | None, k: int | None) -> PromptLogprobs | None:
+    """The engine's prompt logprobs in the response (vLLM's shape), cut to the prompt token and rank <= k."""
+    if entries is None or k is None:
+        return None
+    return [
+        None
+        if e is None
+        else {
+            tid: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+            for i, (tid, lp) in enumerate(e.items())
+            if i == 0 or (lp.rank is not None and lp.rank <= k)
+        }
+        for e in entries
+    ]
+
+
+def echo_logprobs(prompt_ids: list[int], entries: list | None, k: int, text: TokenText) -> CompletionLogProbs:
+    """Legacy ``logprobs`` of the echoed prompt: its tokens, their logprobs (the first null), the top-k."""
+    floats = [{} if e is None else {tid: lp.logprob for tid, lp in e.items()} for e in entries or []]
+    out = completion_logprobs(prompt_ids, floats, k, text, 0)
+    out.token_logprobs[0] = None
+    out.top_logprobs[0] = None
+    return out
+
+
+def joined(a: CompletionLogProbs, b: CompletionLogProbs) -> CompletionLogProbs:
+    return CompletionLogProbs(
+        text_offset=a.text_offset + b.text_offset,
+        token_logprobs=a.token_logprobs + b.token_logprobs,
+        tokens=a.tokens + b.tokens,
+        top_logprobs=a.top_logprobs + b.top_logprobs,
+    )
 
 
 async def constraint(
@@ -92,13 +132,24 @@ async def create_completion(serving: Serving, req: CompletionRequest) -> Any:
     serving.resolve(req)  # 404 before any tokenization work (resolved and pinned again in start)
     spec, source = await constraint(serving, req)
     prompts = await serving.prompt_ids(raw)
+    k = req.logprobs
+    echo_k = k if req.echo else None  # echo with logprobs: the prompt's logprobs come first
+    engine_k = max((v for v in (echo_k, req.prompt_logprobs) if v is not None), default=None)
     params = [
-        engine_params(serving, req, serving.check_length(ids, req.max_tokens), req.logprobs, spec, source)
+        engine_params(serving, req, serving.check_length(ids, req.max_tokens), k, spec, source, engine_k)
         for ids, _ in prompts
     ]
     gen = await serving.start("cmpl", req, prompts, params, wait_first=not req.stream)
     text = TokenText(serving.tokenizer)
-    k = req.logprobs
+
+    def with_echo(job: Job, out: Any, generated: CompletionLogProbs) -> CompletionLogProbs:
+        """``generated`` after the echoed prompt's logprobs (its offsets moved past the prompt)."""
+        if echo_k is None:
+            return generated
+        echo = echo_logprobs(job.prompt_ids, out.prompt_logprobs, echo_k, text)
+        shift = sum(len(t) for t in echo.tokens)
+        generated.text_offset = [o + shift for o in generated.text_offset]
+        return joined(echo, generated)
 
     def echo_text(job: Job) -> str:
         if not req.echo:
@@ -110,17 +161,18 @@ async def create_completion(serving: Serving, req: CompletionRequest) -> Any:
         choices = []
         for job, out in zip(gen.jobs, finals, strict=True):
             for comp in out.outputs:
-                lp = (
-                    completion_logprobs(comp.token_ids, comp.logprobs or [], k, text, 0)
-                    if k is not None
-                    else None
-                )
+                lp = None
+                if k is not None:
+                    lp = with_echo(
+                        job, out, completion_logprobs(comp.token_ids, comp.logprobs or [], k, text, 0)
+                    )
                 choices.append(
                     CompletionChoice(
                         index=job.index * req.n + comp.index,
                         text=echo_text(job) + comp.text,
                         logprobs=lp,
                         finish_reason=comp.finish_reason or "stop",
+                        prompt_logprobs=prompt_logprobs_out(out.prompt_logprobs, req.prompt_logprobs),
                     )
                 )
         choices.sort(key=lambda c: c.index)
@@ -134,7 +186,9 @@ async def create_completion(serving: Serving, req: CompletionRequest) -> Any:
             lp = None
             if k is not None:
                 lp = completion_logprobs(d.token_ids, d.logprobs, k, text, st.text_offset)
-                st.text_offset += sum(len(t) for t in lp.tokens)
+                if d.first:
+                    lp = with_echo(job, out, lp)
+                st.text_offset = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else st.text_offset
             if not (prefix or d.text or d.finish_reason or (lp and lp.tokens)):
                 continue
             choice = CompletionChoice(
@@ -266,7 +320,11 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest) -
             choices.append(ChatChoice(index=comp.index, message=message, logprobs=lp, finish_reason=finish))
         choices.sort(key=lambda c: c.index)
         return ChatCompletionResponse(
-            id=gen.request_id, model=req.model, choices=choices, usage=usage_of([final])
+            id=gen.request_id,
+            model=req.model,
+            choices=choices,
+            usage=usage_of([final]),
+            prompt_logprobs=prompt_logprobs_out(final.prompt_logprobs, req.prompt_logprobs),
         )
 
     def chunk(choices: list[ChatStreamChoice], usage: Any = None) -> str:

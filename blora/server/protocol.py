@@ -75,7 +75,6 @@ NOT_IMPLEMENTED: dict[str, Any] = {
     "length_penalty": 1.0,
     "early_stopping": False,
     "truncate_prompt_tokens": None,
-    "prompt_logprobs": None,
     "logits_processors": None,
     "return_tokens_as_token_ids": False,
     "spaces_between_special_tokens": True,
@@ -130,6 +129,8 @@ class SamplingFields(StrictModel):
         default=None, min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS
     )
     bad_words: list[str] | None = Field(default=None, max_length=MAX_BAD_WORDS)
+    # per prompt token its logprob, rank and the top-k (vLLM's ``prompt_logprobs`` in the response)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # Structured outputs (vLLM): one of these, or OpenAI's response_format (blora.server.structured_request).
     structured_outputs: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -142,7 +143,6 @@ class SamplingFields(StrictModel):
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     truncate_prompt_tokens: int | None = None
-    prompt_logprobs: int | None = None
     logits_processors: Any = None
     return_tokens_as_token_ids: bool = False
     spaces_between_special_tokens: bool = True
@@ -214,6 +214,8 @@ class SamplingFields(StrictModel):
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available when stream is true (as in vLLM)")
         return self
 
     def stop_list(self) -> list[str] | None:
@@ -272,13 +274,6 @@ class CompletionRequest(SamplingFields):
     def _special(cls, value: bool) -> bool:
         if not value:
             raise ValueError("add_special_tokens=false is not supported for completions; send token ids")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, value: bool, info: Any) -> bool:
-        if value and info.data.get("logprobs") is not None:
-            raise ValueError("echo together with logprobs is not supported by blora (prompt logprobs)")
         return value
 
     def prompts(self) -> list[str | list[int]]:
@@ -426,11 +421,24 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """One token's entry in ``prompt_logprobs`` (vLLM's shape)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# per prompt token (the first is null): {token id: entry} with the prompt token and the top-k
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class CompletionResponse(BaseModel):
@@ -484,6 +492,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class DeltaFunctionCall(BaseModel):
