@@ -67,6 +67,10 @@ OPERATIONS = {
     "POST /v1/chat/completions": True,
     "POST /v1/load_lora_adapter": True,
     "POST /v1/unload_lora_adapter": True,
+    "GET /ping": False,
+    "POST /ping": False,
+    "POST /tokenize": True,
+    "POST /detokenize": True,
 }
 CASES = [(label, GenerationMode.POSITIVE) for label in OPERATIONS] + [
     (label, GenerationMode.NEGATIVE) for label, has_input in OPERATIONS.items() if has_input

@@ -5,7 +5,8 @@ The start commands and client snippets are the ones in vLLM's docs ("LoRA Adapte
 sql-lora=PATH``, ``curl /v1/models``, ``curl /v1/completions``, ``/v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter``, the JSON form of ``--lora-modules`` with ``base_model_name``, the local-directory
 resolver; "OpenAI-Compatible Server": ``vllm serve MODEL --dtype auto --api-key token-abc123``, the
-``openai`` client's chat call, content parts, ``extra_body`` and ``extra_headers`` with ``x-request-id``).
+``openai`` client's chat call, content parts, ``extra_body`` (``top_k``, ``guided_choice``) and
+``extra_headers`` with ``x-request-id``).
 What differs: the executable (``blora`` for ``vllm``; ``from blora import ...`` for ``from vllm ...``), a free
 ``--port`` instead of 8000, local paths of a tiny model and PEFT adapters built here instead of hub ids, and
 for runtime loading blora's ``--allow-runtime-adapters --adapter-root DIR`` instead of the
@@ -51,6 +52,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(d / "Meta-Llama-3-8B-Instruct")
     tokenizer().save_pretrained(d / "Meta-Llama-3-8B-Instruct")
+    # the model's recommended defaults, applied by `serve` like vLLM's --generation-config auto: requests
+    # without max_tokens (the docs' chat snippets) stop after 24 tokens instead of filling the context
+    (d / "Meta-Llama-3-8B-Instruct" / "generation_config.json").write_text(json.dumps({"max_new_tokens": 24}))
     out = {"model": d / "Meta-Llama-3-8B-Instruct", "root": d / "loras"}
     out["sql"] = make_adapter(model, d / "sql-lora-test", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])  # fmt: skip
     out["foobar"] = make_adapter(model, out["root"] / "foobar", seed=2, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"])  # fmt: skip
@@ -94,7 +98,7 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def offline(files):
+def offline(files, one_thread):
     """The docs' offline snippet, unchanged but for the import lines and the local paths."""
     from blora import (
         LLM,
@@ -184,7 +188,8 @@ def test_dynamically_serving_lora_adapters(files, offline):
         assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'sql_adapter' added successfully.")
         body = {"model": "sql_adapter", "prompt": "San Francisco is a", "max_tokens": 7, "temperature": 0}
         r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
-        assert r.json()["choices"][0]["text"] == offline("San Francisco is a", 7, "sql_adapter")  # same weights
+        same_weights = offline("San Francisco is a", 7, "sql_adapter")
+        assert r.json()["choices"][0]["text"] == same_weights
         r = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "sql_adapter"}, timeout=60)
         assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'sql_adapter' removed successfully.")
         # the local-directory resolver: a request for "foobar" loads <dir>/foobar
@@ -209,6 +214,7 @@ def test_openai_compatible_server_snippets(files, offline):
         )
         print(completion.choices[0].message)
         assert completion.choices[0].message.role == "assistant" and completion.choices[0].message.content
+        assert completion.usage.completion_tokens <= 24  # the generation config's max_new_tokens
         parts = client.chat.completions.create(
             model=model,
             messages=[
@@ -227,6 +233,12 @@ def test_openai_compatible_server_snippets(files, offline):
             max_tokens=8,
         )
         assert parts.choices[0].message.content == plain.choices[0].message.content
+        completion = client.chat.completions.create(  # "Extra Parameters": a structured-output extension
+            model=model,
+            messages=[{"role": "user", "content": "Classify this sentiment: vLLM is wonderful!"}],
+            extra_body={"guided_choice": ["positive", "negative"]},
+        )
+        assert completion.choices[0].message.content in ("positive", "negative")
         top_k = client.completions.create(
             model=model, prompt="Hello", max_tokens=5, seed=3, extra_body={"top_k": 1}
         )
