@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from blora import kernels
 
 ATTN_IMPLEMENTATION = "blora_paged"
+# ``EngineConfig.attention_backend``: "cpu" (the C++ kernels where they apply, else PyTorch ops), "torch"
+# (PyTorch ops on any device), "triton" (the Triton decode kernel over the paged cache), "auto" (resolved once)
+ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
 
 
 @dataclass
@@ -62,7 +66,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None
     all_decode: bool = False
     prefills: list[PrefillChunk] = field(default_factory=list)
-    cpu_kernel: bool = True  # the engine's ``EngineConfig.cpu_kernel``: False keeps attention on PyTorch ops
+    backend: str = "cpu"  # the engine's resolved ``attention_backend`` ("cpu", "torch" or "triton")
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def decode_bias(self, sliding_window: int | None) -> torch.Tensor:
@@ -153,7 +157,7 @@ def paged_attention(
         )
     cache, meta = ctx
     k_cache, v_cache = cache.layer(module.layer_idx, key)
-    kernel = _kernel_for(query, k_cache) if meta.cpu_kernel else None
+    kernel = _kernel_for(query, k_cache) if meta.backend == "cpu" else None
     _store(kernel, k_cache, v_cache, key, value, meta.slot_mapping)
     out = query.new_empty(meta.num_tokens, query.shape[1], query.shape[3])
     if meta.decode_rows is not None:
@@ -203,8 +207,15 @@ def _decode(
     """All single-token queries at once over each sequence's cached tokens -> [Bd, H, D].
 
     On CPU (float32 / bfloat16) the C++ kernel reads keys and values straight from the paged cache (no
-    gather copy) with float32 accumulation; elsewhere, or without a compiler, ``_decode_torch``.
+    gather copy) with float32 accumulation; with the "triton" backend the Triton kernel does the same on
+    the GPU; elsewhere, or without a compiler, ``_decode_torch``.
     """
+    if meta.backend == "triton":
+        scale = query.shape[3] ** -0.5 if scaling is None else float(scaling)
+        return _triton_decode()(
+            query[0], meta.decode_rows, k_cache, v_cache, meta.decode_slots, meta.decode_context_lens, scale,
+            sliding_window,
+        )  # fmt: skip
     if kernel is None:
         return _decode_torch(query, k_cache, v_cache, meta, scaling, sliding_window)
     scale = query.shape[3] ** -0.5 if scaling is None else float(scaling)
@@ -212,6 +223,40 @@ def _decode(
     return kernel.decode_attention(
         query[0], rows, k_cache, v_cache, meta.decode_slots, meta.decode_context_lens, scale, sliding_window
     )
+
+
+@functools.cache
+def _triton_decode() -> Callable[..., torch.Tensor]:
+    """``blora.kernels.triton.attention.paged_decode_attention``, imported on first use (triton is optional)."""
+    from blora.kernels.triton.attention import paged_decode_attention
+
+    return paged_decode_attention
+
+
+def select_backend(name: str, device: torch.device, cpu_kernel: bool = True) -> str:
+    """Resolve ``EngineConfig.attention_backend`` once for the model's ``device``; ``ValueError`` naming the
+    field when the choice cannot run there. "auto": "triton" on CUDA when triton is installed, else "cpu"
+    on CPU with ``cpu_kernel``, else "torch"."""
+    from blora.kernels import triton as triton_kernels  # no triton import: only checks it is installed
+
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda" and triton_kernels.available(device):
+            return "triton"
+        return "cpu" if device.type == "cpu" and cpu_kernel else "torch"
+    if name == "cpu" and (device.type != "cpu" or not cpu_kernel):
+        why = "the model is on " + device.type if device.type != "cpu" else "cpu_kernel=False"
+        raise ValueError(
+            f"attention_backend='cpu' runs the C++ kernels on CPU tensors, but {why}; use 'auto'"
+        )
+    if name == "triton" and not triton_kernels.available(device):
+        raise ValueError(
+            f"attention_backend='triton' needs a CUDA device and the triton package (or, for tests, "
+            f"TRITON_INTERPRET=1 set before triton is imported); the model is on {device.type}. Use 'auto'"
+        )
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {name!r}")
+    return name
 
 
 def _kernel_for(query: torch.Tensor, k_cache: torch.Tensor) -> kernels.CpuKernel | None:

@@ -70,6 +70,7 @@ class EngineConfig:
     # How the forward runs (docs/engine.md), resolved once when the engine starts:
     lora_backend: str = "auto"  # "auto", "cpu" (C++ kernel + GEMMs), "torch", ... (blora.lora.backends)
     cpu_kernel: bool = True  # the C++ kernels (LoRA, decode attention, fast path); False: PyTorch ops only
+    attention_backend: str = "auto"  # decode attention: "auto", "cpu", "torch", "triton" (engine.attention)
     lora_kernel_max_work: int = kernels.MAX_WORK  # tokens x rank per adapter via the LoRA kernel (above: GEMMs)
     fast_path: Literal["auto", "on", "off"] = "auto"  # a model family's own forward (blora.models.families)
     packed_weights: bool = True  # the fast path's oneDNN-prepacked GEMM weights

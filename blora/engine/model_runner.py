@@ -21,6 +21,7 @@ from blora.engine.scheduler import ScheduledSeq
 from blora.lora import backends
 from blora.lora.backends import BackendOptions, LoraBackend
 from blora.lora.context import LoraBatch, lora_context
+from blora.lora.plan import lists_to_device
 from blora.models import families
 from blora.models.families import FastPathOptions
 
@@ -52,10 +53,12 @@ class ModelRunner:
         backend: LoraBackend | None = None,
         fast_path: FastPathOptions | None = None,
         cpu_kernel: bool = True,
+        attention_backend: str = "auto",
     ) -> None:
         """``backend``: the LoRA math of every layer (default: ``"auto"`` for the model's device);
         ``fast_path``: whether and how a model family's own forward runs (``blora.models.families``);
-        ``cpu_kernel``: False keeps attention on PyTorch ops."""
+        ``cpu_kernel``: False keeps attention on PyTorch ops; ``attention_backend``: decode attention's
+        kernels (``blora.engine.attention.ATTENTION_BACKENDS``), resolved here once."""
         self.model = model
         self.decoder = model.base_model
         self.lm_head = model.get_output_embeddings()
@@ -67,6 +70,7 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.backend = backend or backends.default(self.device)
         self.cpu_kernel = cpu_kernel
+        self.attention_backend = attention.select_backend(attention_backend, self.device, cpu_kernel)
         self.block_size = block_size
         self.cache = KVCache(num_blocks, block_size)
         # a model family's own forward (weights fused and prepacked now), or None: transformers' modules
@@ -79,8 +83,9 @@ class ModelRunner:
         """The runner for an ``EngineConfig``: its LoRA backend, fast path and kernel switches resolved once."""
         options = RunnerOptions.from_config(config, next(model.parameters()).device)
         return cls(
-            model, num_blocks, config.block_size, options.backend, options.fast_path, options.cpu_kernel
-        )
+            model, num_blocks, config.block_size, options.backend, options.fast_path, options.cpu_kernel,
+            config.attention_backend,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def execute(
@@ -171,32 +176,40 @@ class ModelRunner:
             head_lora = LoraBatch([lora[r] for r in sample_rows], self.device, self.backend)
         else:
             step_lora = None
+        # every host list of the step in one go: on CUDA one pinned buffer and one non-blocking copy
+        width = max(map(len, dec_tables), default=0)
+        tables = [b for t in dec_tables for b in (*t, *[0] * (width - len(t)))]
+        ids_t, pos_t, rows_t, slots_t, dec_rows_t, dec_lens_t, tables_t, *prefill_t = lists_to_device(
+            [ids, positions, sample_rows, slots, dec_rows, dec_lens, tables, *(p[3] for p in prefills)],
+            self.device,
+        )
+        dec = (dec_rows_t, dec_lens_t, tables_t.view(len(dec_rows), width)) if dec_rows else None
         return StepBatch(
-            input_ids=self._tensor(ids)[None],
-            position_ids=self._tensor(positions)[None],
+            input_ids=ids_t[None],
+            position_ids=pos_t[None],
             lora=step_lora,
             head_lora=head_lora,
-            sample_rows=self._tensor(sample_rows),
-            attn=self._metadata(len(ids), slots, dec_rows, dec_tables, dec_lens, prefills),
+            sample_rows=rows_t,
+            attn=self._metadata(len(ids), slots_t, dec, prefills, prefill_t),
             prompt_rows=prompt_rows,
         )
 
-    def _metadata(self, n, slots, dec_rows, dec_tables, dec_lens, prefills) -> AttentionMetadata:
-        meta = AttentionMetadata(num_tokens=n, slot_mapping=self._tensor(slots), cpu_kernel=self.cpu_kernel)
-        if dec_rows:
-            width = max(len(t) for t in dec_tables)
-            meta.decode_rows = self._tensor(dec_rows)
-            meta.decode_context_lens = self._tensor(dec_lens)
-            token_slots = self._token_slots(self._tensor([t + [0] * (width - len(t)) for t in dec_tables]))
+    def _metadata(self, n, slots, dec, prefills, prefill_tables) -> AttentionMetadata:
+        """``dec``: (rows [Bd], context lengths [Bd], block tables [Bd, nb]) of the decodes, or None;
+        ``prefill_tables``: each prefill's block table [nb] (all already on the device)."""
+        meta = AttentionMetadata(num_tokens=n, slot_mapping=slots, backend=self.attention_backend)
+        if dec is not None:
+            meta.decode_rows, meta.decode_context_lens, block_tables = dec
+            token_slots = self._token_slots(block_tables)
             past_end = (
                 torch.arange(token_slots.shape[1], device=self.device)[None, :]
                 >= meta.decode_context_lens[:, None]
             )
             meta.decode_slots = token_slots.masked_fill_(past_end, self.cache.null_slot)
-            meta.all_decode = len(dec_rows) == n
+            meta.all_decode = len(meta.decode_rows) == n
         meta.prefills = [
-            PrefillChunk(r, k, st, self._token_slots(self._tensor(t)[None])[0, : st + k])
-            for r, k, st, t in prefills
+            PrefillChunk(r, k, st, self._token_slots(t[None])[0, : st + k])
+            for (r, k, st, _), t in zip(prefills, prefill_tables, strict=True)
         ]
         return meta
 

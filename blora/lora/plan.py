@@ -24,6 +24,27 @@ import torch
 _KEYS = itertools.count()
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``host`` (a CPU tensor just built from Python lists) on ``device``. On CUDA it is staged in pinned
+    memory and copied with ``non_blocking=True``: a copy from pageable memory would make the host wait for
+    all queued GPU work first. (PyTorch's pinned-memory cache keeps the staging block until the copy is
+    done, so it is never overwritten in flight.) Elsewhere a plain ``.to`` (a no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def lists_to_device(parts: Sequence[Sequence[int]], device: torch.device | str) -> list[torch.Tensor]:
+    """Python int lists -> int64 tensors on ``device``. On CUDA: one pinned buffer, ONE non-blocking copy,
+    one view per list. On CPU: one plain tensor per list (no packing, nothing to copy)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return [torch.tensor(p, dtype=torch.long, device=device) for p in parts]
+    buf = to_device(torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.long), device)
+    return list(torch.split(buf, [len(p) for p in parts]))
+
+
 @dataclass(eq=False)
 class LoraPlan:
     """Tokens of one forward grouped by adapter slot.
@@ -63,7 +84,7 @@ class LoraPlan:
         counts = tuple(len(positions[s]) for s in active)
         offsets = [0, *itertools.accumulate(counts)]
         flat = [*slots, *itertools.chain.from_iterable(positions[s] for s in active), *offsets, *active]
-        buf = torch.tensor(flat, dtype=torch.long).to(device)  # the plan's one host -> device transfer
+        buf = to_device(torch.tensor(flat, dtype=torch.long), device)  # the plan's one host -> device copy
         rows_end = n + offsets[-1]
         off_end = rows_end + len(offsets)
         rows, offsets_t = buf[n:rows_end], buf[rows_end:off_end]
