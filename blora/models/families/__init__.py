@@ -103,6 +103,14 @@ FAMILIES: list[Family] = [
         fused=(("qkv", ("qkv_proj",)), ("gate_up", ("gate_up_proj",))),
         build="blora.models.families.llama:build",
     ),
+    Family(  # sandwich (1 + w) norms, q/k norms, GELU-tanh, scaled embeddings, alternating sliding windows
+        name="gemma3",
+        layers=frozenset({"Gemma3DecoderLayer"}),
+        norms=frozenset({"Gemma3RMSNorm"}),
+        activations=frozenset({"GELUTanh", "PytorchGELUTanh"}),
+        fused=(("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))),
+        build="blora.models.families.gemma:build",
+    ),
 ]
 
 
