@@ -96,6 +96,9 @@ def test_triton_is_the_auto_backend_on_gpu():
     from blora.lora import backends
 
     assert backends.select("auto", backends.BackendOptions(torch.device("cuda"))).name == "triton"
+    from blora.engine import attention
+
+    assert attention.select_backend("auto", torch.device("cuda")) == "triton"
 
 
 def _tiny_llama(vocab: int, seed: int = 0):
@@ -122,8 +125,9 @@ def _adapter(base, path, seed: int, r: int, targets):
     return path
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_engine_on_gpu_matches_peft(tmp_path, backend):
+@pytest.mark.parametrize("backend,attn", [("triton", "triton"), ("torch", "torch"), ("triton", "torch")])
+def test_engine_on_gpu_matches_peft(tmp_path, backend, attn):
+    """LoRA backend x decode attention (the Triton kernel over the paged cache, or gather + bmm)."""
     from peft import PeftModel
 
     from blora.engine.llm import build_engine
@@ -138,9 +142,9 @@ def test_engine_on_gpu_matches_peft(tmp_path, backend):
     prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n, _ in reqs]
     engine = build_engine(
         _tiny_llama(vocab).cuda(), tokenizer=synthetic_tokenizer(vocab), block_size=16, max_loras=4,
-        lora_backend=backend, max_num_batched_tokens=64,
+        lora_backend=backend, attention_backend=attn, max_num_batched_tokens=64,
     )  # fmt: skip
-    assert engine.runner.backend.name == backend
+    assert engine.runner.backend.name == backend and engine.runner.attention_backend == attn
     for name, path in dirs.items():
         engine.register_adapter(name, path)
     for i, (prompt, (_, adapter)) in enumerate(zip(prompts, reqs, strict=True)):
