@@ -149,6 +149,9 @@ def test_chat_template_file_or_inline_and_generation_config(files, tmp_path):
     assert generation_defaults(str(tmp_path), None) == {"temperature": 0.3, "top_k": 7, "max_tokens": 5}
     assert generation_defaults("auto", str(tmp_path)) == {"temperature": 0.3, "top_k": 7, "max_tokens": 5}
     assert generation_defaults("vllm", str(tmp_path)) == {}
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")  # a .gguf file: its directory's generation_config.json
+    assert generation_defaults("auto", str(tmp_path / "model.gguf"))["top_k"] == 7
+    assert generation_defaults("auto", "no-such-org/no-such-model") == {}  # not in the local cache
 
 
 def test_tokenizer_revision_and_chat_template_reach_the_engine(files):

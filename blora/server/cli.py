@@ -373,9 +373,11 @@ def generation_defaults(mode: str, model_dir: str | None) -> dict:
     if mode == "vllm":
         return {}
     if mode == "auto":
-        if model_dir is None or not Path(model_dir).is_dir():
-            return {}  # a hub id in the cache or a .gguf file: transformers' defaults, like vLLM's
-        directory = Path(model_dir)
+        if model_dir is None:
+            return {}
+        directory = _model_directory(model_dir)
+        if directory is None:
+            return {}  # no generation_config.json anywhere: the server's own defaults
     else:
         directory = Path(mode).expanduser()
         if not (directory / "generation_config.json").is_file():
@@ -388,6 +390,23 @@ def generation_defaults(mode: str, model_dir: str | None) -> dict:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"--generation-config: cannot read {file}: {exc}") from None
     return {field: data[key] for key, field in GENERATION_KEYS.items() if data.get(key) is not None}
+
+
+def _model_directory(model: str) -> Path | None:
+    """Where ``model``'s ``generation_config.json`` lives: its directory, a ``.gguf`` file's directory, or the
+    local Hugging Face cache snapshot of a hub id (never downloaded)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return path.parent
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "generation_config.json")
+    except Exception:  # not a valid repo id
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
