@@ -217,3 +217,17 @@ def test_server_refuses_bad_prompt_logprobs(http, body):
     r = http.post("/v1/completions", json=dict(model="a", prompt="hi", max_tokens=2, **body))
     assert r.status_code == 400, r.text
     assert "prompt_logprobs" in r.text
+
+
+def test_prompt_logprobs_survive_preemption(adapter):
+    """Little KV memory: sequences are preempted and recomputed; every entry once, right."""
+    engine = build_engine(
+        tiny_model("llama"), tokenizer=tokenizer(), adapters={"a": adapter}, block_size=4, num_kv_blocks=14,
+        max_num_batched_tokens=8,
+    )  # fmt: skip
+    ids = [prompt(21, 10 + i) for i in range(4)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    out = run(engine, {str(i): (p, params, "a" if i % 2 else None) for i, p in enumerate(ids)})
+    assert engine.stats()["num_preemptions_total"] > 0
+    for i, p in enumerate(ids):
+        check(out[str(i)].prompt_logprobs, p, reference(p, adapter if i % 2 else None), k=2)
