@@ -9,6 +9,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
@@ -63,6 +64,12 @@ def tiny_config(arch: str, vocab_size: int):
             num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
             layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256, **common,
         )  # fmt: skip
+    if arch == "gemma2":  # attention logit soft-capping (small cap: it bites) and final logit soft-capping
+        return Gemma2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+            attn_logit_softcapping=2.0, final_logit_softcapping=5.0, max_position_embeddings=256, **common,
+        )  # fmt: skip
     if arch == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
     raise ValueError(arch)
@@ -76,7 +83,7 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(0, 0.5)
-    if arch in ("qwen3", "phi3", "gemma3"):  # non-unit norm weights (q/k norms included) so they are exercised
+    if arch in ("qwen3", "phi3", "gemma2", "gemma3"):  # non-unit norm weights (q/k norms included) so they are exercised
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:

@@ -45,7 +45,7 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
-@pytest.fixture(scope="module", params=(*ARCHS, "qwen3", "phi3", "gemma3"))
+@pytest.fixture(scope="module", params=(*ARCHS, "qwen3", "phi3", "gemma2", "gemma3"))
 def family(request, tmp_path_factory):
     """(arch, adapter dirs, reference outputs per request) for one model family."""
     arch = request.param

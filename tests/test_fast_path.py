@@ -20,7 +20,7 @@ from blora.models import families
 from blora.models.families import FastPathOptions, packing
 from tests.helpers import make_adapter, targets, tiny_model, tokenizer
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 
 
 @pytest.fixture(autouse=True)

@@ -143,32 +143,37 @@ def paged_attention(
     """Store the step's K/V in the paged cache and attend; returns ``([1, N, H, D], None)``.
 
     Semantics: for each sequence, ``softmax(q K^T * scaling + causal/window mask) V`` over all its cached
-    tokens, with K/V heads shared by ``H // KVH`` query heads (GQA).
+    tokens, with K/V heads shared by ``H // KVH`` query heads (GQA). With ``softcap`` (Gemma 2's attention
+    logit soft-capping) the scaled scores are first ``tanh(s / softcap) * softcap``; those steps run in
+    PyTorch ops (the C++ / Triton decode kernels have no soft-capping).
     """
     ctx = _FORWARD.get()
     if ctx is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+    if kwargs.get("s_aux") is not None:
         raise NotImplementedError(
-            f"{type(module).__name__} uses attention logit soft-capping or sinks, which blora's paged "
-            "attention does not implement yet"
+            f"{type(module).__name__} uses attention sinks, which blora's paged attention does not implement yet"
         )
+    softcap = kwargs.get("softcap")
     cache, meta = ctx
     k_cache, v_cache = cache.layer(module.layer_idx, key)
     kernel = _kernel_for(query, k_cache) if meta.backend == "cpu" else None
     _store(kernel, k_cache, v_cache, key, value, meta.slot_mapping)
     out = query.new_empty(meta.num_tokens, query.shape[1], query.shape[3])
     if meta.decode_rows is not None:
-        dec = _decode(kernel, query, k_cache, v_cache, meta, scaling, sliding_window)
+        if softcap is not None:
+            dec = _decode_torch(query, k_cache, v_cache, meta, scaling, sliding_window, softcap)
+        else:
+            dec = _decode(kernel, query, k_cache, v_cache, meta, scaling, sliding_window)
         if meta.all_decode:
             out = dec
         else:
             out.index_copy_(0, meta.decode_rows, dec)
     for chunk in meta.prefills:
         rows = slice(chunk.row, chunk.row + chunk.num_tokens)
-        out[rows] = _prefill(query, key, value, k_cache, v_cache, chunk, scaling, sliding_window)
+        out[rows] = _prefill(query, key, value, k_cache, v_cache, chunk, scaling, sliding_window, softcap)
     return out.unsqueeze(0), None
 
 
@@ -274,7 +279,9 @@ def _kernel_for(query: torch.Tensor, k_cache: torch.Tensor) -> kernels.CpuKernel
     return kernel if kernel is not None and kernel.native_vector else None
 
 
-def _decode_torch(query, k_cache, v_cache, meta: AttentionMetadata, scaling, sliding_window) -> torch.Tensor:
+def _decode_torch(
+    query, k_cache, v_cache, meta: AttentionMetadata, scaling, sliding_window, softcap: float | None = None
+) -> torch.Tensor:
     """PyTorch decode attention (any device): gather + two ``bmm`` -> [Bd, H, D].
 
     Semantics per sequence b and head j: ``softmax(q[b, j] @ K[j // n_rep, slots_b].T * scaling) @ V[...]``.
@@ -291,19 +298,22 @@ def _decode_torch(query, k_cache, v_cache, meta: AttentionMetadata, scaling, sli
     k = k_cache.index_select(1, flat).view(kvh * bd, n_ctx, d)
     v = v_cache.index_select(1, flat).view(kvh * bd, n_ctx, d)
     scores = torch.bmm(q, k.transpose(1, 2)).float().view(kvh, bd, h // kvh, n_ctx)
-    scores = scores.mul_(d**-0.5 if scaling is None else scaling).add_(meta.decode_bias(sliding_window))
+    scores = scores.mul_(d**-0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    scores = scores.add_(meta.decode_bias(sliding_window))
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(kvh * bd, h // kvh, n_ctx)
     out = torch.bmm(probs, v).view(kvh, bd, h // kvh, d)
     return out.permute(1, 0, 2, 3).reshape(bd, h, d)
 
 
-def _prefill(query, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling, sliding_window):
+def _prefill(query, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling, sliding_window, softcap=None):
     """One sequence's chunk of queries over its cached prefix and itself (causal) -> [n, H, D]."""
     rows = slice(chunk.row, chunk.row + chunk.num_tokens)
     q = query[:, :, rows]
     gqa = query.shape[1] != key.shape[1]
     windowed = sliding_window is not None and chunk.context_len > sliding_window
-    if chunk.start == 0 and not windowed:  # nothing cached before: attend to the chunk itself
+    if chunk.start == 0 and not windowed and softcap is None:  # nothing cached before: attend to the chunk itself
         k, v = key[:, :, rows], value[:, :, rows]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
         return out[0].transpose(0, 1)
@@ -315,6 +325,15 @@ def _prefill(query, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling, 
     mask = k_pos <= q_pos
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
+    if softcap is not None:  # SDPA has no soft-capping: scores, cap, mask, float32 softmax (HF's eager order)
+        if gqa:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * (q.shape[3] ** -0.5 if scaling is None else scaling)
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)[0].transpose(0, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     return out[0].transpose(0, 1)
 

@@ -111,6 +111,14 @@ FAMILIES: list[Family] = [
         fused=(("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))),
         build="blora.models.families.gemma:build",
     ),
+    Family(  # Gemma 3's layer without q/k norms, with attention and final logit soft-capping
+        name="gemma2",
+        layers=frozenset({"Gemma2DecoderLayer"}),
+        norms=frozenset({"Gemma2RMSNorm"}),
+        activations=frozenset({"GELUTanh", "PytorchGELUTanh"}),
+        fused=(("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))),
+        build="blora.models.families.gemma:build",
+    ),
 ]
 
 

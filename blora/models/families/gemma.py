@@ -1,24 +1,27 @@
-"""The engine's own decoder forward for Gemma 3 (text) on CPU: the Llama-family forward with Gemma's layer.
+"""The engine's own decoder forward for Gemma 2 and Gemma 3 (text) on CPU: the Llama forward, Gemma's layer.
 
 What differs from Llama (``blora.models.families.llama``), all read from transformers' modules:
 
 - four RMSNorms per layer ("sandwich": input, post-attention, pre-feedforward, post-feedforward), each of
   the form ``norm(x) * (1 + w)`` computed in float32 then cast; the residual adds the *normed* attention /
   MLP output. The CPU kernel's norm is Llama's (``x.to(dtype) * w``, no ``1 +``), so the norms run as the
-  modules themselves (PyTorch ops), as do the per-head q/k norms;
+  modules themselves (PyTorch ops), as do Gemma 3's per-head q/k norms;
 - the embedding module scales by ``sqrt(hidden)`` (called as a module, as in the Llama forward);
 - the MLP activation is GELU-tanh: ``act_fn(gate) * up`` in PyTorch ops over the fused gate/up output (the
   kernels have SiLU only);
-- sliding-window and full-attention layers alternate (``config.layer_types``), each kind with its own rotary
-  table (``rotary_emb(x, positions, layer_type)``) and window;
+- sliding-window and full-attention layers alternate (``config.layer_types``); in Gemma 3 each kind has its
+  own rotary table (``rotary_emb(x, positions, layer_type)``);
+- Gemma 2: attention logit soft-capping (``attn_logit_softcapping``, passed to the paged attention, which
+  then runs PyTorch ops) and final logit soft-capping (applied by the model runner after the head);
 - attention logits scaled by ``query_pre_attn_scalar ** -0.5`` (the module's ``scaling``).
 
 Fused q/k/v and gate/up GEMMs over prepacked weights, the rotary kernel, paged attention and the fused LoRA
-calls are the Llama forward's. Attention logit soft-capping (Gemma 2, ``attn_logit_softcapping``) is not
-implemented in the paged attention: such models run transformers' modules' path, which refuses them.
+calls are the Llama forward's.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -31,10 +34,8 @@ from blora.models.families.packing import Packed
 
 
 def build(model: nn.Module, family: Family, options: FastPathOptions) -> FastDecoder | str:
-    """The Gemma 3 fast decoder for ``model``, or why it does not apply."""
+    """The Gemma 2 / 3 fast decoder for ``model``, or why it does not apply."""
     config = model.config
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        return "attention logit soft-capping (attn_logit_softcapping) is not implemented in the paged attention"
     if getattr(config, "use_bidirectional_attention", False):
         return "bidirectional attention (use_bidirectional_attention=True)"
     layers = getattr(getattr(model, "base_model", None), "layers", None) or []
@@ -43,8 +44,6 @@ def build(model: nn.Module, family: Family, options: FastPathOptions) -> FastDec
             norm = getattr(layer, name, None)
             if type(norm).__name__ not in family.norms:
                 return f"{type(layer).__name__}.{name} is {type(norm).__name__}, not a Gemma RMSNorm"
-        if not hasattr(layer.self_attn, "q_norm"):
-            return f"{type(layer).__name__} has no q/k norms"
     return build_llama(model, family, options, decoder_class=GemmaDecoder)
 
 
@@ -57,6 +56,9 @@ class GemmaDecoder(FastDecoder):
             (lay.layer.pre_feedforward_layernorm, lay.layer.post_feedforward_layernorm) for lay in self.layers
         ]
         self.layer_types = list(self.model.config.layer_types[: len(self.layers)])
+        self.softcap = getattr(self.model.config, "attn_logit_softcapping", None)
+        # Gemma 3: a rotary table per layer type; Gemma 2: one for all layers
+        self.rope_per_type = "layer_type" in inspect.signature(self.decoder.rotary_emb.forward).parameters
 
     def _modules_unchanged(self) -> bool:
         if not super()._modules_unchanged():
@@ -75,22 +77,26 @@ class GemmaDecoder(FastDecoder):
         res = self.decoder.embed_tokens(input_ids[None])[0].contiguous()  # scaled by the module
         rope = {}
         for kind in set(self.layer_types):
-            cos, sin = self.decoder.rotary_emb(res[None], position_ids[None], kind)
-            rope[kind] = (cos[0].contiguous(), sin[0].contiguous())
+            kind_arg = (kind,) if self.rope_per_type else ()
+            if kind_arg or not rope:
+                cos, sin = self.decoder.rotary_emb(res[None], position_ids[None], *kind_arg)
+                cos, sin = cos[0].contiguous(), sin[0].contiguous()
+            rope[kind] = (cos, sin)
         for lay, (pre_ff, post_ff), kind in zip(self.layers, self.ff_norms, self.layer_types, strict=True):
             attn, mlp = lay.attn, lay.mlp
             pk = lay.packed
             x = lay.in_norm(res)
             qkv = Packed.linear(x, pk.get("qkv"), lay.qkv_w, lay.qkv_b)
             _fused_lora(qkv, x, [(getattr(attn, name), lo, hi) for name, lo, hi in self.qkv_parts], work)
-            qkv[:, :q_end].view(n, h, d).copy_(lay.q_norm(qkv[:, :q_end].view(n, h, d)))
-            qkv[:, q_end:k_end].view(n, kvh, d).copy_(lay.k_norm(qkv[:, q_end:k_end].view(n, kvh, d)))
+            if lay.q_norm is not None:  # Gemma 3
+                qkv[:, :q_end].view(n, h, d).copy_(lay.q_norm(qkv[:, :q_end].view(n, h, d)))
+                qkv[:, q_end:k_end].view(n, kvh, d).copy_(lay.k_norm(qkv[:, q_end:k_end].view(n, kvh, d)))
             kernel.rotary(qkv, h + kvh, d, *rope[kind])
             q = qkv[:, :q_end].view(n, h, d).transpose(0, 1)[None]
             k = qkv[:, q_end:k_end].view(n, kvh, d).transpose(0, 1)[None]
             v = qkv[:, k_end:].view(n, kvh, d).transpose(0, 1)[None]
             out, _ = attention.paged_attention(
-                attn, q, k, v, None, scaling=lay.scaling, sliding_window=lay.window
+                attn, q, k, v, None, scaling=lay.scaling, sliding_window=lay.window, softcap=self.softcap
             )
             o = _project(attn.o_proj, lay.bases["o_proj"], pk.get("o"), out.reshape(n, h * d), work)
             res = res + lay.post_norm(o)
