@@ -471,7 +471,11 @@ def stage_engine(sizes: Sizes, device: torch.device, smoke: bool) -> dict:
         max_model_len=max_len, num_kv_blocks=sizes.requests * (max_len // 16 + 1), cpu_cache_bytes=32 << 30,
         enable_prefix_caching=False, lora_backend="triton",
     )  # fmt: skip
-    result = {"backend": engine.runner.backend.name, "runs": runs}
+    result = {
+        "backend": engine.runner.backend.name,
+        "attention": engine.runner.attention_backend,
+        "runs": runs,
+    }
     runs["blora_base"] = run_engine(engine, prompts, [None] * sizes.requests, sizes.new_tokens, device)
     for n in sizes.adapter_counts:
         names = [f"n{n}-{i}" for i in range(n)]
@@ -520,8 +524,8 @@ def write(out: Path, results: dict) -> None:
             md += ["LoRA shrink+expand, bf16, rank 16:", "", table(stage["lora"]), ""]
             md += ["Paged decode attention, bf16:", "", table(stage["attention"]), ""]
         elif name == "engine" and "runs" in stage:
-            md += [f"backend: {stage['backend']}; blora base-only / transformers generate: "
-                   f"{stage.get('blora_base_vs_generate')}", ""]  # fmt: skip
+            md += [f"LoRA backend: {stage['backend']}; attention: {stage['attention']}; "
+                   f"blora base-only / transformers generate: {stage.get('blora_base_vs_generate')}", ""]  # fmt: skip
             md += [table([{"run": k, **v} for k, v in stage["runs"].items()]), ""]
     (out / "results.md").write_text("\n".join(md))
 
