@@ -1,4 +1,4 @@
-"""The engine's own Llama-family forward (``blora.models.families``) against transformers' modules.
+"""The engine's own family forwards (``blora.models.families``: Llama, Qwen3, Phi-3, Gemma 2/3) vs transformers' modules.
 
 Every engine step of a mixed batch (chunked prefills, decodes, several adapters, base rows) runs through
 both paths on the same KV cache and must give the same logits; greedy tokens must equal transformers
