@@ -132,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         return bench_command(args)
     if args.command == "generate":
         return _run_generate(args)
-    from blora.server.cli import run_serve
+    from blora.server.cli import check_serve_args, run_serve
 
+    check_serve_args(args)
+    if args.ray:  # only this top-level CLI reaches into blora.ray (the layers below never import it)
+        from blora.ray.cli import run_ray_serve
+
+        return run_ray_serve(args)
     return run_serve(args)
 
 

@@ -285,6 +285,15 @@ def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                    help="route with Ray's default policy instead of by adapter (for comparison)")  # fmt: skip
 
 
+def check_serve_args(args: argparse.Namespace) -> None:
+    """Validate and normalize ``blora serve`` options (see ``_check_args``) and apply ``--threads``."""
+    _check_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse inconsistent options before anything loads; normalizes ``model``, ``chat_template`` and
     ``served_model_name`` (a list) in place."""
@@ -488,15 +497,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from blora.server.app import create_app
     from blora.server.lifecycle import DrainingServer
 
-    _check_args(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.ray:
-        from blora.ray.cli import run_ray_serve
-
-        return run_ray_serve(args)
+    check_serve_args(args)
+    if args.ray:  # the server layer never imports blora.ray: the top-level CLI dispatches there
+        raise SystemExit(
+            "--ray: start it with `blora serve --ray ...` (python -m blora.server serves one engine)"
+        )
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
