@@ -33,3 +33,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Modules that start servers, Ray, a browser, the embedded model or Triton's interpreter (measured: each
+# takes a minute or more of the full run). `make test-fast` (pytest -m "not slow") leaves them out.
+SLOW_MODULES = frozenset(
+    {
+        "test_api_fuzz",
+        "test_demo_cli",
+        "test_demo_adapters",
+        "test_engine_smollm",
+        "test_playground",
+        "test_ray_serve",
+        "test_server_e2e",
+        "test_tools",
+        "test_triton_attention",
+        "test_triton_backend",
+        "test_triton_compile",
+        "test_triton_gpu_check",
+        "test_triton_lora",
+        "test_vllm_compat_recipe",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

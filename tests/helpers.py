@@ -83,7 +83,12 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(0, 0.5)
-    if arch in ("qwen3", "phi3", "gemma2", "gemma3"):  # non-unit norm weights (q/k norms included) so they are exercised
+    if arch in (
+        "qwen3",
+        "phi3",
+        "gemma2",
+        "gemma3",
+    ):  # non-unit norm weights (q/k norms included) so they are exercised
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -99,7 +104,11 @@ def save_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:
 
 # Per-family module names for adapter targets.
 ATTN = {"gpt2": ["c_attn"], "phi3": ["qkv_proj"], "default": ["q_proj", "v_proj"]}
-MLP = {"gpt2": ["c_fc", "c_proj"], "phi3": ["gate_up_proj", "down_proj"], "default": ["gate_proj", "down_proj"]}
+MLP = {
+    "gpt2": ["c_fc", "c_proj"],
+    "phi3": ["gate_up_proj", "down_proj"],
+    "default": ["gate_proj", "down_proj"],
+}
 ALL = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj"],
@@ -142,3 +151,12 @@ def peft_logits(model: PreTrainedModel, adapter: Path | None, input_ids, attenti
             return model(input_ids=input_ids, attention_mask=attention_mask).logits
         peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).eval()
         return peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for test servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

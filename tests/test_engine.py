@@ -19,20 +19,13 @@ from blora.engine import LLM, SamplingParams
 from blora.engine.llm import build_engine
 from tests.helpers import ARCHS, make_adapter, targets, tiny_model, tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 # (rank, lora_alpha, targets kind) of the adapters a0..a8
 ADAPTERS = [(2, 4, "attn"), (8, 16, "mlp"), (4, 4, "all"), (16, 8, "attn"), (3, 6, "mlp"),
             (8, 8, "all-linear"), (1, 2, "all"), (6, 12, "attn"), (12, 24, "mlp")]  # fmt: skip
 PROMPT_LENGTHS = [1, 37, 120, 5, 64, 2, 90, 17, 9, 150, 3, 44, 25, 70]
 MAX_TOKENS = [6, 9, 4, 12, 7, 10, 5, 8, 11, 6, 9, 7, 12, 5]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (no OpenMP oversubscription on small shared machines)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def adapter_for(i: int) -> str | None:
@@ -137,7 +130,9 @@ def test_mixed_batch_matches_generate_and_peft(family, kernel, monkeypatch):
     check(run_staggered(engine, dirs), refs)
     assert max(len(a) for a in seen_adapters) <= 4
     native = kernel == "cpu_kernel" and kernels.get() is not None and kernels.get().native_vector
-    if (native or forced) and arch != "gpt2":  # Llama-family models ran the engine's own forward (blora.models.families)
+    if (
+        native or forced
+    ) and arch != "gpt2":  # Llama-family models ran the engine's own forward (blora.models.families)
         assert engine.runner.fast_steps > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 

@@ -8,20 +8,13 @@ import sys
 import time
 
 import pytest
-import torch
 
 from blora.engine import LLM, AsyncLLM, SamplingParams
 from tests.helpers import make_adapter, targets, tiny_model, tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 PROMPTS = ["Hello", "The history of the city begins with a long story about", "x", "Why is the sky"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,9 @@ from blora.engine import sampler as sampler_module
 from blora.engine.sampler import Sampler, apply_penalties, inverse_cdf, sample_filtered
 from tests.helpers import tiny_model, tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 DRAWS = 4000
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fake_seq(params: SamplingParams, prompt=(3,), output=(), generator=None):

@@ -12,7 +12,7 @@ from peft import PeftModel
 from blora.engine import LLM, SamplingParams
 from tests.helpers import make_adapter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -23,14 +23,6 @@ QUESTIONS = [
     "Why is the sky blue? Answer in one sentence.",
 ]
 NEW_TOKENS = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

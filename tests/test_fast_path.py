@@ -45,14 +45,6 @@ def can_pack(dtype: torch.dtype) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _prompts(n: int, seed: int = 7) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     lengths = [3, 40, 1, 17, 66, 9][:n]

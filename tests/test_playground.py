@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 import torch
+
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny-llama"
@@ -225,12 +226,6 @@ class Page:
 
 
 # --- the server -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

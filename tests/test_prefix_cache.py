@@ -17,17 +17,11 @@ from blora.engine import LLM, SamplingParams
 from blora.engine.llm import build_engine
 from tests.helpers import make_adapter, targets, tiny_model, tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 BS = 4
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 MIX = {"a0": 0.7, "a1": 0.3}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

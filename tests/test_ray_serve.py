@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from blora.ray.wire import Packer, Unpacker
 from blora.server.app import ServerConfig, create_app
 from blora.server.cli import _check_args, add_serve_arguments
 from tests import helpers
+from tests.helpers import free_port
 
 NAME = "tiny-llama"
 KEY = "ray-key"
@@ -104,12 +104,6 @@ def reference(work, one_thread):
     engine = AsyncLLM(model=str(work["model"]), adapters=startup_adapters(work), **ENGINE)
     with TestClient(create_app(engine, server_config(work, 16))) as client:
         yield client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

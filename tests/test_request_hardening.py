@@ -19,7 +19,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from blora.engine import LLM, AsyncLLM, SamplingParams
 from blora.engine import sampler as sampler_module
@@ -29,14 +28,6 @@ from tests.helpers import make_adapter, targets, tiny_model, tokenizer
 
 VOCAB = len(tokenizer())
 POISON_TOP_K = 7777  # marks the request whose sampling the tests make fail
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +253,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from blora.server import ServerConfig, create_app  # noqa: E402
 from tests.test_server_api import BASE, assert_error, make_client  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 HOSTILE_COMPLETIONS = [
     ({"top_k": 100000000000000000000, "temperature": 1, "stream": True}, "top_k"),

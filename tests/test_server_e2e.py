@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 
 from blora.engine import LLM, SamplingParams  # noqa: E402
 from blora.models import default_model_dir  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny-llama"
@@ -103,12 +103,6 @@ def reference(work):
         yield LLM(model=str(work["model"]), adapters=adapters, dtype="float32", device="cpu")
     finally:
         torch.set_num_threads(threads)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

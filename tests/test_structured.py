@@ -11,13 +11,14 @@ import re
 
 import jsonschema
 import pytest
-import torch
 
 from blora.engine import LLM, SamplingParams
 from blora.engine.llm_engine import RequestFailedError
 from blora.engine.sampling_params import SamplingParamError, StructuredOutputsParams
 from blora.engine.structured import StructuredOutputs, unsupported_schema_features
 from tests.helpers import make_adapter, tiny_model, tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 S = StructuredOutputsParams
 MAX_TOKENS = 160
@@ -66,14 +67,6 @@ SCHEMAS = [
     {"title": "Answer", "description": "annotations are fine", "type": "object",
      "properties": {"yes": {"type": "boolean", "description": "d"}}, "required": ["yes"]},
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
