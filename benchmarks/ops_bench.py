@@ -43,7 +43,9 @@ def best_us(fn, n: int = 30) -> float:
 def bench(dtype: torch.dtype, in_f: int, out_f: int, ranks: list[int], tokens: int) -> dict[str, float]:
     u = len(ranks)
     x, y = torch.randn(tokens, in_f, dtype=dtype), torch.randn(tokens, out_f, dtype=dtype)
-    pairs = [(torch.randn(in_f, r, dtype=dtype) * 0.01, torch.randn(r, out_f, dtype=dtype) * 0.01) for r in ranks]
+    pairs = [
+        (torch.randn(in_f, r, dtype=dtype) * 0.01, torch.randn(r, out_f, dtype=dtype) * 0.01) for r in ranks
+    ]
     groups = LoraPlan.from_tensor(torch.arange(tokens) % u)
     weight = torch.randn(out_f, in_f, dtype=dtype)
     plan = LayerLoras(groups.active, tuple(range(u)), pairs, in_f, out_f)
@@ -75,7 +77,9 @@ def main() -> None:
         for in_f, out_f in ((576, 576), (576, 1536)):
             for label, ranks in MIXES.items():
                 res = bench(dtype, in_f, out_f, ranks, args.tokens)
-                cells = "  ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
+                cells = "  ".join(
+                    f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()
+                )
                 print(f"{str(dtype)[6:]:8s} {in_f}x{out_f:<5d} {label:18s} {cells}", flush=True)
 
 

@@ -313,7 +313,9 @@ def _prefill(query, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling, 
     q = query[:, :, rows]
     gqa = query.shape[1] != key.shape[1]
     windowed = sliding_window is not None and chunk.context_len > sliding_window
-    if chunk.start == 0 and not windowed and softcap is None:  # nothing cached before: attend to the chunk itself
+    if (
+        chunk.start == 0 and not windowed and softcap is None
+    ):  # nothing cached before: attend to the chunk itself
         k, v = key[:, :, rows], value[:, :, rows]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
         return out[0].transpose(0, 1)

@@ -71,11 +71,15 @@ class EngineConfig:
     lora_backend: str = "auto"  # "auto", "cpu" (C++ kernel + GEMMs), "torch", ... (blora.lora.backends)
     cpu_kernel: bool = True  # the C++ kernels (LoRA, decode attention, fast path); False: PyTorch ops only
     attention_backend: str = "auto"  # decode attention: "auto", "cpu", "torch", "triton" (engine.attention)
-    lora_kernel_max_work: int = kernels.MAX_WORK  # tokens x rank per adapter via the LoRA kernel (above: GEMMs)
+    lora_kernel_max_work: int = (
+        kernels.MAX_WORK
+    )  # tokens x rank per adapter via the LoRA kernel (above: GEMMs)
     fast_path: Literal["auto", "on", "off"] = "auto"  # a model family's own forward (blora.models.families)
     packed_weights: bool = True  # the fast path's oneDNN-prepacked GEMM weights
     fused_lora_kernel_max_work: int = kernels.FUSED_MAX_WORK  # the fast path's LoRA kernel bound
-    quantization: str | None = None  # "int8" / "int4": weight-only base linears, in place (blora.models.quant)
+    quantization: str | None = (
+        None  # "int8" / "int4": weight-only base linears, in place (blora.models.quant)
+    )
 
 
 class LLMEngine:

@@ -89,7 +89,9 @@ class Sequence:
         held (position p gives prompt token p + 1's)."""
         if not self.needs_full_prompt:
             return range(0)
-        return range(max(start, len(self.prompt_logprobs) - 1), min(start + num_tokens, self.num_prompt_tokens - 1))
+        return range(
+            max(start, len(self.prompt_logprobs) - 1), min(start + num_tokens, self.num_prompt_tokens - 1)
+        )
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status = SequenceStatus.FINISHED

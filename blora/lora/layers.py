@@ -40,7 +40,10 @@ def base_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LoraLinear)) or type(module).__name__ in ("Conv1D", "QuantizedLinear")
+    return isinstance(module, (nn.Linear, LoraLinear)) or type(module).__name__ in (
+        "Conv1D",
+        "QuantizedLinear",
+    )
 
 
 class LoraLinear(nn.Module):

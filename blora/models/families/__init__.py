@@ -142,7 +142,9 @@ def build(model: nn.Module, options: FastPathOptions) -> FastModel | None:
     if options.mode == "off":
         reason = "fast_path='off'"
     elif is_quantized(model):  # the families' forwards read plain weights (blora.models.quant)
-        reason = "its linears are quantized (quantization='int8' / 'int4'), which only transformers' modules run"
+        reason = (
+            "its linears are quantized (quantization='int8' / 'int4'), which only transformers' modules run"
+        )
     elif (family := family_of(model)) is None:
         reason = "no model family matches its decoder layers"
     else:
