@@ -127,7 +127,11 @@ class AsyncLLM:
         if lora_request is not None:
             adapter = await self._lora_adapter(lora_request, adapter)
         sampling_params = sampling_params or SamplingParams()
-        self.engine.check_params(sampling_params)  # cheap and thread-safe: refused here, not in a step
+        if sampling_params.structured_outputs is not None or sampling_params.bad_words:
+            # a grammar compile (up to its time bound) or tokenizing bad_words: off the event loop
+            await asyncio.to_thread(self.engine.check_params, sampling_params)
+        else:
+            self.engine.check_params(sampling_params)  # cheap and thread-safe: refused here, not in a step
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
