@@ -3,13 +3,11 @@ layer and plan by a launch + multiply-add cost model. Runs on any device."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from blora.lora import ops
-from blora.lora.backends.base import BoundAdd, ReferenceBackend
-from blora.lora.plan import LayerLoras, LoraPlan, OutputSlice
+from blora.lora.backends.base import ReferenceBackend
+from blora.lora.plan import LayerLoras, LoraPlan
 
 # Cost model for picking an op (in multiply-adds): one extra kernel launch is worth about OP_COST MACs.
 # Measured with benchmarks/ops_bench.py: small bf16 matmuls on CPU cost ~25 us each (oneDNN), fp32 ~5 us.
@@ -54,18 +52,6 @@ class TorchBackend(ReferenceBackend):
         else:
             sub = plan if loras.covers_plan(plan) else plan.subset(loras.positions)
             ops.add_segments(y, x, sub, loras.pairs)
-
-    def add_fused(
-        self, y: torch.Tensor, x: torch.Tensor, plan: LoraPlan, slices: Sequence[OutputSlice],
-        max_work: int | None = None,
-    ) -> None:  # fmt: skip
-        for s in slices:
-            self.add(y[:, s.start : s.stop], x, plan, s.loras, max_work)
-
-    def bind(
-        self, x: torch.Tensor, plan: LoraPlan, loras: LayerLoras, max_work: int | None = None
-    ) -> BoundAdd | None:
-        return None
 
     def method(self, plan: LoraPlan, loras: LayerLoras) -> str:
         """The op for this plan and layer, chosen once per plan (cached on ``loras`` under ``plan.key``)."""
