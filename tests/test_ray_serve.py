@@ -32,10 +32,10 @@ from ray import serve
 from starlette.testclient import TestClient
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.routing_bench import power_law_trace, run_trace
 from blora.engine import LLM, AsyncLLM, SamplingParams
 from blora.ray import ClusterConfig, build_app
 from blora.ray.app import builder_argv
-from blora.ray.routing_bench import power_law_trace, run_trace
 from blora.ray.wire import Packer, Unpacker
 from blora.server.app import ServerConfig, create_app
 from blora.server.cli import _check_args, add_serve_arguments

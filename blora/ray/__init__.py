@@ -10,7 +10,7 @@ its adapters resident in its own engine (LRU) and batches them together. Needs `
 
 Layout: ``app.py`` deployments wired together · ``cluster_engine.py`` the ingress's engine ·
 ``replica.py`` engine replicas and multiplexed adapters · ``registry.py`` adapters and stats for all ·
-``wire.py`` outputs as deltas · ``cli.py`` ``blora serve --ray`` · ``routing_bench.py`` hit rates.
+``wire.py`` outputs as deltas · ``cli.py`` ``blora serve --ray`` (hit rates: ``benchmarks/routing_bench.py``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ routing, for several replica counts. A tiny random Llama and its adapters are wr
 directory; a local Ray cluster is started; every configuration is deployed in turn and sent the same
 power-law (Zipf) trace over HTTP.
 
-    python -m blora.ray.routing_bench --replicas 1 2 4 --adapters 16 --resident 4
+    python benchmarks/routing_bench.py --replicas 1 2 4 --adapters 16 --resident 4
 
 Only routing is measured here: the model is tiny, so the cost of a load is not (the README gives the
 cold-load latency of real adapters).
@@ -104,7 +104,7 @@ def run_trace(url: str, app: str, trace: list[str], warmup: int, concurrency: in
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m blora.ray.routing_bench", description=__doc__.split("\n\n")[0]
+        prog="python benchmarks/routing_bench.py", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--adapters", type=int, default=16, help="distinct adapters in the trace")
