@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.blora-installed
 
-.PHONY: setup run test test-fast lint lock bench screenshot clean
+.PHONY: setup run test test-fast lint typecheck lock bench screenshot clean
 
 # requirements.lock: every package, transitive ones included, pinned with hashes (`make lock` rebuilds it
 # from requirements.in); pip refuses anything whose hash differs.
@@ -31,6 +31,10 @@ lint: setup
 	$(VENV)/bin/ruff check blora tests benchmarks examples
 	$(VENV)/bin/ruff format --check blora tests benchmarks examples
 	$(VENV)/bin/lint-imports
+
+# mypy over blora/ (settings in pyproject [tool.mypy])
+typecheck: setup
+	$(VENV)/bin/mypy
 
 lock:
 	test -x $(VENV)/bin/pip-compile || $(PY) -m pip install -q pip-tools
