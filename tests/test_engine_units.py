@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
 
 from blora.engine.block_manager import BlockManager
 from blora.engine.detokenizer import IncrementalDetokenizer
+from blora.engine.sampler import SampleResult
 from blora.engine.sampling_params import SamplingParams
-from blora.engine.scheduler import Scheduler, SchedulerConfig
+from blora.engine.scheduler import Scheduler, SchedulerConfig, StepResults, StopRules
 from blora.engine.sequence import Request, Sequence, SequenceStatus
 from tests.helpers import tokenizer
 
 _ids = itertools.count()
+_tokenizer = functools.cache(tokenizer)
 
 
 def make_seq(prompt_len: int, adapter: str | None = None, max_tokens: int = 4) -> Sequence:
@@ -21,7 +24,7 @@ def make_seq(prompt_len: int, adapter: str | None = None, max_tokens: int = 4) -
     req = Request(
         str(order), None, [1] * prompt_len, SamplingParams(max_tokens=max_tokens), adapter, order, max_tokens
     )
-    seq = Sequence(order, req, 0, [1] * prompt_len, IncrementalDetokenizer(None, []))
+    seq = Sequence(order, req, 0, [1] * prompt_len, IncrementalDetokenizer(_tokenizer(), [1] * prompt_len))
     req.seqs.append(seq)
     return seq
 
@@ -34,7 +37,7 @@ class Sim:
         # scheduler policy alone: the prompts here are all the same tokens, and no step registers its
         # blocks for sharing (tests/test_prefix_cache*.py cover prefix caching)
         self.blocks = BlockManager(blocks, config.pop("block_size", 4), enable_caching=False)
-        self.sched = Scheduler(SchedulerConfig(**config), self.blocks)
+        self.sched = Scheduler(SchedulerConfig(**config), self.blocks, StopRules({2}, 10_000, 100))
         self.finished: list[Sequence] = []
         self.admitted: list[Sequence] = []
 
@@ -47,13 +50,10 @@ class Sim:
         for s in plan.scheduled:
             if s.seq not in self.admitted:
                 self.admitted.append(s.seq)
-            s.seq.num_computed_tokens += s.num_tokens
-            if s.sample:
-                s.seq.token_ids.append(7)
-                if s.seq.num_output_tokens >= s.seq.request.max_tokens:
-                    s.seq.finish("length")
-                    self.sched.remove(s.seq)
-                    self.finished.append(s.seq)
+        sampled = plan.sampled
+        update = self.sched.update(plan, StepResults([SampleResult(7) for _ in sampled], [], lambda ids: []))
+        assert not update.failed and update.num_generated == len(sampled)
+        self.finished += [seq for seq in sampled if seq.is_finished]
         return plan
 
     def run(self, max_steps: int = 500) -> list:

@@ -85,12 +85,12 @@ def test_every_step_matches_transformers_modules(arch, dtype, max_work, tmp_path
     execute = runner.execute
     worst = []
 
-    def both(scheduled, adapter_slot):
+    def both(scheduled):
         fast, runner.fast = runner.fast, None  # this step through transformers' modules first
-        reference = execute(scheduled, adapter_slot)
+        reference = execute(scheduled)
         runner.fast = fast
         steps = runner.fast_steps
-        logits = execute(scheduled, adapter_slot)
+        logits = execute(scheduled)
         assert runner.fast_steps == steps + 1
         scale = reference.abs().max().item()
         worst.append((logits - reference).abs().max().item() / scale)

@@ -102,7 +102,7 @@ def test_hit_blocks_nobody_uses_count_against_free_blocks():
     assert len(computed) == 3
     assert bm.blocks_needed(b, 13, computed) == 4  # 3 idle cached blocks + 1 new
     bm.allocate(b, 13, computed)
-    assert bm.num_free_blocks == 0 and b.num_computed_tokens == 12
+    assert bm.num_free_blocks == 0 and b.block_table[:3] == computed and b.num_cached_blocks == 3
     c = make_seq(list(range(13)), "", 2)
     computed = bm.computed_blocks(c)
     assert bm.blocks_needed(c, 13, computed) == 1  # the cached blocks are in use: sharing them is free

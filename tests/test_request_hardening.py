@@ -155,11 +155,11 @@ def poison_forward(monkeypatch, engine, poison_id: str) -> None:
     """The forward of any batch that holds the poisoned request raises once it has 2 generated tokens."""
     real = engine.runner.execute
 
-    def execute(scheduled, adapter_slot):
+    def execute(scheduled):
         for s in scheduled:
             if s.seq.request.request_id == poison_id and s.seq.num_output_tokens >= 2:
                 raise RuntimeError("injected forward failure")
-        return real(scheduled, adapter_slot)
+        return real(scheduled)
 
     monkeypatch.setattr(engine.runner, "execute", execute)
 

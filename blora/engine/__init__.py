@@ -4,7 +4,7 @@ from blora.engine.async_llm import AsyncLLM
 from blora.engine.llm import LLM
 from blora.engine.llm_engine import EngineConfig, LLMEngine
 from blora.engine.lora_request import LoRARequest
-from blora.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from blora.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
 from blora.engine.sampling_params import SamplingParams
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "LoRARequest",
     "RequestMetrics",
     "RequestOutput",
+    "RequestOutputKind",
     "SamplingParams",
 ]

@@ -112,8 +112,10 @@ class BlockManager:
 
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """``seq.block_hashes``, extended to hold at least the keys of its first ``num_blocks`` full blocks."""
-        bs, hashes = self.block_size, seq.block_hashes
-        parent = hashes[-1] if hashes else root_hash(seq.cache_identity)
+        bs, hashes, identity = self.block_size, seq.block_hashes, seq.cache_identity
+        if identity is None:  # callers check _shared(seq) first
+            raise RuntimeError(f"sequence {seq.seq_id} has no cache identity: it was never admitted")
+        parent = hashes[-1] if hashes else root_hash(identity)
         for i in range(len(hashes), num_blocks):
             parent = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
             hashes.append(parent)
@@ -133,8 +135,8 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_tokens: int, computed: list[int] | None = None) -> None:
         """Grow ``seq.block_table`` to cover ``num_tokens`` tokens (call ``can_allocate`` first). ``computed``
-        (from ``computed_blocks``, only for a sequence without blocks) are taken first, and the sequence's
-        ``num_computed_tokens`` starts after them; ``num_tokens`` counts from the sequence's start."""
+        (from ``computed_blocks``, only for a sequence without blocks) are taken first (the scheduler then
+        starts the sequence's ``num_computed_tokens`` after them); ``num_tokens`` counts from its start."""
         needed = self.blocks_needed(seq, num_tokens, computed)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
@@ -146,7 +148,6 @@ class BlockManager:
                     del self._evictable[block]
                 self._refs[block] += 1
             seq.block_table = list(computed)
-            seq.num_computed_tokens = len(computed) * self.block_size
             seq.num_cached_blocks = len(computed)
         for _ in range(-(-num_tokens // self.block_size) - len(seq.block_table)):
             block = self._take()
@@ -190,8 +191,8 @@ class BlockManager:
         seq.num_cached_blocks = max(seq.num_cached_blocks, full)
 
     def free(self, seq: Sequence) -> None:
-        """Release all of ``seq``'s blocks (cached ones stay shareable until evicted); the sequence itself
-        forgets them and has nothing computed."""
+        """Release all of ``seq``'s blocks (cached ones stay shareable until evicted); the sequence forgets
+        them (the scheduler resets its ``num_computed_tokens``)."""
         for key in seq.block_hashes[seq.num_cached_blocks :]:  # blocks it will not compute after all
             if self._computing.get(key) == seq.seq_id:
                 del self._computing[key]
@@ -203,5 +204,4 @@ class BlockManager:
                 else:
                     self._free.append(block)
         seq.block_table = []
-        seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0

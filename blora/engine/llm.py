@@ -12,7 +12,7 @@ from blora.engine.lora_request import (
     adapter_names,
     per_prompt_requests,
 )
-from blora.engine.outputs import RequestOutput
+from blora.engine.outputs import RequestOutput, RequestOutputKind
 from blora.engine.sampling_params import SamplingParams
 from blora.models import LoadedModel, load_model
 
@@ -131,13 +131,8 @@ class LLM:
         prompt or one for all: a name, None (base model) or a weighted mixture ``{"a": 0.5, "b": 0.5}``
         (the weighted sum of the adapters' LoRA terms, computed in the batch). ``lora_request``: vLLM's
         way instead (``LoRARequest(name, int_id, path)``, one or one per prompt; loaded on first use)."""
-        final: dict[str, RequestOutput] = {}
         adapters = self._lora_adapters(lora_request, adapters, prompts)
-        ids = self._add(prompts, sampling_params, adapters)
-        for out in self._run(ids):
-            if out.finished:
-                final[out.request_id] = out
-        return [final[i] for i in ids]
+        return self._run_final(self._add(prompts, sampling_params, adapters))
 
     def stream(
         self,
@@ -146,7 +141,9 @@ class LLM:
         adapters: str | dict | Sequence[str | dict | None] | None = None,
     ) -> Iterator[RequestOutput]:
         """Yield each request's output whenever it progresses (``delta_text`` holds what is new)."""
-        yield from self._run(self._add(prompts, sampling_params, adapters))
+        yield from self._run(
+            self._add(prompts, sampling_params, adapters, output_kind=RequestOutputKind.CUMULATIVE)
+        )
 
     def chat(
         self,
@@ -165,12 +162,7 @@ class LLM:
             )
             for conv in conversations
         ]
-        final: dict[str, RequestOutput] = {}
-        ids = self._add(prompts, sampling_params, adapters, add_special_tokens=False)
-        for out in self._run(ids):
-            if out.finished:
-                final[out.request_id] = out
-        return [final[i] for i in ids]
+        return self._run_final(self._add(prompts, sampling_params, adapters, add_special_tokens=False))
 
     def _lora_adapters(self, lora_request, adapters, prompts):
         """``adapters`` from ``lora_request`` (loading what is new), or ``adapters`` as given."""
@@ -180,7 +172,16 @@ class LLM:
             return adapters
         return adapter_names(requests, self._lora_requests, self.list_adapters, self.load_adapter)
 
-    def _add(self, prompts, sampling_params, adapters, add_special_tokens: bool = True) -> list[str]:
+    def _add(
+        self,
+        prompts,
+        sampling_params,
+        adapters,
+        add_special_tokens: bool = True,
+        output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY,
+    ) -> list[str]:
+        """Queue one request per prompt (none if any is refused); ``output_kind``: ``FINAL_ONLY`` for
+        ``generate``/``chat``, which read only the final outputs."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -192,13 +193,20 @@ class LLM:
         try:
             for prompt, p, name in zip(prompts, params, names, strict=True):
                 ids.append(
-                    self.engine.add_request(None, prompt, p, name, add_special_tokens=add_special_tokens)
+                    self.engine.add_request(
+                        None, prompt, p, name, add_special_tokens=add_special_tokens, output_kind=output_kind
+                    )
                 )
         except Exception:
             for request_id in ids:
                 self.engine.abort_request(request_id, quiet=True)
             raise
         return ids
+
+    def _run_final(self, ids: list[str]) -> list[RequestOutput]:
+        """Run the requests ``ids`` to the end; their final outputs in that order."""
+        final = {out.request_id: out for out in self._run(ids) if out.finished}
+        return [final[i] for i in ids]
 
     def _run(self, ids: list[str]) -> Iterator[RequestOutput]:
         wanted = set(ids)

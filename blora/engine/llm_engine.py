@@ -19,11 +19,19 @@ from blora import kernels
 from blora.engine.block_manager import BlockManager
 from blora.engine.detokenizer import IncrementalDetokenizer
 from blora.engine.model_runner import ModelRunner
-from blora.engine.outputs import RequestMetrics, RequestOutput
-from blora.engine.sampler import Sampler, SampleResult
-from blora.engine.sampling_params import SamplingParamError, SamplingParams
-from blora.engine.scheduler import ScheduledSeq, SchedulePlan, Scheduler, SchedulerConfig
+from blora.engine.outputs import RequestMetrics, RequestOutput, RequestOutputKind
+from blora.engine.sampler import Sampler
+from blora.engine.sampling_params import SamplingParams
+from blora.engine.scheduler import (
+    ScheduledSeq,
+    SchedulePlan,
+    Scheduler,
+    SchedulerConfig,
+    StepResults,
+    StopRules,
+)
 from blora.engine.sequence import Request, Sequence, SequenceStatus
+from blora.engine.validation import check_prompt_ids, check_token_ids, resolve_max_tokens
 from blora.lora.manager import LoraManager
 from blora.lora.mixtures import mixture_key
 from blora.lora.store import AdapterStore, StoreConfig
@@ -99,14 +107,14 @@ class LLMEngine:
             max_loras=config.max_loras,
             max_adapter_wait_steps=config.max_adapter_wait_steps,
         )
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        stop = StopRules(eos_token_ids(model, tokenizer), self.max_model_len, self.vocab_size)
         self.scheduler = Scheduler(
-            sched, self.block_manager, can_admit=self._can_admit, cache_identity=self._cache_identity
+            sched, self.block_manager, stop, can_admit=self._can_admit, cache_identity=self._cache_identity
         )
         self.runner = ModelRunner.from_config(model, num_blocks, config)
         self.sampler = Sampler(self.runner.device, config.seed)
-        self.eos_token_ids = eos_token_ids(model, tokenizer)
-        self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.sampler.configure(tokenizer, self.vocab_size, self.eos_token_ids)  # grammars, bad_words
+        self.sampler.configure(tokenizer, self.vocab_size, sorted(stop.eos_token_ids))  # grammars, bad_words
         self.requests: dict[str, Request] = {}
         roots = config.adapter_root
         store_config = StoreConfig(
@@ -118,7 +126,6 @@ class LLMEngine:
             roots=tuple(roots if isinstance(roots, (list, tuple)) else [roots] if roots else []),
         )
         self.store = AdapterStore(LoraManager.attach(model), store_config)
-        self.lora = self.store.manager
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_preemptions_total = 0
@@ -128,6 +135,15 @@ class LLMEngine:
         self._request_ids = itertools.count()
         for name, path in (adapters or {}).items():
             self.register_adapter(name, path)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """The token ids that end a sequence (unless ``ignore_eos``): the tokenizer's and the model's."""
+        return self.scheduler.stop.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: set[int]) -> None:
+        self.scheduler.stop.eos_token_ids = set(ids)
 
     # -- adapters ----------------------------------------------------------------------------------
     def register_adapter(self, name: str, path: str | Path) -> None:
@@ -155,22 +171,20 @@ class LLMEngine:
     def adapter_paths(self) -> dict[str, str]:
         return self.store.list()
 
-    def _adapter_slot(self, name: str | None) -> int:
-        return -1 if name is None else self.store.slot(name)
-
     def _cache_identity(self, name: str | None) -> str:
         """The adapter part of prefix-cache keys: its name and weight version (none for base rows)."""
         return "" if name is None else "adapter:" + self.store.identity(name)
 
     def _can_admit(self, seq: Sequence) -> bool:
-        return self.store.ready(seq.adapter, seq.request.request_id)
+        return seq.adapter is None or self.store.ready(seq.adapter, seq.request.request_id)
 
     def _fail_unloadable(self) -> None:
         """Requests waiting for an adapter whose background load failed end with that error."""
         failures = self.store.take_failures()
-        for req in [r for r in self.requests.values() if r.adapter in failures]:
-            if not any(seq.status is SequenceStatus.RUNNING for seq in req.seqs):
-                self.abort_request(req.request_id, error=failures[req.adapter])
+        for req in list(self.requests.values()):
+            error = failures.get(req.adapter) if req.adapter is not None else None
+            if error is not None and not any(seq.status is SequenceStatus.RUNNING for seq in req.seqs):
+                self.abort_request(req.request_id, error=error)
 
     def _prefetch(self) -> None:
         self.store.prefetch(s.adapter for s in self.scheduler.waiting if s.adapter is not None)
@@ -185,15 +199,9 @@ class LLMEngine:
             text = prompt
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             ids, text = list(prompt), None
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
-                )
         else:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt is empty: it must have at least one token")
+        check_prompt_ids(ids, self.vocab_size)  # the server's rule too (blora.engine.validation)
         return text, ids
 
     def check_params(self, params: SamplingParams) -> None:
@@ -203,11 +211,7 @@ class LLMEngine:
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         params.validate()  # again: its fields may have been changed since it was built
         for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
-            bad = [t for t in getattr(params, name) or () if t >= self.vocab_size]
-            if bad:
-                raise SamplingParamError(
-                    name, f"{name} {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
-                )
+            check_token_ids(name, getattr(params, name) or (), self.vocab_size)
         self.sampler.check(params)  # compiles its grammar (cached), tokenizes its bad_words
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> int:
@@ -215,14 +219,7 @@ class LLMEngine:
         self.check_params(params)
         if adapter is not None:
             self.store.source(adapter)  # AdapterError (a ValueError): "unknown adapter ..."
-        n = len(prompt_ids)
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
-        if n + max_tokens > self.max_model_len or max_tokens < 1:
-            raise ValueError(
-                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
-                f"({self.max_model_len}); shorten the prompt or lower max_tokens"
-            )
-        return max_tokens
+        return resolve_max_tokens(len(prompt_ids), params.max_tokens, self.max_model_len)
 
     def add_request(
         self,
@@ -233,10 +230,13 @@ class LLMEngine:
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
         prompt_token_ids: list[int] | None = None,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
     ) -> str:
         """Queue a request (validated here, ``ValueError`` if invalid); returns its id.
         ``prompt_token_ids``, when given, are used instead of tokenizing the ``prompt`` text.
-        ``adapter``: a name, None (base model) or a weighted mixture ``{"a": 0.5, "b": 0.5}``."""
+        ``adapter``: a name, None (base model) or a weighted mixture ``{"a": 0.5, "b": 0.5}``.
+        ``output_kind``: an output after every step that made progress (``CUMULATIVE``) or only the final
+        one (``FINAL_ONLY``, when nobody reads the intermediate ones)."""
         params = params if params is not None else SamplingParams()
         adapter = mixture_key(adapter)  # {"a": 0.5, "b": 0.5} -> one adapter name for the mixture
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
@@ -256,6 +256,7 @@ class LLMEngine:
             order=next(self._order),
             max_tokens=max_tokens,
             metrics=RequestMetrics(arrival_time=arrival_time or time.time()),
+            output_kind=RequestOutputKind(output_kind),
         )
         for index in range(params.n):
             req.seqs.append(self._new_sequence(req, index))
@@ -303,12 +304,10 @@ class LLMEngine:
         req.error = error
         self._release(req)
         for seq in req.seqs:
-            if not seq.is_finished:
-                self.scheduler.remove(seq)
-                seq.finish("abort")
+            self.scheduler.abort(seq)
         req.metrics.finished_time = time.time()
         if not quiet:
-            self._pending.append(req.output())
+            self._pending.append(req.take_output())
         return True
 
     def _release(self, req: Request) -> None:
@@ -320,7 +319,9 @@ class LLMEngine:
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine iteration; returns the outputs of requests that progressed (or were aborted).
+        """One engine iteration; returns the outputs of requests that progressed (or were aborted): one
+        per request, holding its increment since its previous output (``FINAL_ONLY`` requests: only their
+        final output).
 
         A request that fails inside the step (installing its adapter, its forward, its sampling, its token
         update) ends alone with ``RequestFailedError`` as its output's ``error``; the others progress as
@@ -343,20 +344,29 @@ class LLMEngine:
             if s.seq.request.metrics.first_scheduled_time is None:
                 s.seq.request.metrics.first_scheduled_time = now
         try:
-            logits = self.runner.execute(plan.scheduled, self._adapter_slot)
+            logits = self.runner.execute(plan.scheduled)
         except Exception as exc:
             return outputs + self._run_isolated(plan.scheduled, exc)
-        return outputs + self._finish_step(plan.scheduled, logits)
+        return outputs + self._update(plan, logits)
 
     def _activate(self, plan: SchedulePlan) -> list[RequestOutput]:
-        """Install the plan's adapters in slots. If that fails, each adapter is installed alone; the
-        requests of one that still fails end with its error and leave the plan (their outputs returned)."""
+        """Install the plan's adapters in device slots and write each chunk's slot into the plan. If that
+        fails, each adapter is installed alone; the requests of one that still fails end with its error
+        and leave the plan (their outputs returned)."""
         busy = set(self.scheduler.running_adapters())
         try:
             self.store.activate(plan.adapters, busy)
-            return []
+            failed: list[RequestOutput] = []
         except Exception as exc:
             log.warning("installing the step's adapters failed (%r); installing each alone", exc)
+            failed = self._activate_each(plan, busy)
+        slots = {name: self.store.slot(name) for name in plan.adapters}
+        for s in plan.scheduled:
+            s.slot = -1 if s.seq.adapter is None else slots[s.seq.adapter]
+        return failed
+
+    def _activate_each(self, plan: SchedulePlan, busy: set[str]) -> list[RequestOutput]:
+        """The failure path of ``_activate``: each adapter alone; the requests of those that fail end."""
         bad: dict[str, Exception] = {}
         for name in plan.adapters:
             try:
@@ -386,47 +396,32 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         for group in groups.values():
             try:
-                logits = self.runner.execute(group, self._adapter_slot)
+                logits = self.runner.execute(group)
             except Exception as group_exc:
                 req = group[0].seq.request
                 outputs += self._fail_requests({req.request_id: (req, group_exc)})
                 continue
-            outputs += self._finish_step(group, logits)
+            outputs += self._update(SchedulePlan(scheduled=group), logits)
         return outputs
 
-    def _finish_step(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestOutput]:
-        """Advance the computed tokens, sample, append each sampled token; outputs of the touched requests."""
-        for res in self.runner.prompt_logprobs:  # this step's prompt logprobs (prompt_logprobs=k)
-            res.append_to_seq(self._decode_each)
-        for s in scheduled:
-            s.seq.num_computed_tokens += s.num_tokens
-            self.block_manager.cache_blocks(s.seq)  # full blocks now shareable (prefix caching)
-        sampled = [s.seq for s in scheduled if s.sample]
-        if not sampled:
-            return []
-        results = self.sampler(logits, sampled)  # a row that fails comes back with .error set
+    def _update(self, plan: SchedulePlan, logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample, hand the step's results to the scheduler (which makes every sequence transition), then
+        end the finished requests and emit the outputs of those that progressed."""
+        sampled = plan.sampled
+        samples = self.sampler(logits, sampled) if sampled else []  # a row that fails has .error set
+        results = StepResults(samples, self.runner.prompt_logprobs, self._decode_each)
+        update = self.scheduler.update(plan, results)
+        self.generation_tokens_total += update.num_generated
+        outputs = self._fail_requests(update.failed)
         now = time.time()
-        touched: dict[str, Request] = {}
-        failed: dict[str, tuple[Request, Exception]] = {}
-        for seq, res in zip(sampled, results, strict=True):
-            req = seq.request
-            if req.request_id in failed:
-                continue
-            try:
-                self._append_token(seq, res, now)
-            except Exception as exc:  # this request alone: its sampling or its token update failed
-                failed[req.request_id] = (req, exc)
-                continue
-            touched[req.request_id] = req
-        outputs = self._fail_requests(failed)
-        for req in touched.values():
-            if req.request_id in failed:
-                continue
+        for req in update.progressed.values():
+            req.metrics.first_token_time = req.metrics.first_token_time or now
             if req.finished:
                 req.metrics.finished_time = now
                 self.requests.pop(req.request_id, None)
                 self._release(req)
-            outputs.append(req.output())
+            if req.finished or req.streams:
+                outputs.append(req.take_output())
         return outputs
 
     def _fail_requests(self, failed: dict[str, tuple[Request, Exception]]) -> list[RequestOutput]:
@@ -440,37 +435,12 @@ class LLMEngine:
             )
             error.__cause__ = exc
             if self.abort_request(request_id, quiet=True, error=error):
-                outputs.append(req.output())
+                outputs.append(req.take_output())
         return outputs
-
-    def _append_token(self, seq: Sequence, res: SampleResult, now: float) -> None:
-        if res.error is not None:
-            raise res.error
-        token = res.token_id
-        if not 0 <= token < self.vocab_size:
-            raise RuntimeError(f"sampled token id {token} is outside the vocabulary [0, {self.vocab_size})")
-        seq.token_ids.append(token)
-        self.generation_tokens_total += 1
-        if seq.logprobs is not None:
-            seq.logprobs.append(res.top_logprobs)
-            seq.cumulative_logprob += res.logprob
-        metrics = seq.request.metrics
-        metrics.first_token_time = metrics.first_token_time or now
-        stop_string = seq.detokenizer.add_token(token)
-        params = seq.params
-        if token in params.stop_token_ids:
-            seq.finish("stop", token)
-        elif not params.ignore_eos and token in self.eos_token_ids:
-            seq.finish("stop")
-        elif stop_string is not None:
-            seq.finish("stop", stop_string)
-        elif seq.num_output_tokens >= seq.request.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            seq.finish("length")
-        if seq.is_finished:
-            self.scheduler.remove(seq)
 
     # -- introspection -----------------------------------------------------------------------------
     def stats(self) -> dict:
+        residency = self.store.residency()
         running = {s.request.request_id for s in self.scheduler.running}
         waiting = {s.request.request_id for s in self.scheduler.waiting} - running
         return {
@@ -485,16 +455,14 @@ class LLMEngine:
             "prefix_cache_queries_total": self.block_manager.stats.queries,
             "prefix_cache_hits_total": self.block_manager.stats.hits,
             "prefix_cache_hit_rate": self.block_manager.stats.hit_rate,
-            "adapters_active": len(self.store._slots),
-            "adapters_cached": len(self.store._cache),
+            "adapters_active": len(residency.active),
+            "adapters_cached": len(residency.cached),
         }
 
     def adapter_stats(self) -> dict:
-        """The adapter store's tiers, hit counts, load latencies and memory (``AdapterStore.stats``)."""
-        return self.store.stats()
-
-    def running_seqs(self) -> list[Sequence]:
-        return [s for s in self.scheduler.running if s.status is SequenceStatus.RUNNING]
+        """The adapter store's tiers, hit counts, load latencies and memory (``AdapterStore.stats`` as a
+        dict)."""
+        return self.store.stats().as_dict()
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

@@ -7,12 +7,12 @@ decoder runs once over it; the LM head runs only on the rows whose logits are sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from blora.engine import attention
 from blora.engine.attention import AttentionMetadata, KVCache, PrefillChunk
@@ -23,7 +23,7 @@ from blora.lora.backends import BackendOptions, LoraBackend
 from blora.lora.context import LoraBatch, lora_context
 from blora.lora.plan import lists_to_device
 from blora.models import families
-from blora.models.families import FastPathOptions
+from blora.models.families import FastModel, FastPathOptions
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PreTrainedModel,
         num_blocks: int,
         block_size: int,
         backend: LoraBackend | None = None,
@@ -61,8 +61,7 @@ class ModelRunner:
         kernels (``blora.engine.attention.ATTENTION_BACKENDS``), resolved here once."""
         self.model = model
         self.decoder = model.base_model
-        self.lm_head = model.get_output_embeddings()
-        if self.lm_head is None or self.decoder is model:
+        if model.get_output_embeddings() is None or self.decoder is model:
             raise ValueError(f"{type(model).__name__} has no separate decoder and LM head; not a causal LM?")
         model.config._attn_implementation = attention.register()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -79,7 +78,7 @@ class ModelRunner:
         self.prompt_logprobs: list[PromptTopK] = []  # of the last execute(): its prompt-logprob rows
 
     @classmethod
-    def from_config(cls, model: nn.Module, num_blocks: int, config) -> ModelRunner:
+    def from_config(cls, model: PreTrainedModel, num_blocks: int, config) -> ModelRunner:
         """The runner for an ``EngineConfig``: its LoRA backend, fast path and kernel switches resolved once."""
         options = RunnerOptions.from_config(config, next(model.parameters()).device)
         return cls(
@@ -88,18 +87,17 @@ class ModelRunner:
         )  # fmt: skip
 
     @torch.inference_mode()
-    def execute(
-        self, scheduled: Sequence[ScheduledSeq], adapter_slot: Callable[[str | None], int]
-    ) -> torch.Tensor:
+    def execute(self, scheduled: Sequence[ScheduledSeq]) -> torch.Tensor:
         """Run one step; returns logits [num sampled seqs, vocab] in ``scheduled`` order, in the model's dtype
-        (the sampler converts to float32 only what needs it: greedy argmax does not). The prompt logprobs
-        of sequences that ask for them are left in ``self.prompt_logprobs``."""
+        (the sampler converts to float32 only what needs it: greedy argmax does not). Each chunk's adapter
+        is already in its device slot (``ScheduledSeq.slot``). The prompt logprobs of sequences that ask for
+        them are left in ``self.prompt_logprobs``."""
         self.prompt_logprobs = []
-        batch = self.prepare(scheduled, adapter_slot)
-        fast = self.fast is not None and self.fast.usable()
+        batch = self.prepare(scheduled)
+        fast = self.fast if self.fast is not None and self.fast.usable() else None
         with attention.forward_context(self.cache, batch.attn), lora_context(batch.lora):
-            if fast:
-                hidden = self.fast(batch.input_ids[0], batch.position_ids[0])
+            if fast is not None:
+                hidden = fast(batch.input_ids[0], batch.position_ids[0])
                 self.fast_steps += 1
             else:
                 out = self.decoder(
@@ -111,10 +109,13 @@ class ModelRunner:
         hidden = hidden.index_select(0, batch.sample_rows)
         return self._head(hidden, fast, batch.head_lora)
 
-    def _head(self, hidden: torch.Tensor, fast: bool, head_lora: LoraBatch | None) -> torch.Tensor:
-        """LM head (+ softcapping) over ``hidden`` [m, hidden size] -> logits [m, vocab]."""
+    def _head(
+        self, hidden: torch.Tensor, fast: FastModel | None, head_lora: LoraBatch | None
+    ) -> torch.Tensor:
+        """LM head (+ softcapping) over ``hidden`` [m, hidden size] -> logits [m, vocab]; ``fast``: the
+        family's forward that ran the step (its packed head), None if transformers' modules ran it."""
         # looked up each step: an lm_head LoRA / modules_to_save wraps the head after the runner was built
-        logits = self.fast.logits(hidden) if fast else None
+        logits = fast.logits(hidden) if fast is not None else None
         if logits is None:
             with lora_context(head_lora):
                 logits = self.model.get_output_embeddings()(hidden)
@@ -135,9 +136,7 @@ class ModelRunner:
         lp, ranks, vals, ids = prompt_topk(head, len(rows), targets_t, seq.params.prompt_logprobs)
         return PromptTopK(seq, first, lp, ranks, ids, vals)
 
-    def prepare(
-        self, scheduled: Sequence[ScheduledSeq], adapter_slot: Callable[[str | None], int]
-    ) -> StepBatch:
+    def prepare(self, scheduled: Sequence[ScheduledSeq]) -> StepBatch:
         """Build the flat batch: token ids, positions, adapter and KV slots, attention metadata."""
         bs = self.block_size
         ids: list[int] = []
@@ -154,7 +153,7 @@ class ModelRunner:
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            lora.extend([adapter_slot(seq.adapter)] * n)
+            lora.extend([s.slot] * n)
             used = table[: -(-(start + n) // bs)]
             if n == 1:
                 dec_rows.append(row)
@@ -168,14 +167,13 @@ class ModelRunner:
             if span:
                 rows = [row + p - start for p in span]
                 targets = seq.token_ids[span.start + 1 : span.stop + 1]
-                prompt_rows.append((seq, span.start + 1, rows, targets, lora[row]))
-        step_lora: LoraBatch | None = LoraBatch(lora, self.device, self.backend)
-        head_lora = None
-        if step_lora.any_adapter:
-            step_lora.plan(len(lora))  # the step's plan: built once here, read by every layer
+                prompt_rows.append((seq, span.start + 1, rows, targets, s.slot))
+        routing = LoraBatch(lora, self.device, self.backend)
+        step_lora = head_lora = None
+        if routing.any_adapter:
+            routing.plan(len(lora))  # the step's plan: built once here, read by every layer
+            step_lora = routing
             head_lora = LoraBatch([lora[r] for r in sample_rows], self.device, self.backend)
-        else:
-            step_lora = None
         # every host list of the step in one go: on CUDA one pinned buffer and one non-blocking copy
         width = max(map(len, dec_tables), default=0)
         tables = [b for t in dec_tables for b in (*t, *[0] * (width - len(t)))]

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.Enum):
+    """Which outputs of a request the engine emits (vLLM's name). ``CUMULATIVE``: one after every step
+    that made progress (each with the full output so far and its increment); ``FINAL_ONLY``: only the
+    last one (its ``delta_*`` fields then hold everything, like its cumulative ones)."""
+
+    CUMULATIVE = "cumulative"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass
@@ -25,7 +35,8 @@ class CompletionOutput:
 
     ``text``/``token_ids``: everything generated so far (text never contains a stop string, nor a partial
     one that may still become a stop string). ``delta_text``/``delta_token_ids``/``delta_logprobs``: what is
-    new since the previous output of this request. ``logprobs``: per generated token a dict
+    new since the previous output of this request (in its first output: everything so far); the engine
+    emits each increment exactly once. ``logprobs``: per generated token a dict
     ``{token_id: logprob}`` holding the sampled token and the top-k (only when requested).
     ``finish_reason``: "stop" | "length" | "abort" | None while running; ``stop_reason``: the stop string
     or stop token id that ended it (None for EOS).

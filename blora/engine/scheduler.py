@@ -13,6 +13,10 @@ Policy (continuous batching with chunked prefill, like vLLM v1):
 4. Prefix caching (``BlockManager``): a sequence admitted without blocks first takes the cached blocks of
    its leading tokens (same tokens, same adapter identity) and computes only the rest; a cached block
    nobody uses costs a free block, one that running sequences share costs nothing.
+
+The scheduler owns every sequence transition (like nano-vllm's ``Scheduler.postprocess``): admission,
+preemption and status in ``schedule()``; after the step, ``update(plan, results)`` advances the computed
+tokens, appends the sampled tokens and finishes sequences (stop / length); ``abort()`` ends one early.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ import bisect
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from blora.engine.block_manager import BlockManager
-from blora.engine.sequence import Sequence, SequenceStatus
+from blora.engine.sequence import Request, Sequence, SequenceStatus
+
+if TYPE_CHECKING:  # results of the step; the scheduler reads their plain fields, never a tensor
+    from blora.engine.sampler import PromptTopK, SampleResult
 
 
 @dataclass
@@ -40,12 +48,23 @@ class SchedulerConfig:
 
 
 @dataclass
+class StopRules:
+    """The model's limits every sequence is checked against when a token is appended."""
+
+    eos_token_ids: set[int]
+    max_model_len: int
+    vocab_size: int
+
+
+@dataclass
 class ScheduledSeq:
-    """``seq`` computes ``token_ids[start : start + num_tokens]`` this step."""
+    """``seq`` computes ``token_ids[start : start + num_tokens]`` this step, with the LoRA in device slot
+    ``slot`` (-1: base model; the engine resolves it once the step's adapters are installed)."""
 
     seq: Sequence
     start: int
     num_tokens: int
+    slot: int = -1
 
     @property
     def sample(self) -> bool:
@@ -66,17 +85,45 @@ class SchedulePlan:
     def adapters(self) -> set[str]:
         return {s.seq.adapter for s in self.scheduled if s.seq.adapter is not None}
 
+    @property
+    def sampled(self) -> list[Sequence]:
+        """The sequences that get their next token this step, in ``scheduled`` order (the logits' rows)."""
+        return [s.seq for s in self.scheduled if s.sample]
+
+
+@dataclass
+class StepResults:
+    """What running a plan produced: one ``SampleResult`` per ``plan.sampled`` sequence (in that order),
+    the prompt logprobs computed (``PromptTopK``) and ``decode_each`` (token ids -> each one's text alone,
+    for their entries)."""
+
+    samples: list[SampleResult]
+    prompt_logprobs: list[PromptTopK]
+    decode_each: Callable[[list[int]], list[str]]
+
+
+@dataclass
+class StepUpdate:
+    """What ``Scheduler.update`` changed: the requests that progressed (``finished`` says if they are done)
+    and those whose update failed (request id -> (request, exception); they must be aborted), disjoint."""
+
+    progressed: dict[str, Request] = field(default_factory=dict)
+    failed: dict[str, tuple[Request, Exception]] = field(default_factory=dict)
+    num_generated: int = 0  # tokens appended
+
 
 class Scheduler:
     def __init__(
         self,
         config: SchedulerConfig,
         block_manager: BlockManager,
+        stop: StopRules,
         can_admit: Callable[[Sequence], bool] | None = None,
         cache_identity: Callable[[str | None], str] | None = None,
     ) -> None:
         self.config = config
         self.blocks = block_manager
+        self.stop = stop
         self.can_admit = can_admit  # False while a sequence's adapter is still loading
         # adapter name -> its identity in prefix-cache keys (with its weight version); by default the name
         self.cache_identity = cache_identity or (
@@ -98,7 +145,14 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
+        seq.num_computed_tokens = 0
         self._adapter_waits.pop(seq.seq_id, None)
+
+    def abort(self, seq: Sequence) -> None:
+        """End ``seq`` now (finish reason "abort") and free its blocks; nothing if it already finished."""
+        if not seq.is_finished:
+            self.remove(seq)
+            seq.finish("abort")
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -142,6 +196,7 @@ class Scheduler:
         plan.scheduled = [s for s in plan.scheduled if s.seq is not seq]
         plan.preempted.append(seq)
         self.blocks.free(seq)
+        seq.num_computed_tokens = 0  # recomputed from its prompt + generated tokens when admitted again
         seq.num_preemptions += 1
         self.add(seq)
 
@@ -172,6 +227,7 @@ class Scheduler:
                 return  # FIFO: later requests do not overtake on memory
             self.blocks.allocate(seq, start + n, computed)
             self.blocks.record_query(seq, computed)
+            seq.num_computed_tokens = start  # the cached blocks hold its first tokens' K/V
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.order)
@@ -180,3 +236,49 @@ class Scheduler:
             budget -= n
             if seq.adapter is not None:
                 active.add(seq.adapter)
+
+    # -- after the step ----------------------------------------------------------------------------
+    def update(self, plan: SchedulePlan, results: StepResults) -> StepUpdate:
+        """Apply a step's results: prompt logprobs, computed tokens (full blocks become shareable), then
+        each sampled token (appended, checked against the stop rules; a finished sequence leaves). A
+        sequence whose token cannot be appended (its sampling failed, its detokenization raised) fails its
+        request alone: the request is reported in ``failed`` and its other sequences are not touched."""
+        for prompt_logprobs in results.prompt_logprobs:
+            prompt_logprobs.append_to_seq(results.decode_each)
+        for s in plan.scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+            self.blocks.cache_blocks(s.seq)
+        update = StepUpdate()
+        for seq, res in zip(plan.sampled, results.samples, strict=True):
+            req = seq.request
+            if req.request_id in update.failed:
+                continue
+            try:
+                self._append(seq, res, update)
+            except Exception as exc:  # this request alone: its sampling or its token update failed
+                update.failed[req.request_id] = (req, exc)
+                update.progressed.pop(req.request_id, None)
+                continue
+            update.progressed[req.request_id] = req
+        return update
+
+    def _append(self, seq: Sequence, res: SampleResult, update: StepUpdate) -> None:
+        """Append one sampled token to ``seq``; finish it if a stop rule says so."""
+        if res.error is not None:
+            raise res.error
+        token, rules = res.token_id, self.stop
+        if not 0 <= token < rules.vocab_size:
+            raise RuntimeError(f"sampled token id {token} is outside the vocabulary [0, {rules.vocab_size})")
+        update.num_generated += 1
+        stop_string = seq.append_token(token, res.logprob, res.top_logprobs)
+        params = seq.params
+        if token in (params.stop_token_ids or ()):
+            seq.finish("stop", token)
+        elif not params.ignore_eos and token in rules.eos_token_ids:
+            seq.finish("stop")
+        elif stop_string is not None:
+            seq.finish("stop", stop_string)
+        elif seq.num_output_tokens >= seq.request.max_tokens or len(seq.token_ids) >= rules.max_model_len:
+            seq.finish("length")
+        if seq.is_finished:
+            self.remove(seq)

@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 import torch
 
 from blora.engine.detokenizer import IncrementalDetokenizer
-from blora.engine.outputs import CompletionOutput, PromptLogprobs, RequestMetrics, RequestOutput
+from blora.engine.outputs import (
+    CompletionOutput,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+    RequestOutputKind,
+)
 from blora.engine.sampling_params import SamplingParams
 
 
@@ -18,6 +24,17 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass
+class Increment:
+    """What one sequence produced since its request's previous emitted output: generated tokens, their
+    logprobs (when the request asked for them) and the text that became safe to show, in pieces (joined
+    once, when emitted)."""
+
+    text_parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -43,8 +60,8 @@ class Sequence:
     cumulative_logprob: float | None = None
     prompt_logprobs: PromptLogprobs | None = None  # the request's first sequence, with prompt_logprobs=k
     num_preemptions: int = 0
-    sent_text_len: int = 0
-    sent_num_tokens: int = 0
+    text_len: int = 0  # leading characters of detokenizer.text released as safe to show
+    pending: Increment = field(default_factory=Increment)  # since the previous emitted output
 
     @property
     def params(self) -> SamplingParams:
@@ -87,38 +104,68 @@ class Sequence:
     def prompt_logprob_span(self, start: int, num_tokens: int) -> range:
         """Positions of the chunk ``[start, start + num_tokens)`` whose logits give a prompt logprob not yet
         held (position p gives prompt token p + 1's)."""
-        if not self.needs_full_prompt:
+        held = self.prompt_logprobs
+        if held is None or len(held) >= self.num_prompt_tokens:
             return range(0)
-        return range(
-            max(start, len(self.prompt_logprobs) - 1), min(start + num_tokens, self.num_prompt_tokens - 1)
-        )
+        return range(max(start, len(held) - 1), min(start + num_tokens, self.num_prompt_tokens - 1))
+
+    # -- transitions (called by the Scheduler) -------------------------------------------------------
+    def append_token(
+        self, token_id: int, logprob: float | None = None, top_logprobs: dict[int, float] | None = None
+    ) -> str | None:
+        """Append one generated token (with its logprobs when the request asked for them) and record it,
+        and the text it made safe, in the increment. Returns the stop string its text completed, if any."""
+        self.token_ids.append(token_id)
+        self.pending.token_ids.append(token_id)
+        if self.logprobs is not None:
+            if top_logprobs is None or logprob is None or self.cumulative_logprob is None:
+                raise RuntimeError(
+                    f"the sampler gave no logprobs for token {token_id} of a request asking for them"
+                )
+            self.logprobs.append(top_logprobs)
+            self.cumulative_logprob += logprob
+            self.pending.logprobs.append(top_logprobs)
+        stop_string = self.detokenizer.add_token(token_id)
+        self._release_text()
+        return stop_string
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        """End the sequence; the text held back in case it became a stop string is released."""
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason
+        self._release_text()
 
-    def output(self) -> CompletionOutput:
-        """The completion so far plus the delta since the previous call."""
-        detok = self.detokenizer
-        text = detok.text[: detok.safe_length(self.is_finished)]
-        out_ids = self.output_token_ids
-        delta_ids = out_ids[self.sent_num_tokens :]
-        delta_logprobs = None if self.logprobs is None else self.logprobs[self.sent_num_tokens :]
-        delta_text = text[self.sent_text_len :] if len(text) >= self.sent_text_len else ""
-        self.sent_text_len = max(self.sent_text_len, len(text))
-        self.sent_num_tokens = len(out_ids)
+    def _release_text(self) -> None:
+        """Record the detokenized text that became safe to show: all of it once finished, else all but a
+        tail that may still become a stop string. Released text is never taken back (a stop string found
+        later starts inside the held-back tail)."""
+        safe = self.detokenizer.safe_length(self.is_finished)
+        if safe > self.text_len:
+            self.pending.text_parts.append(self.detokenizer.text[self.text_len : safe])
+            self.text_len = safe
+
+    # -- outputs -----------------------------------------------------------------------------------
+    def take_increment(self) -> Increment:
+        """What the sequence produced since the previous call (each increment is handed out once)."""
+        increment, self.pending = self.pending, Increment()
+        return increment
+
+    def output(self, increment: Increment | None = None) -> CompletionOutput:
+        """A snapshot of the completion so far (changes nothing); ``increment`` fills the ``delta_*``
+        fields (empty when None)."""
+        delta = increment if increment is not None else Increment()
         return CompletionOutput(
             index=self.index,
-            text=text,
-            token_ids=list(out_ids),
+            text=self.detokenizer.text[: self.text_len],
+            token_ids=self.output_token_ids,  # a new list (a slice)
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
             logprobs=None if self.logprobs is None else list(self.logprobs),
             cumulative_logprob=self.cumulative_logprob,
-            delta_text=delta_text,
-            delta_token_ids=delta_ids,
-            delta_logprobs=delta_logprobs,
+            delta_text="".join(delta.text_parts),
+            delta_token_ids=delta.token_ids,
+            delta_logprobs=None if self.logprobs is None else delta.logprobs,
         )
 
 
@@ -136,17 +183,25 @@ class Request:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
     seqs: list[Sequence] = field(default_factory=list)
     error: Exception | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     @property
     def finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
 
-    def output(self) -> RequestOutput:
+    @property
+    def streams(self) -> bool:
+        """Whether an output is emitted after every step that made progress (else only the final one)."""
+        return self.output_kind is RequestOutputKind.CUMULATIVE
+
+    def take_output(self) -> RequestOutput:
+        """The request's output now, each sequence's increment drained into its ``delta_*`` fields (the
+        engine calls this once per emitted output, so each increment is emitted exactly once)."""
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[seq.output() for seq in self.seqs],
+            outputs=[seq.output(seq.take_increment()) for seq in self.seqs],
             finished=self.finished,
             adapter=self.adapter,
             metrics=dataclasses.replace(self.metrics),
