@@ -95,7 +95,7 @@ def test_output_unchanged_after_another_adapter_is_used_unloaded_and_reloaded(en
         again = llm.generate(PROMPTS["a"], GREEDY, adapters="a")[0]
         assert tokens(again) == refs["a"]
         assert again.outputs[0].logprobs == first.outputs[0].logprobs  # bit-identical, not just argmax
-    assert llm.engine.store.stats()["slot_evictions"] >= 2  # one slot: "a" really was swapped out
+    assert llm.engine.store.stats().slot_evictions >= 2  # one slot: "a" really was swapped out
 
 
 # ------------------------------------------------------------------------------------------------ tiers
@@ -117,11 +117,11 @@ def test_cpu_cache_budget_and_slot_lru(env):
         for rid, out in drain(engine).items():
             assert tokens(out) == refs[rid[0]], rid
         stats = engine.store.stats()
-        assert stats["cache_peak_bytes"] <= budget
-        assert len(stats["active"]) <= 2
-    assert stats["cache_evictions"] > 0 and stats["slot_evictions"] > 0
-    assert stats["loads"] > len(ADAPTERS)  # evicted adapters were read again in round two
-    assert stats["resident_bytes"] <= budget + sum(sorted(sizes.values())[-2:])
+        assert stats.cache_peak_bytes <= budget
+        assert len(stats.active) <= 2
+    assert stats.cache_evictions > 0 and stats.slot_evictions > 0
+    assert stats.loads > len(ADAPTERS)  # evicted adapters were read again in round two
+    assert stats.resident_bytes <= budget + sum(sorted(sizes.values())[-2:])
 
 
 def test_pinned_adapter_stays_in_its_own_slot(env):
@@ -136,9 +136,9 @@ def test_pinned_adapter_stays_in_its_own_slot(env):
     for rid, out in drain(engine).items():
         assert tokens(out) == refs[rid]
     stats = engine.store.stats()
-    assert "a" in stats["active"] and stats["pinned"] == ["a"]
-    assert len(stats["active"]) == 2  # the pinned one + one LRU slot
-    assert stats["slot_evictions"] == 2  # b -> c -> d, never a
+    assert "a" in stats.active and stats.pinned == ["a"]
+    assert len(stats.active) == 2  # the pinned one + one LRU slot
+    assert stats.slot_evictions == 2  # b -> c -> d, never a
 
 
 def test_prefetch_loads_waiting_adapters_in_the_background(env):
@@ -171,7 +171,7 @@ def test_prefetch_loads_waiting_adapters_in_the_background(env):
     assert {thread for _, thread, _ in loads} == {"blora-adapter-loader"}
     loaded_at = {name: t for name, _, t in loads}
     assert loaded_at["b"] < finished_at["a"]  # ready before its turn
-    assert engine.store.stats()["arrivals"] == {"disk": 3}
+    assert engine.store.stats().arrivals == {"disk": 3}
 
 
 def test_failed_background_load_fails_only_its_requests(env, tmp_path):
@@ -213,7 +213,7 @@ def test_unload_in_use_is_refused_or_waits_without_losing_requests(env):
     final = drain(engine)
     assert tokens(final["r1"]) == refs["a"]  # finished, on its own weights
     assert future.done() and "a" not in engine.list_adapters()
-    assert engine.store.stats()["active"] == []
+    assert engine.store.stats().active == []
 
 
 def test_replace_in_use_lets_old_requests_finish_on_old_weights(env):
@@ -274,7 +274,7 @@ def test_adapter_root_loads_on_first_use(env):
     base, root, dirs, refs, _ = env
     llm = LLM(tiny_model("llama"), tokenizer=tokenizer(), adapter_root=str(root), max_loras=2)
     assert set(llm.list_adapters()) == set(ADAPTERS)
-    assert llm.engine.store.stats()["loads"] == 0
+    assert llm.engine.store.stats().loads == 0
     outs = llm.generate([PROMPTS[n] for n in ADAPTERS], GREEDY, adapters=list(ADAPTERS))
     assert [tokens(o) for o in outs] == [refs[n] for n in ADAPTERS]
 
@@ -318,7 +318,7 @@ def test_thousand_registrations_cost_almost_nothing(env, tmp_path):
     print(f"1000 registrations: {elapsed * 1e3:.1f} ms, {peak / 1024:.0f} KiB traced")
     assert peak < 2 << 20
     stats = engine.store.stats()
-    assert stats["registered"] == 1000 and stats["loads"] == 0 and stats["cached"] == []
+    assert stats.registered == 1000 and stats.loads == 0 and stats.cached == []
     engine.add_request("r", [1, 2, 3], GREEDY, "customer-7")  # the error only comes when it is used
     error = drain(engine)["r"].error
     assert isinstance(error, AdapterError) and "customer-7" in str(error) and "JSON" in str(error)
@@ -338,4 +338,4 @@ def test_thousand_adapters_under_a_root_are_not_read_until_used(env, tmp_path):
     assert tokens(drain(engine)["r"]) == refs["a"]
     with pytest.raises(AdapterError, match="symlink out of the adapter root"):
         engine.add_request("s", PROMPTS["a"], GREEDY, "u7")
-    assert engine.store.stats()["loads"] == 1
+    assert engine.store.stats().loads == 1

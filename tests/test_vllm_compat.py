@@ -401,11 +401,11 @@ def test_max_cpu_loras_bounds_the_host_cache(files):
         most = 0
         for name in ("sql", "chat", "other"):
             llm.load_adapter(name, files[name])
-            most = max(most, len(llm.engine.store.stats()["cached"]))
+            most = max(most, len(llm.engine.store.stats().cached))
         for name in ("sql", "chat", "other", "sql"):
             out = llm.generate("Hello", SamplingParams(max_tokens=2, temperature=0), adapters=name)
             assert out[0].outputs[0].finish_reason == "length"
-            most = max(most, len(llm.engine.store.stats()["cached"]))
+            most = max(most, len(llm.engine.store.stats().cached))
         return most, llm.engine.store.stats()["cache_evictions"]
 
     assert cached_after(None) == (3, 0)  # the byte budget alone keeps all three

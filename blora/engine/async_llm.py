@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blora.engine.llm import build_engine
-from blora.engine.llm_engine import EngineConfig
+from blora.engine.llm_engine import EngineConfig, LLMEngine
 from blora.engine.lora_request import LoRARequest, LoRARequestRegistry
 from blora.engine.memory import release_free_memory
 from blora.engine.outputs import RequestOutput
@@ -39,6 +39,8 @@ class _Stream:
 
 class AsyncLLM:
     """Continuous-batching engine for concurrent callers; the constructor takes ``LLM``'s arguments."""
+
+    engine: LLMEngine  # built and assigned by the engine thread (``boot``) before ``__init__`` returns
 
     def __init__(
         self,

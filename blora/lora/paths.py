@@ -30,7 +30,8 @@ def os_reason(exc: BaseException) -> str:
     if isinstance(exc, RuntimeError):
         return _REASONS[errno.ELOOP]
     code = getattr(exc, "errno", None)
-    return _REASONS.get(code) or (getattr(exc, "strerror", None) or type(exc).__name__)
+    known = _REASONS.get(code) if isinstance(code, int) else None
+    return known or getattr(exc, "strerror", None) or type(exc).__name__
 
 
 def resolve(path: Path, what: str) -> Path:
@@ -62,13 +63,10 @@ def resolve_inside(root: str | Path, path: str | Path, what: str) -> Path:
     return resolved
 
 
-def contained_path(root: str | Path, name: str) -> Path:
-    """``root / name`` resolved, refusing names that could leave ``root``.
-
-    Refused: empty names, NUL bytes, absolute paths, ``~``, backslashes, ``.``/``..``/empty components,
-    paths longer than ``MAX_PATH_CHARS``, paths that cannot be resolved (symlink loops, names too long) and
-    paths whose resolved location (after following symlinks) is not inside the resolved root.
-    """
+def check_relative_name(name: str) -> str:
+    """Refuse an adapter *name* that could leave a root before touching the disk; returns it shortened for
+    messages. Refused: empty names, NUL bytes, backslashes, absolute paths, ``~``, ``.``/``..``/empty
+    components."""
     if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
         raise AdapterError(f"adapter name {name!r} is not a valid relative name")
     shown = name if len(name) <= 80 else name[:77] + "..."
@@ -78,7 +76,45 @@ def contained_path(root: str | Path, name: str) -> Path:
         )
     if any(part in ("..", ".", "") for part in name.split("/")):
         raise AdapterError(f"adapter name {shown!r} has '.', '..' or empty components; refused")
+    return shown
+
+
+def contained_path(root: str | Path, name: str) -> Path:
+    """``root / name`` resolved, refusing names that could leave ``root``.
+
+    Refused: the names ``check_relative_name`` refuses, paths longer than ``MAX_PATH_CHARS``, paths that
+    cannot be resolved (symlink loops, names too long) and paths whose resolved location (after following
+    symlinks) is not inside the resolved root.
+    """
+    shown = check_relative_name(name)
     return resolve_inside(root, name, f"adapter name {shown!r}")
+
+
+class NotAnAdapterError(AdapterError):
+    """The path exists inside the root but is not a PEFT adapter directory (no ``adapter_config.json``)."""
+
+
+def adapter_dir_inside(root: str | Path, path: str | Path, name: str, what: str) -> Path | None:
+    """The adapter directory at ``path`` (relative to ``root``, or absolute inside it), confined to ``root``.
+
+    The one confinement rule for every name or path from outside (adapters found under a store root,
+    runtime loads through the server): the directory, symlinks resolved, must lie strictly inside the
+    resolved root, and so must each adapter file in it. Returns the resolved directory, or None when
+    nothing exists there. Raises ``NotAnAdapterError`` when it exists without ``adapter_config.json``
+    and ``AdapterError`` when it leaves the root or cannot be resolved; messages name ``what`` (the
+    directory: "adapter name 'x'", "lora_path 'x'") or the adapter ``name`` (one of its files).
+    """
+    resolved = resolve_inside(root, path, what)
+    try:
+        if not resolved.exists():
+            return None
+        is_adapter = (resolved / "adapter_config.json").is_file()
+    except OSError as exc:
+        raise AdapterError(f"{what}: {os_reason(exc)}; refused") from None
+    if not is_adapter:
+        raise NotAnAdapterError(f"{what} is not a PEFT adapter directory (no adapter_config.json)")
+    check_files_inside(root, resolved, name)
+    return resolved
 
 
 def check_files_inside(root: str | Path, path: Path, name: str) -> None:

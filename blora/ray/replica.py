@@ -6,6 +6,9 @@ replica that already holds that adapter (or, if none does, to the one holding fe
 and Ray's LRU eviction unloads it from the engine, so Ray's routing table and the engine agree on what
 each replica holds. Many adapters stay resident at once and the engine batches them together.
 
+"Resident" is the engine's adapter store's notion (``AdapterStore.registered``: loaded by name and not
+being unloaded), less the adapters whose unload this replica has started and the engine not yet done.
+
 Ordering that keeps every request safe from an unload racing it: a request that found its adapter resident
 submits itself to the engine without yielding to the event loop in between, so its submission is queued
 before any unload an eviction starts afterwards, and the engine's waiting unload lets it finish. A request
@@ -62,7 +65,8 @@ class _Resident:
 class EngineReplica:
     """One engine; generation requests stream packed outputs (``blora.ray.wire``) back to the ingress."""
 
-    async def __init__(self, engine_kwargs: dict, registry: Any, options: ReplicaOptions) -> None:
+    # Ray Serve awaits an async constructor of a deployment (the engine loads in a thread meanwhile)
+    async def __init__(self, engine_kwargs: dict, registry: Any, options: ReplicaOptions) -> None:  # type: ignore[misc]
         import torch
 
         from blora.engine import AsyncLLM
@@ -76,8 +80,7 @@ class EngineReplica:
         self._version = 0
         self._sources: dict[str, str] = {}  # the registry as last read
         self._announced: dict[str, str] = {}  # sources of runtime loads not registered yet
-        self._resident: dict[str, _Resident] = {}
-        self._unloading: dict[str, asyncio.Task] = {}
+        self._unloading: dict[str, asyncio.Task] = {}  # unloads started here (Ray evicted or source changed)
         self._locks: dict[str, asyncio.Lock] = {}
         self._sync_lock = asyncio.Lock()
         self.counts = {"adapter_requests": 0, "adapter_hits": 0, "adapter_loads": 0, "adapter_evictions": 0}
@@ -123,6 +126,11 @@ class EngineReplica:
             self._announced.pop(name, None)
 
     # -- residency -------------------------------------------------------------------------------------
+    def _resident(self) -> dict[str, str]:
+        """Adapters resident in this replica's engine (name -> source), read from its store now."""
+        loaded = self.engine.engine.store.registered()
+        return {n: s for n, s in loaded.items() if n not in self._unloading or self._unloading[n].done()}
+
     async def _ensure_resident(self, names: list[str]) -> None:
         if not names:
             return
@@ -132,14 +140,15 @@ class EngineReplica:
                 f"{self.options.max_adapters} resident (--max-adapters-per-replica)"
             )
         self.counts["adapter_requests"] += 1
-        if all(n in self._resident for n in names):
+        if all(n in self._resident() for n in names):
             self.counts["adapter_hits"] += 1
         for _ in range(MIXTURE_ATTEMPTS):
             for name in names:
                 await self._multiplexed(name)
-                if name not in self._resident:  # Ray's cache entry outlived a registry change
+                if name not in self._resident():  # Ray's cache entry outlived a registry change
                     await self._make_resident(name)
-            if all(n in self._resident for n in names):
+            resident = self._resident()
+            if all(n in resident for n in names):
                 return
         raise RuntimeError(
             f"adapters {names} could not be resident together: other requests evicted them "
@@ -149,16 +158,16 @@ class EngineReplica:
     async def _make_resident(self, name: str) -> _Resident:
         """Load ``name`` into the engine (once; concurrent callers share the load)."""
         async with self._locks.setdefault(name, asyncio.Lock()):
-            if name in self._resident:
-                return self._resident[name]
+            source = self._resident().get(name)
+            if source is not None:
+                return _Resident(name, source, self._evict)
             pending = self._unloading.pop(name, None)
             if pending is not None:
                 await pending
             source = await self._source_of(name)
             await self.engine.load_adapter(name, source)
-            resident = self._resident[name] = _Resident(name, source, self._evict)
             self.counts["adapter_loads"] += 1
-            return resident
+            return _Resident(name, source, self._evict)
 
     async def _source_of(self, name: str) -> str:
         source = self._announced.get(name) or self._sources.get(name)
@@ -175,7 +184,7 @@ class EngineReplica:
         self._drop(name)
 
     def _drop(self, name: str) -> None:
-        if self._resident.pop(name, None) is not None:
+        if name in self._resident():
             self._unloading[name] = asyncio.ensure_future(self._unload(name))
 
     async def _unload(self, name: str) -> None:
@@ -192,8 +201,8 @@ class EngineReplica:
             if version <= self._version:
                 return
             self._version, self._sources = await self.registry.snapshot.remote()
-            for name, resident in list(self._resident.items()):
-                if self._sources.get(name) != resident.source and name not in self._announced:
+            for name, source in self._resident().items():
+                if self._sources.get(name) != source and name not in self._announced:
                     self._drop(name)
 
     # -- stats ---------------------------------------------------------------------------------------
@@ -203,7 +212,7 @@ class EngineReplica:
             **self.counts,
             "replica": self.name,
             "pid": os.getpid(),
-            "resident_adapters": sorted(self._resident),
+            "resident_adapters": sorted(self._resident()),
         }
 
     async def _report_loop(self) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from blora.lora.errors import AdapterError
-from blora.lora.paths import MAX_PATH_CHARS, check_files_inside, os_reason, resolve_inside
+from blora.lora.paths import MAX_PATH_CHARS, NotAnAdapterError, adapter_dir_inside
 from blora.server.errors import InvalidRequestError, NotFoundError, clip
 from blora.server.protocol import ModelCard
 
@@ -32,10 +32,10 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
 def resolve_adapter_path(root: Path, raw: str) -> Path:
     """Resolve ``raw`` (relative to ``root``, or absolute inside it) to a real directory inside ``root``.
 
-    The rules are the adapter store's (``blora.lora.paths``): the directory and each adapter file in it,
-    symlinks resolved, must lie inside the resolved root. Raises InvalidRequestError (400) for paths that
-    leave the root or cannot be resolved (symlink loops, names or paths too long) and NotFoundError (404)
-    for paths that do not exist.
+    The rules are the adapter store's (``blora.lora.paths.adapter_dir_inside``, the one confinement
+    function): the directory and each adapter file in it, symlinks resolved, must lie inside the resolved
+    root. Raises InvalidRequestError (400) for paths that leave the root, cannot be resolved (symlink
+    loops, names or paths too long) or hold no adapter, and NotFoundError (404) for paths that do not exist.
     """
     shown = raw if len(raw) <= 200 else raw[:197] + "..."
     if "\x00" in raw:
@@ -47,25 +47,18 @@ def resolve_adapter_path(root: Path, raw: str) -> Path:
     if ".." in Path(raw).parts:
         raise InvalidRequestError("lora_path must not contain '..' components", param="lora_path")
     try:
-        resolved = resolve_inside(root, raw, f"lora_path {shown!r}")
-        exists, is_adapter = resolved.exists(), (resolved / "adapter_config.json").is_file()
-        if is_adapter:
-            check_files_inside(root, resolved, shown)
+        resolved = adapter_dir_inside(root, raw, shown, f"lora_path {shown!r}")
+    except NotAnAdapterError as exc:
+        raise InvalidRequestError(str(exc), param="lora_path") from None
     except AdapterError as exc:
         raise InvalidRequestError(
             f"{exc}; runtime adapters must live under --adapter-root", param="lora_path"
         ) from None
-    except OSError as exc:
-        raise InvalidRequestError(f"lora_path {shown!r}: {os_reason(exc)}", param="lora_path") from None
-    if not exists:
+    if resolved is None:
         raise NotFoundError(
             f"Adapter path {shown!r} does not exist under the adapter root",
             param="lora_path",
             code="adapter_not_found",
-        )
-    if not is_adapter:
-        raise InvalidRequestError(
-            f"lora_path {shown!r} is not a PEFT adapter directory (no adapter_config.json)", param="lora_path"
         )
     return resolved
 
