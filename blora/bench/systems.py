@@ -52,7 +52,7 @@ def workload(tok, args) -> tuple[list[str], list[str | None]]:
     """The prompts and, per prompt, its adapter (round-robin over ``args.k``; None when k = 0)."""
     n = max(args.requests, args.k)
     texts = chat_prompts(tok, n)
-    names = [None] * n if args.k == 0 else [f"bench-{i % args.k:03d}" for i in range(n)]
+    names: list[str | None] = [None] * n if args.k == 0 else [f"bench-{i % args.k:03d}" for i in range(n)]
     return texts, names
 
 
@@ -70,8 +70,10 @@ def run_engine(loaded, args, paths) -> Run:
         start = time.time()
         outs = llm.generate(texts, params, adapters=names)
         seconds = time.time() - start
-        ttft = [o.metrics.first_token_time - start for o in outs]
         assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outs)
+        firsts = [o.metrics.first_token_time for o in outs]
+        assert all(t is not None for t in firsts)  # every request produced its tokens
+        ttft = [t - start for t in firsts if t is not None]
         return {"seconds": seconds, "ttft_s": sum(ttft) / len(ttft)}
 
     return run
@@ -108,6 +110,7 @@ def static_generate(model, tok, texts, new_tokens: int, **kw) -> tuple[float, fl
         **kw,
     )
     assert out.shape[1] == batch["input_ids"].shape[1] + new_tokens
+    assert first.time is not None  # the processor ran for the first token
     return time.perf_counter() - start, first.time - start
 
 

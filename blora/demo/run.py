@@ -74,6 +74,7 @@ def run_demo(
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
+    assert isinstance(prompt, str)  # tokenize=False: the rendered text
     rows = demo_rows()
     run = _library_runner(loaded, prompt, rows) if library else _engine_runner(loaded, prompt, rows)
     console.print(

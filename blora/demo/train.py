@@ -384,11 +384,11 @@ def evaluate(names: list[str], out: Path, questions: list[str]) -> dict:
         model.set_adapter(name)
         model.eval()
         answers = chat_generate(model, tok, questions, EVAL_TOKENS)
+        oks = [check_behaviour(name, a) for a in answers]
         rows = [
-            {"question": q, "answer": a, "ok": check_behaviour(name, a)}
-            for q, a in zip(questions, answers, strict=True)
+            {"question": q, "answer": a, "ok": ok} for q, a, ok in zip(questions, answers, oks, strict=True)
         ]
-        hits = sum(r["ok"] for r in rows)
+        hits = sum(oks)
         base_hits = sum(check_behaviour(name, a) for a in base)
         results[name] = {
             "heldout_rate": round(hits / len(rows), 3),

@@ -10,7 +10,7 @@ REASONS = {"stop": "stop (EOS)", "length": "length (max tokens)"}
 def status(row: Row) -> str:
     """A row's state in a few words: tokens so far, or how and when it ended."""
     n = len(row.token_ids)
-    if not row.done:
+    if row.finish_reason is None:  # not done
         return f"{n} tokens..."
     reason = REASONS.get(row.finish_reason, row.finish_reason)
     return f"{reason}, {n} tokens, {row.finished_s:.2f} s"

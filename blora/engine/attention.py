@@ -18,6 +18,7 @@ import contextvars
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +70,19 @@ class AttentionMetadata:
     backend: str = "cpu"  # the engine's resolved ``attention_backend`` ("cpu", "torch" or "triton")
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    def decode_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(decode_rows, decode_slots, decode_context_lens)``, for a step that has decode queries."""
+        rows, slots, lens = self.decode_rows, self.decode_slots, self.decode_context_lens
+        assert rows is not None and slots is not None and lens is not None, "this step has no decode queries"
+        return rows, slots, lens
+
     def decode_bias(self, sliding_window: int | None) -> torch.Tensor:
         """[Bd, 1, L] float32 additive mask: 0 where a decode query may attend (cached, causal, inside the
         window), -inf elsewhere. Built once per step and window size, shared by all layers."""
         bias = self._masks.get(sliding_window)
         if bias is None:
-            lens = self.decode_context_lens
-            key_pos = torch.arange(self.decode_slots.shape[1], device=lens.device)
+            _, slots, lens = self.decode_batch()
+            key_pos = torch.arange(slots.shape[1], device=lens.device)
             allowed = key_pos[None, :] < lens[:, None]
             if sliding_window is not None:
                 allowed &= key_pos[None, :] > (lens[:, None] - 1 - sliding_window)
@@ -158,7 +165,8 @@ def paged_attention(
         )
     softcap = kwargs.get("softcap")
     cache, meta = ctx
-    k_cache, v_cache = cache.layer(module.layer_idx, key)
+    # transformers' attention modules carry their layer's index (nn.Module's __getattr__ is untyped)
+    k_cache, v_cache = cache.layer(cast(int, module.layer_idx), key)
     kernel = _kernel_for(query, k_cache) if meta.backend == "cpu" else None
     _store(kernel, k_cache, v_cache, key, value, meta.slot_mapping)
     out = query.new_empty(meta.num_tokens, query.shape[1], query.shape[3])
@@ -202,12 +210,12 @@ def _store(
 
 def _decode(
     kernel: kernels.CpuKernel | None,
-    query,
-    k_cache,
-    v_cache,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     meta: AttentionMetadata,
-    scaling,
-    sliding_window,
+    scaling: float | None,
+    sliding_window: int | None,
 ) -> torch.Tensor:
     """All single-token queries at once over each sequence's cached tokens -> [Bd, H, D].
 
@@ -215,18 +223,18 @@ def _decode(
     gather copy) with float32 accumulation; with the "triton" backend the Triton kernel does the same on
     the GPU; elsewhere, or without a compiler, ``_decode_torch``.
     """
+    decode_rows, decode_slots, decode_lens = meta.decode_batch()
     if meta.backend == "triton":
         scale = query.shape[3] ** -0.5 if scaling is None else float(scaling)
         return _triton_decode()(
-            query[0], meta.decode_rows, k_cache, v_cache, meta.decode_slots, meta.decode_context_lens, scale,
-            sliding_window,
-        )  # fmt: skip
+            query[0], decode_rows, k_cache, v_cache, decode_slots, decode_lens, scale, sliding_window
+        )
     if kernel is None:
         return _decode_torch(query, k_cache, v_cache, meta, scaling, sliding_window)
     scale = query.shape[3] ** -0.5 if scaling is None else float(scaling)
-    rows = None if meta.all_decode else meta.decode_rows
+    rows = None if meta.all_decode else decode_rows
     return kernel.decode_attention(
-        query[0], rows, k_cache, v_cache, meta.decode_slots, meta.decode_context_lens, scale, sliding_window
+        query[0], rows, k_cache, v_cache, decode_slots, decode_lens, scale, sliding_window
     )
 
 
@@ -280,7 +288,13 @@ def _kernel_for(query: torch.Tensor, k_cache: torch.Tensor) -> kernels.CpuKernel
 
 
 def _decode_torch(
-    query, k_cache, v_cache, meta: AttentionMetadata, scaling, sliding_window, softcap: float | None = None
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scaling: float | None,
+    sliding_window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """PyTorch decode attention (any device): gather + two ``bmm`` -> [Bd, H, D].
 
@@ -291,10 +305,11 @@ def _decode_torch(
     """
     h, d = query.shape[1], query.shape[3]
     kvh = k_cache.shape[0]
-    q = query[0] if meta.all_decode else query[0].index_select(1, meta.decode_rows)  # [H, Bd, D]
-    bd, n_ctx = q.shape[1], meta.decode_slots.shape[1]
+    decode_rows, decode_slots, _ = meta.decode_batch()
+    q = query[0] if meta.all_decode else query[0].index_select(1, decode_rows)  # [H, Bd, D]
+    bd, n_ctx = q.shape[1], decode_slots.shape[1]
     q = q.view(kvh, h // kvh, bd, d).transpose(1, 2).reshape(kvh * bd, h // kvh, d)
-    flat = meta.decode_slots.view(-1)
+    flat = decode_slots.view(-1)
     k = k_cache.index_select(1, flat).view(kvh * bd, n_ctx, d)
     v = v_cache.index_select(1, flat).view(kvh * bd, n_ctx, d)
     scores = torch.bmm(q, k.transpose(1, 2)).float().view(kvh, bd, h // kvh, n_ctx)

@@ -102,7 +102,7 @@ class PromptTopK:
 
 
 def prompt_topk(
-    head: Callable[[torch.Tensor, slice], torch.Tensor],
+    head: Callable[[slice], torch.Tensor],
     num_rows: int,
     targets: torch.Tensor,
     k: int,
@@ -112,15 +112,18 @@ def prompt_topk(
     [m, k]) on the CPU.
 
     Semantics: lp = log_softmax(logits.float()); lp[target], 1 + #{v: lp[v] > lp[target]}, topk(lp, k)."""
-    parts = []
+    chosen_parts, rank_parts, val_parts, id_parts = [], [], [], []
     for lo in range(0, num_rows, PROMPT_LOGPROBS_ROWS):
         rows = slice(lo, min(lo + PROMPT_LOGPROBS_ROWS, num_rows))
         lp = torch.log_softmax(head(rows).float(), dim=-1)
-        chosen = lp.gather(1, targets[rows, None])
+        chosen = lp.gather(1, targets[rows].unsqueeze(1))
         ranks = (lp > chosen).sum(dim=-1) + 1
         vals, ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
-        parts.append((chosen[:, 0].cpu(), ranks.cpu(), vals.cpu(), ids.cpu()))
-    return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+        chosen_parts.append(chosen[:, 0].cpu())
+        rank_parts.append(ranks.cpu())
+        val_parts.append(vals.cpu())
+        id_parts.append(ids.cpu())
+    return torch.cat(chosen_parts), torch.cat(rank_parts), torch.cat(val_parts), torch.cat(id_parts)
 
 
 @dataclass
@@ -177,7 +180,8 @@ class Sampler:
         given) and a row that fails alone comes back with ``error`` set. A constrained row's grammar is
         advanced by its sampled token here.
         """
-        raw, errors = logits, {}
+        raw = logits
+        errors: dict[int, Exception] = {}
         processed = [i for i, s in enumerate(seqs) if s.params.uses_logits_processors]
         if processed:
             logits, errors = self._process(logits, seqs)
@@ -187,11 +191,12 @@ class Sampler:
             results = self._sample_batch(logits, seqs, sampled, u, raw)
         except Exception as exc:
             results = self._sample_rows(logits, seqs, sampled, u, exc, raw)
-        for i, exc in errors.items():
-            results[i] = SampleResult(-1, error=exc)
+        for i, err in errors.items():
+            results[i] = SampleResult(-1, error=err)
         for i in processed:  # grammars advance by the sampled token
             seq = seqs[i]
             if seq.params.structured_outputs is not None and results[i].error is None:
+                assert self.structured is not None  # _process refuses grammar rows without it
                 try:
                     self.structured.accept(seq, results[i].token_id)
                 except Exception as exc:
@@ -269,7 +274,7 @@ class Sampler:
         # a grammar decides itself when the output may end (its completion allows only EOS)
         if p.min_tokens and seq.num_output_tokens < p.min_tokens and p.structured_outputs is None:
             out.extend(self.stop_ids)
-            out.extend(p.stop_token_ids)
+            out.extend(p.stop_token_ids or ())  # a list once the params are validated
         return out
 
     def _sample_batch(
@@ -292,8 +297,10 @@ class Sampler:
         if not sampled:
             tokens = _argmax(logits)
         elif len(sampled) == len(seqs):
+            assert u is not None  # drawn for the sampled rows
             tokens = self._sample(logits, params, u)
         else:
+            assert u is not None
             tokens = _argmax(logits)
             rows = self._long(sampled)
             picks = self._sample(logits.index_select(0, rows), [params[i] for i in sampled], u)
@@ -362,13 +369,13 @@ class Sampler:
         chosen = logp.gather(1, tokens.index_select(0, rows)[:, None])[:, 0].tolist()
         k = max(params[i].logprobs for i in want)
         top_vals, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        vals_rows, ids_rows = top_vals.tolist(), top_ids.tolist()
         for j, i in enumerate(want):
             kk = params[i].logprobs
             res = results[i]
             res.logprob = chosen[j]
             res.top_logprobs = {res.token_id: chosen[j]}
-            for tid, val in zip(top_ids[j][:kk], top_vals[j][:kk], strict=True):
+            for tid, val in zip(ids_rows[j][:kk], vals_rows[j][:kk], strict=True):
                 res.top_logprobs.setdefault(tid, val)
 
     def _float(self, values: list[float]) -> torch.Tensor:

@@ -267,6 +267,7 @@ def _compile(compiler: Any, spec: StructuredOutputsParams) -> Any:
     if kind == "regex":
         return compiler.compile_regex(spec.regex)
     if kind == "choice":
+        assert spec.choice is not None  # kind() says which field is set
         return compiler.compile_grammar(choice_grammar(spec.choice))
     return compiler.compile_grammar(spec.grammar)
 

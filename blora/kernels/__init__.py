@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,8 @@ class CpuKernel:
         self._lib = lib  # keeps the library loaded
         args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]  # fmt: skip
-        self._fns = {}
+        # ctypes entry points (argtypes set), keyed by dtype / (name, dtype)
+        self._fns: dict[torch.dtype, Callable[..., None]] = {}
         for dtype, symbol in ((torch.float32, "blora_lora_add_f32"), (torch.bfloat16, "blora_lora_add_bf16")):
             fn = getattr(lib, symbol)
             fn.argtypes = args
@@ -80,7 +82,7 @@ class CpuKernel:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         attn_args = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, i64, ctypes.c_float, ptr, i64, i64, i64,
                      i64, i64]  # fmt: skip
-        self._attn = {}
+        self._attn: dict[torch.dtype, Callable[..., None]] = {}
         for dtype, symbol in (
             (torch.float32, "blora_decode_attention_f32"),
             (torch.bfloat16, "blora_decode_attention_bf16"),
@@ -90,7 +92,7 @@ class CpuKernel:
             fn.restype = None
             self._attn[dtype] = fn
         self.native_vector = bool(lib.blora_native_vector())
-        self._elementwise: dict[tuple[str, torch.dtype], object] = {}
+        self._elementwise: dict[tuple[str, torch.dtype], Callable[..., None]] = {}
         signatures = {
             "rms_norm": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_float, i64]),
             "rotary": ([ptr, i64, i64, i64, ptr, ptr, i64, i64, i64]),
@@ -338,9 +340,8 @@ _warned = False
 
 def get(*, generic: bool = False) -> CpuKernel | None:
     """The kernel for this machine (built and cached on first call), or None where it cannot be used."""
-    hit = _loaded.get(generic, False)
-    if hit is not False:
-        return hit
+    if generic in _loaded:  # entries are only ever added
+        return _loaded[generic]
     with _lock:
         if generic not in _loaded:
             _loaded[generic] = _load(generic)

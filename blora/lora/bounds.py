@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from blora.lora.config import AdapterError, LoraConfig
@@ -79,12 +80,15 @@ class SizeBound:
         for name, module in self.table.items():
             embedding = isinstance(module, nn.Embedding)
             if embedding or name == self.head:
-                total += module.weight.numel()  # a saved copy of the base layer
+                weight = module.weight
+                assert isinstance(weight, torch.Tensor)  # an embedding / output head (or a wrapper of one)
+                total += weight.numel()  # a saved copy of the base layer
             if not (embedding or is_linear(module)) or not cfg.targets(name, self.all_linear):
                 continue
-            in_f, out_f = (
-                (module.num_embeddings, module.embedding_dim) if embedding else base_features(module)
-            )
+            if isinstance(module, nn.Embedding):
+                in_f, out_f = module.num_embeddings, module.embedding_dim
+            else:
+                in_f, out_f = base_features(module)
             r = cfg.rank_for(name)
             if self.max_rank is not None and r > self.max_rank:
                 raise AdapterError(

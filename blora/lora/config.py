@@ -130,6 +130,7 @@ class LoraConfig:
             if tm.lower() == "all-linear":
                 return all_linear is not None and key in all_linear
             return self._pattern("target_modules", tm, "target_modules").fullmatch(key) is not None
+        assert tm is not None  # refused when the config is parsed (from_dict)
         if key in tm:
             return True
         if not any(key.endswith(f".{t}") for t in tm):

@@ -168,10 +168,10 @@ class LoraManager:
                 wrapper.set_lora(slot, w.a, w.b, bias=w.bias, dora_scale=w.dora_scale)
         saved = {}
         for module_name, params in prepared.saved.items():
-            wrapper = self._wrap_saved(module_name)
-            device = wrapper.original.weight.device
+            saved_wrapper = self._wrap_saved(module_name)
+            device = base_dtype_device(saved_wrapper.original)[1]
             saved[module_name] = {k: v.to(device, non_blocking=True) for k, v in params.items()}
-            wrapper.set_saved(slot, saved[module_name])
+            saved_wrapper.set_saved(slot, saved[module_name])
         self._installed[name] = PreparedAdapter(name, prepared.source, modules, saved)
         self.adapters[name] = AdapterInfo(
             name=name,

@@ -42,10 +42,17 @@ class LoraWeights:
         return [t for t in (self.a, self.b, self.bias, self.dora_scale) if t is not None]
 
     def to(self, device: torch.device) -> LoraWeights:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
 
-        return LoraWeights(move(self.a), move(self.b), move(self.bias), move(self.dora_scale), self.embedding)
+        bias, dora_scale = self.bias, self.dora_scale
+        return LoraWeights(
+            move(self.a),
+            move(self.b),
+            None if bias is None else move(bias),
+            None if dora_scale is None else move(dora_scale),
+            self.embedding,
+        )
 
 
 @dataclass
@@ -71,9 +78,11 @@ class PreparedAdapter:
 
 def weight_rows(module: nn.Module) -> torch.Tensor:
     """The base weight as [out, in] rows (PEFT's ``transpose(weight, fan_in_fan_out)``; embedding: [dim, vocab])."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)  # a linear, Conv1D or embedding (QuantizedLinear: dequantized)
     if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
-        return module.weight.t()
-    return module.weight
+        return weight.t()
+    return weight
 
 
 def dora_norm(w_rows: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
@@ -117,9 +126,9 @@ def prepare_module(
     dtype, home = base_dtype_device(module)
     device = home if device is None else device
 
-    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+    def cast(t: torch.Tensor) -> torch.Tensor:
         """One copy into a fresh contiguous tensor of the model's dtype (transposes included)."""
-        return None if t is None else torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
+        return torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
 
     b_t = b.t() * scale if b.dtype == torch.float32 or dtype != torch.float32 else b.float().t() * scale
     bias = None if raw.bias is None else raw.bias.float() * scale
@@ -131,7 +140,9 @@ def prepare_module(
     # ``a`` is held [in, r] as the transposed view of a row-major [r, in] copy (PEFT's lora_A layout): the
     # CPU kernel streams its rows, matmuls take the view as it is.
     a_t = cast(a.t()) if raw.embedding else cast(a).t()
-    return LoraWeights(a_t, cast(b_t), cast(bias), cast(g), raw.embedding)
+    return LoraWeights(
+        a_t, cast(b_t), None if bias is None else cast(bias), None if g is None else cast(g), raw.embedding
+    )
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -221,7 +232,9 @@ def _check_base_copy(key: str, module: nn.Module, raw: ModuleLora) -> None:
     saved = raw.base_weight
     if saved is None:
         return
-    weight = module.weight.detach()
+    weight = module.weight  # an embedding or output head
+    assert isinstance(weight, torch.Tensor)
+    weight = weight.detach()
     if saved.shape != weight.shape or not torch.allclose(
         saved.to(device=weight.device, dtype=torch.float32), weight.float(), rtol=1e-2, atol=1e-3
     ):

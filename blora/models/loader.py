@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from blora.models.device import resolve_device, resolve_dtype
 
@@ -29,7 +29,7 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class LoadedModel:
     model: PreTrainedModel
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     source: str
 
 
@@ -141,7 +141,7 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     try:
         tok_kwargs = {**tok_extra, **_pick(extra, "trust_remote_code")}
-        tokenizer = AutoTokenizer.from_pretrained(tok_source, **tok_kwargs)
+        hf_tokenizer = AutoTokenizer.from_pretrained(tok_source, **tok_kwargs)
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **extra)
     except OSError as exc:
         if extra.get("local_files_only"):
@@ -153,14 +153,10 @@ def load_model(
         raise ModelLoadError(f"Could not load model from {source}: {exc}") from exc
     if "gguf_file" in extra:
         hf_model.config.quantization_config = None
-    hf_model.to(dev).eval()
-    return LoadedModel(model=hf_model, tokenizer=tokenizer, source=source)
+    # PreTrainedModel.to is wrapped with functools.wraps, whose stub types the model as the first argument
+    hf_model.to(dev).eval()  # type: ignore[arg-type]
+    return LoadedModel(model=hf_model, tokenizer=hf_tokenizer, source=source)
 
 
 def _pick(d: dict, *keys: str) -> dict:
     return {k: d[k] for k in keys if k in d}
-
-
-def load_config(model: str | None = None):
-    source, extra = resolve_source(model)
-    return AutoConfig.from_pretrained(source, **extra)

@@ -20,6 +20,7 @@ so it adds a dependency without a faster kernel.
 from __future__ import annotations
 
 import logging
+from typing import Protocol, TypeGuard
 
 import torch
 from torch import nn
@@ -31,10 +32,17 @@ QUANTIZATION_METHODS = ("int8", "int4")
 # (the embedded default is Q4_1) is re-quantized onto nearly the same grid (measured on SmolLM2: logits within
 # 4.4% of the float32 model with 32, 58% with 64).
 INT4_GROUP_SIZE = 32
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 KERNEL_DTYPE = torch.bfloat16  # activations enter the integer kernels in this dtype (see the module doc)
 INT8_IN_MULTIPLE = 8  # the int8 kernel reads inputs in blocks of 8 columns
 INT4_OUT_MULTIPLE = 32  # the int4 packing stores outputs in blocks of 32 rows (``_int4_values`` reads them)
+
+
+class LinearLike(Protocol):
+    """What quantization reads of a layer: ``nn.Linear`` (weight [out, in]) or GPT-2's ``Conv1D`` (weight
+    [in, out])."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
 
 class QuantizationError(ValueError):
@@ -51,6 +59,9 @@ class QuantizedLinear(nn.Module):
     Semantics: ``torch.nn.functional.linear(x, self.dequantize(), self.bias)`` (activations and outputs are
     rounded to bfloat16 inside the kernel).
     """
+
+    qweight: torch.Tensor  # buffers (registered in __init__)
+    scales: torch.Tensor
 
     def __init__(
         self,
@@ -71,7 +82,7 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, method: str, name: str = "") -> QuantizedLinear:
+    def from_linear(cls, linear: LinearLike, method: str, name: str = "") -> QuantizedLinear:
         """Quantize the weight of ``linear`` (an ``nn.Linear`` or GPT-2's ``Conv1D``) by rounding to nearest;
         ``name`` labels the layer in errors."""
         conv1d = type(linear).__name__ == "Conv1D"  # GPT-2's linear, weight [in, out]
@@ -91,6 +102,7 @@ class QuantizedLinear(nn.Module):
         if self.method == "int8":
             y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
         else:
+            assert self.group_size is not None  # int4 always has its group size
             y = torch._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scales)
         y = y.to(self.dtype)
         if self.bias is not None:
@@ -102,6 +114,7 @@ class QuantizedLinear(nn.Module):
         if self.method == "int8":
             w = self.qweight.float() * self.scales.float()[:, None]
         else:
+            assert self.group_size is not None
             w = _dequantize_int4(self._int4_values(), self.scales, self.group_size)
         return w.to(dtype or self.dtype)
 
@@ -185,7 +198,8 @@ def quantize_model(model: nn.Module, method: str) -> int:
                 f"the model is already quantized ({', '.join(sorted(done))}); load it again to use {method}"
             )
         return 0
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)  # transformers' models have it
+    head = get_head() if get_head is not None else None
     targets = [(n, m) for n, m in model.named_modules() if _quantizable(m) and m is not head]
     for name, linear in targets:
         if linear.weight.device.type != "cpu":
@@ -204,7 +218,7 @@ def quantize_model(model: nn.Module, method: str) -> int:
     return len(targets)
 
 
-def _quantizable(module: nn.Module) -> bool:
+def _quantizable(module: nn.Module) -> TypeGuard[LinearLike]:
     return type(module) is nn.Linear or type(module).__name__ == "Conv1D"
 
 

@@ -18,7 +18,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from blora.engine.sampling_params import StructuredOutputsParams
 from blora.engine.structured import unsupported_schema_features
@@ -44,11 +44,14 @@ class Tool:
     spec: dict[str, Any]  # the request's {"type": "function", "function": {...}}
 
 
+ToolMode = Literal["none", "auto", "required", "named"]
+
+
 @dataclass
 class ToolPlan:
     """How a chat request uses its tools."""
 
-    mode: Literal["none", "auto", "required", "named"]
+    mode: ToolMode
     tools: list[Tool] = field(default_factory=list)
     named: str | None = None
     parallel: bool = True
@@ -156,7 +159,7 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel: bool) -> Too
         )
     if choice != "none" and not parsed:
         raise InvalidRequestError(f'tool_choice "{choice}" needs tools', param="tool_choice")
-    return ToolPlan(choice, parsed, None, parallel)
+    return ToolPlan(cast(ToolMode, choice), parsed, None, parallel)  # one of the three, checked above
 
 
 def call_id() -> str:

@@ -60,8 +60,11 @@ class LoraKernelMeta:
         else:
             packed = packed.to(device)
         n, na, g = len(cpu), len(token_idx), len(active)
-        parts = torch.split(packed, [n, na, g, g, g])
-        return cls(*parts, num_tokens=n, num_segments=g, max_seg_len=max(lens, default=0), active=active)
+        token_slot, token_idx_t, seg_start, seg_len, seg_slot = torch.split(packed, [n, na, g, g, g])
+        return cls(
+            token_slot, token_idx_t, seg_start, seg_len, seg_slot,
+            num_tokens=n, num_segments=g, max_seg_len=max(lens, default=0), active=active,
+        )  # fmt: skip
 
     @property
     def num_adapter_tokens(self) -> int:

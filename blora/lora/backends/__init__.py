@@ -13,6 +13,7 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -63,10 +64,10 @@ def create(name: str, options: BackendOptions) -> LoraBackend:
         raise ValueError(f"unknown LoRA backend {name!r}; registered: {', '.join(names())} (or 'auto')")
     if isinstance(factory, str):
         module, _, attr = factory.partition(":")
-        obj = importlib.import_module(module)
+        obj: Any = importlib.import_module(module)
         for part in attr.split("."):
             obj = getattr(obj, part)
-        factory = obj
+        factory = obj  # the registered "module:attribute" factory
     return factory(options)
 
 

@@ -18,7 +18,7 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +28,11 @@ from blora.models.quant import is_quantized
 logger = logging.getLogger("blora")
 
 FastPathMode = Literal["auto", "on", "off"]
+
+# A module transformers built (decoder, layer, attention, norm, its config): the forwards read its
+# submodules and fields by name, which ``nn.Module.__getattr__`` types as ``Tensor | Module``; the family's
+# checks (``_unsupported``) are what establish those attributes, so they are typed as Any here.
+HFModule = Any
 
 
 @dataclass(frozen=True)

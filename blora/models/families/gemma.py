@@ -22,12 +22,13 @@ calls are the Llama forward's.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
 
 from blora.engine import attention
-from blora.models.families import Family, FastPathOptions
+from blora.models.families import Family, FastPathOptions, HFModule
 from blora.models.families.llama import FastDecoder, _fused_lora, _project
 from blora.models.families.llama import build as build_llama
 from blora.models.families.packing import Packed
@@ -35,7 +36,7 @@ from blora.models.families.packing import Packed
 
 def build(model: nn.Module, family: Family, options: FastPathOptions) -> FastDecoder | str:
     """The Gemma 2 / 3 fast decoder for ``model``, or why it does not apply."""
-    config = model.config
+    config: HFModule = model.config
     if getattr(config, "use_bidirectional_attention", False):
         return "bidirectional attention (use_bidirectional_attention=True)"
     layers = getattr(getattr(model, "base_model", None), "layers", None) or []
@@ -50,9 +51,9 @@ def build(model: nn.Module, family: Family, options: FastPathOptions) -> FastDec
 class GemmaDecoder(FastDecoder):
     """``decoder(input_ids [N], position_ids [N]) -> [N, hidden]`` with Gemma's sandwich-norm layer."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.ff_norms = [
+        self.ff_norms: list[tuple[HFModule, HFModule]] = [
             (lay.layer.pre_feedforward_layernorm, lay.layer.post_feedforward_layernorm) for lay in self.layers
         ]
         self.layer_types = list(self.model.config.layer_types[: len(self.layers)])
@@ -75,7 +76,7 @@ class GemmaDecoder(FastDecoder):
         q_end, k_end, _ = self._sections
         work, inter = self.lora_max_work, self.inter
         res = self.decoder.embed_tokens(input_ids[None])[0].contiguous()  # scaled by the module
-        rope = {}
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for kind in set(self.layer_types):
             kind_arg = (kind,) if self.rope_per_type else ()
             if kind_arg or not rope:
@@ -88,7 +89,7 @@ class GemmaDecoder(FastDecoder):
             x = lay.in_norm(res)
             qkv = Packed.linear(x, pk.get("qkv"), lay.qkv_w, lay.qkv_b)
             _fused_lora(qkv, x, [(getattr(attn, name), lo, hi) for name, lo, hi in self.qkv_parts], work)
-            if lay.q_norm is not None:  # Gemma 3
+            if lay.q_norm is not None and lay.k_norm is not None:  # Gemma 3
                 qkv[:, :q_end].view(n, h, d).copy_(lay.q_norm(qkv[:, :q_end].view(n, h, d)))
                 qkv[:, q_end:k_end].view(n, kvh, d).copy_(lay.k_norm(qkv[:, q_end:k_end].view(n, kvh, d)))
             kernel.rotary(qkv, h + kvh, d, *rope[kind])

@@ -29,6 +29,7 @@ modules and config transformers built.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,7 @@ from blora import kernels
 from blora.engine import attention
 from blora.lora.context import current_batch
 from blora.lora.layers import LoraLinear
-from blora.models.families import Family, FastPathOptions, structure_version
+from blora.models.families import Family, FastPathOptions, HFModule, structure_version
 from blora.models.families.packing import Packed, fuse_linears
 
 logger = logging.getLogger("blora")
@@ -46,14 +47,14 @@ logger = logging.getLogger("blora")
 
 @dataclass
 class _Layer:
-    layer: nn.Module
-    attn: nn.Module
-    mlp: nn.Module
-    in_norm: nn.Module
-    post_norm: nn.Module
-    q_norm: nn.Module | None  # Qwen3: per-head RMSNorm of q and k before the rotary embedding
-    k_norm: nn.Module | None
-    bases: dict[str, nn.Module]  # projection name (q_proj ... down_proj) -> the plain linear layer
+    layer: HFModule
+    attn: HFModule
+    mlp: HFModule
+    in_norm: HFModule
+    post_norm: HFModule
+    q_norm: HFModule | None  # Qwen3: per-head RMSNorm of q and k before the rotary embedding
+    k_norm: HFModule | None
+    bases: dict[str, nn.Linear]  # projection name (q_proj ... down_proj) -> the plain linear layer
     qkv_w: torch.Tensor
     qkv_b: torch.Tensor | None
     gu_w: torch.Tensor
@@ -72,8 +73,8 @@ def build(
     reason = _unsupported(model, family, kernel, options)
     if reason:
         return reason
-    decoder = model.base_model
-    config = model.config
+    decoder: HFModule = model.base_model
+    config: HFModule = model.config
     attn0 = decoder.layers[0].self_attn
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -111,6 +112,7 @@ def build(
                 )  # fmt: skip
             )
     cls = decoder_class or FastDecoder
+    assert kernel is not None  # _unsupported refused a model without the kernels
     fast = cls(model, kernel, layers, heads, kv_heads, attn0.head_dim, options, fused)
     if options.packed_weights:
         fast.pack()
@@ -131,11 +133,11 @@ class FastDecoder:
         options: FastPathOptions,
         fused: dict[str, tuple[str, ...]],
     ) -> None:
-        self.model = model
+        self.model: HFModule = model
         self.kernel = kernel
-        self.decoder = model.base_model
+        self.decoder: HFModule = model.base_model
         self.layers = layers
-        self.norm = self.decoder.norm
+        self.norm: HFModule = self.decoder.norm
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.lora_max_work = options.lora_max_work
         self.inter = layers[0].gu_w.shape[0] // 2
@@ -145,7 +147,7 @@ class FastDecoder:
         self.qkv_parts = _columns(fused["qkv"], layers[0].bases)
         self.gu_parts = _columns(fused["gate_up"], layers[0].bases)
         self._checked, self._valid = -1, False  # structure version of the last module check, its result
-        self.head: nn.Module | None = None  # the LM head module the packed copy was made of
+        self.head: nn.Linear | None = None  # the LM head module the packed copy was made of
         self.head_packed: torch.Tensor | None = None
 
     def pack(self) -> None:
@@ -212,7 +214,7 @@ class FastDecoder:
         kernel = self.kernel
         n = input_ids.shape[0]
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
-        q_end, k_end, v_end = self._sections
+        q_end, k_end, _ = self._sections
         work = self.lora_max_work
         res = self.decoder.embed_tokens(input_ids[None])[0].contiguous()
         cos, sin = self.decoder.rotary_emb(res[None], position_ids[None])
@@ -224,7 +226,7 @@ class FastDecoder:
             pk = lay.packed
             qkv = Packed.linear(x, pk.get("qkv"), lay.qkv_w, lay.qkv_b)
             _fused_lora(qkv, x, [(getattr(attn, name), lo, hi) for name, lo, hi in self.qkv_parts], work)
-            if lay.q_norm is not None:  # torch ops through the modules (see the module docstring)
+            if lay.q_norm is not None and lay.k_norm is not None:  # Qwen3: torch ops (module docstring)
                 qkv[:, :q_end].view(n, h, d).copy_(lay.q_norm(qkv[:, :q_end].view(n, h, d)))
                 qkv[:, q_end:k_end].view(n, kvh, d).copy_(lay.k_norm(qkv[:, q_end:k_end].view(n, kvh, d)))
             kernel.rotary(qkv, h + kvh, d, cos, sin)
@@ -241,7 +243,7 @@ class FastDecoder:
             m = _project(
                 mlp.down_proj, lay.bases["down_proj"], pk.get("down"), kernel.silu_mul(gu, self.inter), work
             )
-            norm = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
+            norm: HFModule = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
             x = kernel.rms_norm(m, norm.weight, norm.variance_epsilon, residual=res)
         return x
 
@@ -249,13 +251,13 @@ class FastDecoder:
         """The LM head over ``hidden`` [B, hidden] with its packed copy, or None (the runner calls the head
         module: it was wrapped, e.g. an lm_head LoRA, or has no packed copy)."""
         head = self.model.get_output_embeddings()
-        if self.head_packed is None or head is not self.head:
+        if self.head_packed is None or self.head is None or head is not self.head:
             return None
-        return Packed.linear(hidden.contiguous(), self.head_packed, head.weight, None)
+        return Packed.linear(hidden.contiguous(), self.head_packed, self.head.weight, None)
 
 
 def _project(
-    module: nn.Module, base: nn.Module, packed: torch.Tensor | None, x: torch.Tensor, max_work: int
+    module: nn.Module, base: nn.Linear, packed: torch.Tensor | None, x: torch.Tensor, max_work: int
 ) -> torch.Tensor:
     """``module(x)`` for a projection that is ``base`` or a LoRA wrapper of it, through the packed weight."""
     y = Packed.linear(x, packed, base.weight, base.bias)
@@ -264,7 +266,9 @@ def _project(
     return y
 
 
-def _fused_lora(y: torch.Tensor, x: torch.Tensor, parts, max_work: int) -> None:
+def _fused_lora(
+    y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[nn.Module, int, int]], max_work: int
+) -> None:
     """LoRA of the projections ``parts`` ((module, start, stop) columns of ``y``) sharing the input ``x``:
     one ``LoraBackend.add_fused`` call (at decode, one CPU kernel call for q/k/v or gate/up); wrappers with
     DoRA / LoRA-bias extras add their own part."""
@@ -283,9 +287,10 @@ def _fused_lora(y: torch.Tensor, x: torch.Tensor, parts, max_work: int) -> None:
     batch.backend.add_fused(y, x, plan, slices, max_work)
 
 
-def _columns(names: tuple[str, ...], bases: dict[str, nn.Module]) -> list[tuple[str, int, int]]:
+def _columns(names: tuple[str, ...], bases: dict[str, nn.Linear]) -> list[tuple[str, int, int]]:
     """(name, start, stop) output columns of each projection in a fused GEMM over ``names`` in order."""
-    parts, start = [], 0
+    parts: list[tuple[str, int, int]] = []
+    start = 0
     for name in names:
         rows = bases[name].weight.shape[0]
         parts.append((name, start, start + rows))
@@ -293,7 +298,8 @@ def _columns(names: tuple[str, ...], bases: dict[str, nn.Module]) -> list[tuple[
     return parts
 
 
-def _base(module: nn.Module) -> nn.Module:
+def _base(module: HFModule) -> HFModule:
+    """The layer a LoRA wrapper wraps, or ``module`` itself."""
     return module.base if isinstance(module, LoraLinear) else module
 
 
@@ -301,8 +307,8 @@ def _unsupported(
     model: nn.Module, family: Family, kernel: kernels.CpuKernel | None, options: FastPathOptions
 ) -> str | None:
     """Why the fast decoder cannot run ``model`` (None: it can)."""
-    decoder = getattr(model, "base_model", None)
-    layers = getattr(decoder, "layers", None)
+    decoder: HFModule = getattr(model, "base_model", None)
+    layers: HFModule = getattr(decoder, "layers", None)
     if decoder is None or decoder is model or layers is None or len(layers) == 0:
         return "not a decoder-only model with .layers"
     param = next(model.parameters())
@@ -317,7 +323,7 @@ def _unsupported(
             return f"decoder has no {name}"
     if type(decoder.norm).__name__ not in family.norms:
         return f"final norm is {type(decoder.norm).__name__}"
-    config = model.config
+    config: HFModule = model.config
     if len(layers) < config.num_hidden_layers:
         return "fewer layers than config.num_hidden_layers"
     for layer in layers[: config.num_hidden_layers]:
@@ -328,7 +334,7 @@ def _unsupported(
     return None
 
 
-def _unsupported_layer(layer: nn.Module, family: Family, config, param: torch.Tensor) -> str | None:
+def _unsupported_layer(layer: HFModule, family: Family, config: HFModule, param: torch.Tensor) -> str | None:
     kind = type(layer).__name__
     if kind not in family.layers:
         return f"{kind} is not a {family.name}-family layer"

@@ -57,7 +57,7 @@ def available_memory() -> int | None:
     return None
 
 
-def fuse_linears(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate the layers' weights (and biases) once; each layer's own parameters become views of it
     (no extra memory; transformers' modules and the LoRA wrappers keep working on them)."""
     weight = torch.cat([m.weight.detach() for m in linears])
@@ -70,7 +70,7 @@ def fuse_linears(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor |
     for m in linears:
         rows = m.weight.shape[0]
         m.weight.data = weight[start : start + rows]
-        if m.bias is not None:
+        if m.bias is not None and bias is not None:
             m.bias.data = bias[start : start + rows]
         start += rows
     return weight, bias
