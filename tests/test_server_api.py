@@ -18,7 +18,9 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from blora.engine.client import EngineClient, EngineLimits  # noqa: E402
 from blora.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput  # noqa: E402
+from blora.engine.structured import StructuredOutputs  # noqa: E402
 from blora.models import default_model_dir  # noqa: E402
 from blora.server import ServerConfig, create_app  # noqa: E402
 
@@ -27,7 +29,8 @@ SCRIPT = " the quick brown fox jumps over the lazy dog and keeps running far awa
 
 
 class FakeEngine:
-    """Emits a fixed script (shifted per adapter and per choice), one token per step."""
+    """Emits a fixed script (shifted per adapter and per choice), one token per step. An ``EngineClient``
+    that cannot replace adapters in place."""
 
     max_model_len = 64
 
@@ -40,16 +43,30 @@ class FakeEngine:
         self.active: dict[str, str | None] = {}
         self.script = tokenizer.encode(SCRIPT)
 
+    @property
+    def limits(self) -> EngineLimits:
+        vocab = len(self.tokenizer)
+        return EngineLimits(self.max_model_len, vocab, max_loras=16, replace_adapters=False)
+
+    @property
+    def structured_outputs(self) -> StructuredOutputs:
+        if not hasattr(self, "_structured"):
+            self._structured = StructuredOutputs(self.tokenizer, len(self.tokenizer), [])
+        return self._structured
+
     def list_adapters(self) -> dict[str, str]:
         return dict(self.adapters)
 
-    def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str, path: str, replace: bool = False, wait: bool = False) -> None:
         if not (Path(path) / "adapter_model.safetensors").is_file():
             raise ValueError(f"{path}: no adapter_model.safetensors")
-        self.adapters[name] = path
+        self.adapters[name] = str(path)
 
-    def unload_adapter(self, name: str) -> None:
+    async def unload_adapter(self, name: str, wait: bool = False) -> None:
         del self.adapters[name]
+
+    async def shutdown(self, drain_timeout: float = 0.0) -> None:
+        pass
 
     def stats(self) -> dict:
         running = list(self.active.values())
@@ -63,9 +80,9 @@ class FakeEngine:
             generation_tokens_total=11,
         )
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str) -> bool:
         self.aborted.append(request_id)
-        self.active.pop(request_id, None)
+        return self.active.pop(request_id, None) is not None
 
     async def generate(self, prompt, sampling_params, adapter=None, request_id=None):
         sp = sampling_params
@@ -115,6 +132,10 @@ def make_client(tokenizer, tmp_path=None, **overrides):
     for key, value in overrides.items():
         setattr(config, key, value)
     return TestClient(create_app(engine, config)), engine
+
+
+def test_the_fake_is_an_engine_client(tokenizer):
+    assert isinstance(FakeEngine(tokenizer), EngineClient)
 
 
 @pytest.fixture
@@ -336,7 +357,7 @@ def test_context_length_exceeded_is_400(client):
 
 def test_engine_value_error_is_400(tokenizer):
     engine = FakeEngine(tokenizer)
-    engine.max_model_len = None  # server cannot check: the engine's ValueError must still become a 400
+    engine.max_model_len = 4096  # passes the server's check; the fake refuses > 64 tokens with a ValueError
     c, _ = make_client(tokenizer, engine=engine)
     with c:
         r = c.post("/v1/completions", json={"model": BASE, "prompt": "x " * 40, "max_tokens": 60})
@@ -485,7 +506,7 @@ def test_metrics_move(client):
         assert float(line.split()[-1]) >= 1, line
     assert 'blora:request_success_total{finished_reason="length",model_name="tiny-base"} 2.0' in text
     assert 'blora:prompt_tokens_total{model_name="tiny-base"} 7.0' in text
-    assert "blora:lora_requests_info{" in text and 'max_lora=""' in text
+    assert "blora:lora_requests_info{" in text and 'max_lora="16"' in text  # EngineLimits.max_loras
     assert 'blora:server_requests_in_flight{model_name="tiny-base"} 0.0' in text
 
 

@@ -19,12 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from blora.engine.client import EngineLimits
 from blora.engine.llm import build_engine
 from blora.engine.llm_engine import EngineConfig, LLMEngine
 from blora.engine.lora_request import LoRARequest, LoRARequestRegistry
 from blora.engine.memory import release_free_memory
 from blora.engine.outputs import RequestOutput
 from blora.engine.sampling_params import SamplingParams
+from blora.engine.structured import StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,17 @@ class AsyncLLM:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def limits(self) -> EngineLimits:
+        return EngineLimits.of(self.engine)
+
+    @property
+    def structured_outputs(self) -> StructuredOutputs:
+        """The engine's grammar compiler (a request checked with it finds its grammar in the cache)."""
+        structured = self.engine.sampler.structured
+        assert structured is not None  # LLMEngine configures its sampler when it is built
+        return structured
 
     async def generate(
         self,

@@ -1,5 +1,5 @@
-"""``ClusterEngine``: the ingress's engine. It has ``AsyncLLM``'s interface, so ``create_app`` serves the
-cluster with the single-process server's code (routes, validation, errors, streaming, metrics), while every
+"""``ClusterEngine``: the ingress's engine. It implements ``EngineClient`` like ``AsyncLLM``, so ``create_app``
+serves the cluster with the single-process server's code (routes, validation, errors, streaming, metrics), while every
 request runs on an engine replica behind a Serve handle.
 
 - ``generate``: routed with ``multiplexed_model_id=<adapter>`` (Ray's model multiplexing), base-model and
@@ -11,7 +11,10 @@ request runs on an engine replica behind a Serve handle.
 - ``list_adapters`` / ``stats``: the registry and the replicas' reports, refreshed in the background
   (the server reads both synchronously).
 - ``load_adapter`` / ``unload_adapter``: validate on one replica, then register for all; unregister for all
-  (each replica unloads at its next sync, once its running requests are done).
+  (each replica unloads at its next sync, once its running requests are done). Replacing an adapter in
+  place is not supported (``limits.replace_adapters`` is False): unload it, then load.
+- ``limits``, ``tokenizer``: a replica's (every replica runs the same engine); ``structured_outputs``: a
+  grammar compiler for the same tokenizer and vocabulary, to check requests at the ingress.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
+from blora.engine.client import EngineLimits
 from blora.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from blora.engine.sampling_params import SamplingParamError, SamplingParams
+from blora.engine.structured import StructuredOutputs
 from blora.lora import AdapterInUseError
 from blora.ray.registry import ClusterState
 from blora.ray.wire import Unpacker
@@ -38,6 +45,7 @@ logger = logging.getLogger("blora.ray")
 
 STALE_S = 5.0  # a replica silent for this long no longer counts in gauges (its counters still do)
 RETRIES_BEFORE_OUTPUT = 3
+UNLOAD_POLL_S = 0.05  # unload_adapter(wait=True): how often it looks whether the adapter's requests ended
 
 
 class ReplicaUnavailableError(APIError):
@@ -82,7 +90,8 @@ def _adapter_names(adapter: str | dict[str, float] | None) -> list[str]:
 
 
 class ClusterEngine:
-    """Engine replicas behind a Serve handle, with ``AsyncLLM``'s interface (see the module docstring)."""
+    """Engine replicas behind a Serve handle, an ``EngineClient`` (see the module docstring). ``info``:
+    a replica's ``describe()`` (its tokenizer and ``EngineLimits``)."""
 
     def __init__(
         self,
@@ -96,7 +105,9 @@ class ClusterEngine:
         self.replicas = replicas
         self.registry = registry
         self.tokenizer = info["tokenizer"]
-        self.max_model_len: int = info["max_model_len"]
+        self.limits: EngineLimits = dataclasses.replace(info["limits"], replace_adapters=False)
+        self.max_model_len = self.limits.max_model_len
+        self._structured: StructuredOutputs | None = None
         self.affinity = affinity
         self.refresh_s = refresh_s
         self.retry_after_s = retry_after_s
@@ -104,6 +115,15 @@ class ClusterEngine:
         self._running: dict[str, tuple[Any, list[str]]] = {}  # request id -> (Serve response, adapters)
         self._aborted: set[str] = set()
         self._refresher: asyncio.Task | None = None
+
+    @property
+    def structured_outputs(self) -> StructuredOutputs:
+        """A grammar compiler for the replicas' tokenizer and vocabulary (requests are checked with it)."""
+        if self._structured is None:
+            eos = self.tokenizer.eos_token_id
+            stop = [eos] if isinstance(eos, int) else []
+            self._structured = StructuredOutputs(self.tokenizer, self.limits.vocab_size, stop)
+        return self._structured
 
     async def start(self) -> None:
         await self.refresh()
@@ -120,10 +140,10 @@ class ClusterEngine:
     async def generate(
         self,
         prompt: str | list[int],
-        sampling_params: Any = None,
+        sampling_params: SamplingParams | None = None,
         adapter: str | dict[str, float] | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncIterator[RequestOutput]:
         """Like ``AsyncLLM.generate``: the request's outputs as they arrive; closing it early aborts it."""
         if request_id is None or request_id in self._running:
             raise ValueError(f"request id {request_id!r} is missing or already in use")
@@ -184,8 +204,16 @@ class ClusterEngine:
     def list_adapters(self) -> dict[str, str]:
         return dict(self._state.adapters)
 
-    async def load_adapter(self, name: str, path: str) -> None:
-        """Validate on one replica (which keeps it resident), then register it for the whole cluster."""
+    async def load_adapter(
+        self, name: str, path: str | Path, replace: bool = False, wait: bool = False
+    ) -> None:
+        """Validate on one replica (which keeps it resident), then register it for the whole cluster.
+        ``replace`` is refused (``SamplingParamError`` naming ``replace``): replicas cannot swap an adapter
+        in place; unload it, then load. ``wait`` only applies to ``replace``."""
+        if replace:
+            raise SamplingParamError(
+                "replace", "replacing an adapter in place is not supported on Ray replicas; unload, then load"
+            )
         handle = self.replicas.options(multiplexed_model_id=name) if self.affinity else self.replicas
         try:
             await handle.load.remote(name, str(path), self._state.version)
@@ -194,9 +222,13 @@ class ClusterEngine:
             raise unwrap(exc) from None
         await self.refresh()
 
-    async def unload_adapter(self, name: str) -> None:
-        """Unregister for the whole cluster; refused while requests through this ingress still use it."""
-        users = sorted(rid for rid, (_, names) in self._running.items() if name in names)
+    async def unload_adapter(self, name: str, wait: bool = False) -> None:
+        """Unregister for the whole cluster; while requests through this ingress still use it:
+        ``AdapterInUseError``, or with ``wait=True`` unregister once they have finished."""
+        users = self._users(name)
+        while users and wait:
+            await asyncio.sleep(UNLOAD_POLL_S)
+            users = self._users(name)
         if users:
             raise AdapterInUseError(
                 f"adapter {name!r} is used by {len(users)} unfinished request(s) (e.g. {users[0]}); "
@@ -207,6 +239,10 @@ class ClusterEngine:
         except RayTaskError as exc:
             raise unwrap(exc) from None
         await self.refresh()
+
+    def _users(self, name: str) -> list[str]:
+        """Unfinished requests (ids, sorted) through this ingress that use adapter ``name``."""
+        return sorted(rid for rid, (_, names) in self._running.items() if name in names)
 
     # -- state ---------------------------------------------------------------------------------------
     async def refresh(self) -> None:
@@ -234,7 +270,9 @@ class ClusterEngine:
         counters = ("prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
                     "prefix_cache_queries_total", "prefix_cache_hits_total")  # fmt: skip
         total: dict[str, Any] = {"num_running": 0, "num_waiting": 0, **dict.fromkeys(counters, 0)}
-        running, waiting, usage = Counter(), Counter(), []
+        running: Counter[str] = Counter()
+        waiting: Counter[str] = Counter()
+        usage: list[float] = []
         for live, s in self.replica_reports().values():
             for key in counters:
                 total[key] += s.get(key, 0)

@@ -96,7 +96,7 @@ class EngineReplica:
     # -- called by the ingress -----------------------------------------------------------------------
     async def describe(self) -> dict:
         """What the ingress needs to tokenize and check requests exactly as this engine does."""
-        return {"tokenizer": self.engine.tokenizer, "max_model_len": self.engine.max_model_len}
+        return {"tokenizer": self.engine.tokenizer, "limits": self.engine.limits}
 
     async def generate(
         self,

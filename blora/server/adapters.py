@@ -13,12 +13,11 @@ behaviour); the same confinement applies, and a name that is not there stays a 4
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
+from blora.engine.client import EngineClient
 from blora.lora.errors import AdapterError
 from blora.lora.paths import MAX_PATH_CHARS, NotAnAdapterError, adapter_dir_inside
 from blora.server.errors import InvalidRequestError, NotFoundError, clip
@@ -63,19 +62,12 @@ def resolve_adapter_path(root: Path, raw: str) -> Path:
     return resolved
 
 
-async def _call(fn: Any, *args: Any) -> Any:
-    result = fn(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
-
-
 class AdapterManager:
     """Maps OpenAI ``model`` names to the base model or an adapter; loads and unloads adapters at run time."""
 
     def __init__(
         self,
-        engine: Any,
+        engine: EngineClient,
         base_name: str,
         base_source: str,
         adapter_root: Path | None,
@@ -123,7 +115,7 @@ class AdapterManager:
         return dict(mixture)
 
     def cards(self) -> list[ModelCard]:
-        max_len = getattr(self.engine, "max_model_len", None)
+        max_len = self.engine.limits.max_model_len
         cards = [ModelCard(id=name, root=self.base_source, max_model_len=max_len) for name in self.base_names]
         for name, source in sorted(self.adapters().items()):
             parent = self.parents.get(name, self.base_name)
@@ -159,16 +151,16 @@ class AdapterManager:
         logger.info("loaded adapter %r from %s on first request", model, path)
 
     async def _engine_load(self, name: str, raw_path: str, path: Path, replace: bool) -> None:
-        if replace and "replace" not in inspect.signature(self.engine.load_adapter).parameters:
+        if replace and not self.engine.limits.replace_adapters:
             raise InvalidRequestError(
                 "load_inplace is not supported by this deployment (Ray replicas); unload, then load",
                 param="load_inplace",
             )
         try:
             if replace:  # requests on the old weights finish on them; the swap happens when they have
-                await _call(self.engine.load_adapter, name, str(path), True, True)
+                await self.engine.load_adapter(name, str(path), replace=True, wait=True)
             else:
-                await _call(self.engine.load_adapter, name, str(path))
+                await self.engine.load_adapter(name, str(path))
         except Exception as exc:  # a bad adapter must never take the server down
             logger.warning("loading adapter %r from %s failed: %s", name, path, exc)
             raise InvalidRequestError(
@@ -213,7 +205,7 @@ class AdapterManager:
                     f"The adapter {name!r} is not loaded", param="lora_name", code="adapter_not_found"
                 )
             try:
-                await _call(self.engine.unload_adapter, name)
+                await self.engine.unload_adapter(name)
             except Exception as exc:
                 raise InvalidRequestError(
                     f"Failed to unload adapter {name!r}: {exc}", param="lora_name"

@@ -1,7 +1,7 @@
 """The FastAPI application: ``create_app(engine, config)``.
 
-The engine is injected (production: ``blora.engine.AsyncLLM``), so the HTTP layer can be exercised on its
-own. Routes:
+The engine is injected: any ``EngineClient`` (``blora.engine.AsyncLLM`` in one process, ``ClusterEngine``
+on Ray), so the HTTP layer can also be exercised on its own. Routes:
 
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the base model and its adapters
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: streaming (SSE) and not
@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from blora.engine.client import EngineClient
 from blora.engine.llm_engine import EngineConfig
 from blora.server.adapters import AdapterManager
 from blora.server.completions import create_chat_completion, create_completion
@@ -267,7 +267,7 @@ async def _listen_for_disconnect(request: Request) -> None:
             return
 
 
-def with_cancellation(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def with_cancellation(handler: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Awaitable[Any]]:
     """Cancel the handler (and so abort its engine requests) if the client disconnects while it runs.
 
     Streaming responses are covered here until their first output; after that Starlette cancels the
@@ -294,18 +294,12 @@ def with_cancellation(handler: Callable[..., Awaitable[Any]]) -> Callable[..., A
     return wrapper
 
 
-def create_app(engine: Any, config: ServerConfig) -> FastAPI:
-    """The OpenAI-compatible app around ``engine`` (an ``AsyncLLM`` or anything with its interface)."""
-    engine_config = getattr(getattr(engine, "engine", None), "config", None)  # AsyncLLM's LLMEngine
-    max_loras = (
-        config.max_loras if config.max_loras is not None else getattr(engine_config, "max_loras", None)
-    )
+def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+    """The OpenAI-compatible app around ``engine``."""
+    limits = engine.limits
+    max_loras = config.max_loras if config.max_loras is not None else limits.max_loras
     metrics = ServerMetrics(
-        engine,
-        config.served_model_name,
-        max_loras,
-        config.metric_names,
-        getattr(engine, "max_model_len", None),
+        engine, config.served_model_name, max_loras, config.metric_names, limits.max_model_len
     )
     capacity = None if config.max_queue is None else config.max_num_seqs + config.max_queue
     lifecycle = Lifecycle(
@@ -329,10 +323,8 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         yield
         lifecycle.draining = True
         serving.close()
-        if config.shutdown_engine and hasattr(engine, "shutdown"):
-            result = engine.shutdown(drain_timeout=1.0)  # the server drained already
-            if inspect.isawaitable(result):
-                await result
+        if config.shutdown_engine:
+            await engine.shutdown(drain_timeout=1.0)  # the server drained already
 
     docs: dict[str, Any] = (
         dict(docs_url=None, redoc_url=None, openapi_url=None) if config.disable_docs else {}

@@ -18,19 +18,18 @@ uvicorn close connections and exit with status 0. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
 
 import anyio
 import uvicorn
 
+from blora.engine.client import EngineClient
 from blora.server.errors import InvalidRequestError, NotFoundError, QueueFullError, ShuttingDownError, clip
 
 logger = logging.getLogger("blora.server")
@@ -99,7 +98,9 @@ class Ticket:
 
 
 class Lifecycle:
-    def __init__(self, capacity: int | None, retry_after_s: int = 1, on_change: Any = None) -> None:
+    def __init__(
+        self, capacity: int | None, retry_after_s: int = 1, on_change: Callable[[int], None] | None = None
+    ) -> None:
         self.capacity = capacity
         self.retry_after_s = retry_after_s
         self.draining = False
@@ -145,7 +146,7 @@ class Lifecycle:
             await asyncio.sleep(0.05)
         return not self.tickets
 
-    async def drain(self, engine: Any, timeout: float) -> None:
+    async def drain(self, engine: EngineClient, timeout: float) -> None:
         """Stop admitting, wait for in-flight requests up to ``timeout``, abort the rest."""
         self.draining = True
         logger.info("draining: %d request(s) in flight, waiting up to %.1f s", self.in_flight, timeout)
@@ -159,13 +160,11 @@ class Lifecycle:
         await self.wait_idle(5.0)
 
 
-async def abort_quietly(engine: Any, request_id: str) -> None:
+async def abort_quietly(engine: EngineClient, request_id: str) -> None:
     """Abort an engine request, shielded from cancellation (called from cleanup paths)."""
     with anyio.CancelScope(shield=True):
         try:
-            result = engine.abort(request_id)
-            if inspect.isawaitable(result):
-                await result
+            await engine.abort(request_id)
         except Exception:  # already finished or unknown: nothing to free
             logger.debug("abort of %s failed", request_id, exc_info=True)
 
@@ -173,7 +172,9 @@ async def abort_quietly(engine: Any, request_id: str) -> None:
 class DrainingServer(uvicorn.Server):
     """uvicorn server whose first SIGTERM/SIGINT drains before exiting (and exits 0)."""
 
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, engine: Any, drain_timeout: float):
+    def __init__(
+        self, config: uvicorn.Config, lifecycle: Lifecycle, engine: EngineClient, drain_timeout: float
+    ) -> None:
         super().__init__(config)
         self.lifecycle = lifecycle
         self.engine = engine

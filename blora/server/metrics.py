@@ -24,6 +24,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from blora.engine.client import EngineClient
+
 METRIC_NAMES = ("both", "vllm", "blora")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0, 160.0)  # fmt: skip
@@ -89,7 +91,9 @@ class _Fanout:
 class EngineCollector:
     """Reads ``engine.stats()`` on every scrape."""
 
-    def __init__(self, engine: Any, model_name: str, max_loras: int | None, prefixes: tuple[str, ...]):
+    def __init__(
+        self, engine: EngineClient, model_name: str, max_loras: int | None, prefixes: tuple[str, ...]
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.max_loras = max_loras
@@ -165,7 +169,7 @@ class ServerMetrics:
 
     def __init__(
         self,
-        engine: Any,
+        engine: EngineClient,
         model_name: str,
         max_loras: int | None,
         names: str = "both",

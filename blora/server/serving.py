@@ -28,6 +28,9 @@ import anyio
 from starlette.responses import StreamingResponse
 
 from blora.engine import SamplingParams
+from blora.engine.client import EngineClient
+from blora.engine.sampling_params import SamplingParamError
+from blora.engine.validation import ContextLengthError, check_prompt_ids, check_token_ids, resolve_max_tokens
 from blora.server.adapters import AdapterManager
 from blora.server.errors import APIError, InvalidRequestError, sse_error
 from blora.server.lifecycle import Lifecycle, Ticket, abort_quietly
@@ -114,7 +117,7 @@ class Generation:
     request_id: str
     jobs: list[Job]
     ticket: Ticket
-    engine: Any
+    engine: EngineClient
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage so far in every chunk
 
     def usage_so_far(self) -> UsageInfo:
@@ -202,7 +205,7 @@ class Serving:
 
     def __init__(
         self,
-        engine: Any,
+        engine: EngineClient,
         adapters: AdapterManager,
         metrics: ServerMetrics,
         lifecycle: Lifecycle,
@@ -228,8 +231,8 @@ class Serving:
         """Token ids of a completion prompt, tokenized as the engine tokenizes string prompts."""
         return list(self.tokenizer.encode(text))
 
-    def max_model_len(self) -> int | None:
-        return getattr(self.engine, "max_model_len", None)
+    def max_model_len(self) -> int:
+        return self.engine.limits.max_model_len
 
     def prompt_char_limit(self) -> int | None:
         """The most characters a prompt (or a chat's messages) may have before it is tokenized."""
@@ -283,11 +286,13 @@ class Serving:
         return [(next(encoded), p) if isinstance(p, str) else (list(p), None) for p in prompts]
 
     def check_token_ids(self, ids: list[int]) -> None:
-        limit, vocab = self.max_model_len(), len(self.tokenizer)
-        if limit is not None and len(ids) > limit:
+        """400 for prompt token ids the engine would refuse (``blora.engine.validation``'s rules)."""
+        if len(ids) > self.max_model_len():
             self.check_length(ids, 1)  # the context-length error
-        if ids and (min(ids) < 0 or max(ids) >= vocab):
-            raise InvalidRequestError(f"Prompt token ids must be in [0, {vocab})", param="prompt")
+        try:
+            check_token_ids("prompt", ids, self.engine.limits.vocab_size, "prompt token ids")
+        except SamplingParamError as exc:
+            raise InvalidRequestError(str(exc), param=exc.param) from None
 
     def resolve(self, req: SamplingFields) -> str | dict[str, float] | None:
         """The adapter (name, mixture or None) of ``req``; 404 for unknown or unloading adapters."""
@@ -301,24 +306,17 @@ class Serving:
         return adapter
 
     def check_length(self, prompt_ids: list[int], max_tokens: int | None) -> int:
-        """The effective max_tokens for a prompt; 400 if prompt + max_tokens exceed the context."""
-        limit = self.max_model_len()
-        if not prompt_ids:
-            raise InvalidRequestError("The prompt is empty (0 tokens)", param="prompt")
-        if limit is None:
-            return max_tokens if max_tokens is not None else 16
-        room = limit - len(prompt_ids)
-        if max_tokens is None:
-            max_tokens = min(room, self.sampling_defaults.get("max_tokens", room))
-        if room < 1 or max_tokens > room:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} "
-                "for the completion). Please reduce the prompt or max_tokens.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        return max_tokens
+        """The effective max_tokens for a prompt; 400 if it is empty or prompt + max_tokens exceed the
+        context (``blora.engine.validation``'s rules, the engine's)."""
+        limits = self.engine.limits
+        default = self.sampling_defaults.get("max_tokens")
+        try:
+            check_prompt_ids(prompt_ids, limits.vocab_size)
+            return resolve_max_tokens(len(prompt_ids), max_tokens, limits.max_model_len, default)
+        except ContextLengthError as exc:
+            raise InvalidRequestError(str(exc), param=exc.param, code=exc.code) from None
+        except SamplingParamError as exc:
+            raise InvalidRequestError(str(exc), param=exc.param) from None
 
     def sampling_params(self, req: SamplingFields, max_tokens: int, logprobs: int | None) -> Any:
         default = self._default

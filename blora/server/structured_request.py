@@ -87,21 +87,10 @@ def structured_of(req: Any) -> tuple[StructuredOutputsParams | None, str | None]
     return spec, param
 
 
-_fallback: dict[int, StructuredOutputs] = {}
-
-
 def compiler_of(serving: Any) -> StructuredOutputs:
-    """The engine's grammar compiler when it runs in this process (so the engine finds the grammar in its
-    cache), else one for the served tokenizer (validation only; e.g. engine replicas on Ray)."""
-    engine = getattr(serving.engine, "engine", None)
-    structured = getattr(getattr(engine, "sampler", None), "structured", None)
-    if isinstance(structured, StructuredOutputs):
-        return structured
-    tok = serving.tokenizer
-    if id(tok) not in _fallback:
-        eos = getattr(tok, "eos_token_id", None)
-        _fallback[id(tok)] = StructuredOutputs(tok, len(tok), [eos] if isinstance(eos, int) else [])
-    return _fallback[id(tok)]
+    """The engine's grammar compiler (``EngineClient.structured_outputs``): in this process the engine's own,
+    so the engine finds the grammar in its cache; on Ray one for the replicas' tokenizer and vocabulary."""
+    return serving.engine.structured_outputs
 
 
 async def compile_checked(serving: Any, spec: StructuredOutputsParams, param: str) -> None:

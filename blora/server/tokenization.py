@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from blora.engine.sampling_params import SamplingParamError
+from blora.engine.validation import check_token_ids
 from blora.server.completions import chat_prompt_ids
 from blora.server.errors import InvalidRequestError
 from blora.server.protocol import MAX_MESSAGES, ChatMessage, Ids, OpenAIModel
@@ -88,8 +90,9 @@ async def tokenize(
 
 async def detokenize(serving: Serving, req: DetokenizeRequest) -> DetokenizeResponse:
     _check_model(serving, req.model)
-    vocab = len(serving.tokenizer)
-    if req.tokens and (min(req.tokens) < 0 or max(req.tokens) >= vocab):
-        raise InvalidRequestError(f"Token ids must be in [0, {vocab})", param="tokens")
+    try:  # the engine's rule (ids it can read or sample; unknown to the tokenizer: decoded as "")
+        check_token_ids("tokens", req.tokens, serving.engine.limits.vocab_size, "token ids")
+    except SamplingParamError as exc:
+        raise InvalidRequestError(str(exc), param=exc.param) from None
     text = await serving.off_loop(len(req.tokens), serving.tokenizer.decode, req.tokens)
     return DetokenizeResponse(prompt=text)
