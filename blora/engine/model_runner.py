@@ -66,9 +66,8 @@ class ModelRunner:
         model.config._attn_implementation = attention.register()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device = param.device
         self.backend = backend or backends.default(self.device)
-        self.cpu_kernel = cpu_kernel
         self.attention_backend = attention.select_backend(attention_backend, self.device, cpu_kernel)
         self.block_size = block_size
         self.cache = KVCache(num_blocks, block_size)
