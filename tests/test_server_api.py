@@ -8,6 +8,7 @@ real server process is in ``test_server_e2e.py``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -96,6 +97,7 @@ class FakeEngine:
         outs = [
             CompletionOutput(j, "", [], logprobs=[] if sp.logprobs is not None else None) for j in range(sp.n)
         ]
+        sent: dict[int, tuple[int, int]] = {}
         try:
             for step in range(sp.max_tokens):
                 await asyncio.sleep(self.step_s)
@@ -114,11 +116,28 @@ class FakeEngine:
                     elif step + 1 == sp.max_tokens:
                         done[j] = out.finish_reason = "length"
                 finished = all(done)
+                emitted = [with_increment(out, sent) for out in outs]
                 yield RequestOutput(
-                    request_id, None, list(prompt), outs, finished, adapter, RequestMetrics(0.0)
+                    request_id, None, list(prompt), emitted, finished, adapter, RequestMetrics(0.0)
                 )
         finally:
             self.active.pop(request_id, None)
+
+
+def with_increment(out: CompletionOutput, sent: dict[int, tuple[int, int]]) -> CompletionOutput:
+    """A copy of ``out`` whose ``delta_*`` fields hold what is new since its previous copy, as the engine
+    emits them; ``sent``: (characters, tokens) emitted so far per choice."""
+    chars, tokens = sent.get(out.index, (0, 0))
+    sent[out.index] = (len(out.text), len(out.token_ids))
+    logprobs = None if out.logprobs is None else list(out.logprobs)
+    return dataclasses.replace(
+        out,
+        token_ids=list(out.token_ids),
+        logprobs=logprobs,
+        delta_text=out.text[chars:],
+        delta_token_ids=out.token_ids[tokens:],
+        delta_logprobs=None if logprobs is None else logprobs[tokens:],
+    )
 
 
 @pytest.fixture(scope="module")

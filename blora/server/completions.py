@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import time
 from typing import Any
 
 from starlette.responses import Response
@@ -36,7 +37,8 @@ from blora.server.protocol import (
     SamplingFields,
 )
 from blora.server.render import (
-    DeltaTracker,
+    StreamState,
+    TextChunks,
     TokenText,
     ToolStream,
     chat_logprobs,
@@ -178,11 +180,24 @@ async def create_completion(serving: Serving, req: CompletionRequest) -> Any:
         choices.sort(key=lambda c: c.index)
         return CompletionResponse(id=gen.request_id, model=req.model, choices=choices, usage=usage_of(finals))
 
-    def render(job: Job, tracker: DeltaTracker, out: Any) -> list[str]:
+    created = int(time.time())  # one time for every chunk of the stream
+
+    def chunk(choices: list[CompletionChoice], usage: Any = None) -> str:
+        return sse(
+            CompletionChunk(id=gen.request_id, created=created, model=req.model, choices=choices, usage=usage)
+        )
+
+    text_chunk = TextChunks(lambda i, t: chunk([CompletionChoice(index=i, text=t)]))
+
+    def render(job: Job, state: StreamState, out: Any) -> list[str]:
         chunks = []
-        for d in tracker.deltas(job.index, out):
-            st = tracker.states[d.index]
+        for d in state.deltas(job.index, out):
+            st = state.states[d.index]
             prefix = echo_text(job) if d.first else ""
+            if k is None and not prefix and d.finish_reason is None:  # text only: the common chunk
+                if d.text:
+                    chunks.append(text_chunk(d.index, d.text))
+                continue
             lp = None
             if k is not None:
                 lp = completion_logprobs(d.token_ids, d.logprobs, k, text, st.text_offset)
@@ -194,11 +209,11 @@ async def create_completion(serving: Serving, req: CompletionRequest) -> Any:
             choice = CompletionChoice(
                 index=d.index, text=prefix + d.text, logprobs=lp, finish_reason=d.finish_reason
             )
-            chunks.append(sse(CompletionChunk(id=gen.request_id, model=req.model, choices=[choice])))
+            chunks.append(chunk([choice]))
         return chunks
 
     def usage_chunk(usage: Any) -> str:
-        return sse(CompletionChunk(id=gen.request_id, model=req.model, choices=[], usage=usage))
+        return chunk([], usage)
 
     return serving.stream(gen, req.n, render, [], usage_chunk if req.include_usage() else None)
 
@@ -327,8 +342,16 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest) -
             prompt_logprobs=prompt_logprobs_out(final.prompt_logprobs, req.prompt_logprobs),
         )
 
+    created = int(time.time())  # one time for every chunk of the stream
+
     def chunk(choices: list[ChatStreamChoice], usage: Any = None) -> str:
-        return sse(ChatCompletionChunk(id=gen.request_id, model=req.model, choices=choices, usage=usage))
+        return sse(
+            ChatCompletionChunk(
+                id=gen.request_id, created=created, model=req.model, choices=choices, usage=usage
+            )
+        )
+
+    text_chunk = TextChunks(lambda i, t: chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=t))]))
 
     opening = [
         chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
@@ -337,9 +360,13 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest) -
 
     tool_streams: dict[int, ToolStream] = {}
 
-    def render(job: Job, tracker: DeltaTracker, out: Any) -> list[str]:
+    def render(job: Job, state: StreamState, out: Any) -> list[str]:
         chunks = []
-        for d in tracker.deltas(job.index, out):
+        for d in state.deltas(job.index, out):
+            if k is None and not plan.active and d.finish_reason is None:  # text only: the common chunk
+                if d.text:
+                    chunks.append(text_chunk(d.index, d.text))
+                continue
             lp = chat_logprobs(d.token_ids, d.logprobs, k, text) if k is not None else None
             if plan.active:
                 stream = tool_streams.setdefault(d.index, ToolStream(plan))

@@ -36,7 +36,7 @@ from blora.server.errors import APIError, InvalidRequestError, sse_error
 from blora.server.lifecycle import Lifecycle, Ticket, abort_quietly
 from blora.server.metrics import RequestTimer, ServerMetrics
 from blora.server.protocol import SamplingFields, UsageInfo
-from blora.server.render import DeltaTracker, usage_of
+from blora.server.render import StreamState, usage_of
 
 logger = logging.getLogger("blora.server")
 
@@ -88,9 +88,9 @@ class Job:
 
     def observe(self, out: Any) -> None:
         """Latency metrics for one engine output; remembers the final one."""
-        total = sum(len(c.token_ids) for c in out.outputs)
-        if total > self.tokens_seen:
-            self.tokens_seen = total
+        new = sum(len(c.delta_token_ids) for c in out.outputs)
+        if new:
+            self.tokens_seen += new
             self.timer.on_tokens()
         if out.finished:
             self.final = out
@@ -437,19 +437,19 @@ class Serving:
         self,
         gen: Generation,
         n: int,
-        render: Callable[[Job, DeltaTracker, Any], list[str]],
+        render: Callable[[Job, StreamState, Any], list[str]],
         opening: list[str],
         usage_chunk: Callable[[UsageInfo], str] | None,
     ) -> StreamingResponse:
         """An SSE response: ``opening`` chunks, rendered deltas, optional usage chunk, ``[DONE]``."""
 
         async def body() -> AsyncIterator[str]:
-            tracker = DeltaTracker(n)
+            state = StreamState(n)
             try:
                 for chunk in opening:
                     yield gen.with_usage(chunk)
                 async for job, out in merge(gen.jobs):
-                    for chunk in render(job, tracker, out):
+                    for chunk in render(job, state, out):
                         yield gen.with_usage(chunk)
                 if usage_chunk is not None:
                     yield usage_chunk(usage_of([job.final for job in gen.jobs if job.final]))
