@@ -49,8 +49,11 @@ def chat_prompts(tokenizer, n: int, seed: int = 0) -> list[str]:
     ]
 
 
-def make_bench_adapters(model, root: Path, count: int) -> list[Path]:
-    """``count`` PEFT adapters (random non-zero A/B, small so outputs stay sane), cached on disk."""
+def make_bench_adapters(
+    model, root: Path, count: int, shapes: list[tuple[int, int, list[str]]] = SHAPES
+) -> list[Path]:
+    """``count`` PEFT adapters (random non-zero A/B, small so outputs stay sane), cached on disk; adapter
+    ``i`` takes its (rank, alpha, targets) from ``shapes[i % len(shapes)]``."""
     from peft import LoraConfig, get_peft_model
 
     paths = []
@@ -59,7 +62,7 @@ def make_bench_adapters(model, root: Path, count: int) -> list[Path]:
         paths.append(path)
         if (path / "adapter_model.safetensors").is_file():
             continue
-        r, alpha, targets = SHAPES[i % len(SHAPES)]
+        r, alpha, targets = shapes[i % len(shapes)]
         torch.manual_seed(1000 + i)
         config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
         peft_model = get_peft_model(copy.deepcopy(model), config)
