@@ -1,7 +1,12 @@
-"""Engine outputs over the wire: each ``RequestOutput`` carries everything generated so far, so sending it
-whole every step costs O(length) per token, O(length²) per request. The replica sends what is new instead
-(``pack``) and the ingress rebuilds the full output (``unpack``), exactly: a step whose output is not its
-predecessor plus its deltas (never seen, but not assumed) is sent whole.
+"""Engine outputs over the wire: the replica sends each ``RequestOutput``'s increments as they are, and the
+ingress rebuilds the cumulative view.
+
+The engine's ``delta_text`` / ``delta_token_ids`` / ``delta_logprobs`` are exactly what is new since the
+request's previous output (the first output: everything so far), so the replica (``Packer``) drops the
+cumulative ``text`` / ``token_ids`` / ``logprobs``, and sends the prompt's token ids and prompt logprobs
+once; per token the wire carries O(1), not O(length). The ingress (``Unpacker``) appends the increments to
+what it has, so the server sees the outputs ``AsyncLLM`` would have given it. Every packed output of a
+request must be unpacked, in order (Ray's streaming responses deliver them so).
 """
 
 from __future__ import annotations
@@ -9,61 +14,40 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from blora.engine.outputs import CompletionOutput, RequestOutput
-
-
-@dataclass
-class _Seen:
-    """What the other side already has of one completion."""
-
-    text: str
-    num_tokens: int
-    num_logprobs: int | None
+from blora.engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 
 
 @dataclass
 class Packed:
-    """A ``RequestOutput`` whose completions flagged in ``deltas_only`` hold only their deltas (``text``,
-    ``token_ids`` and ``logprobs`` empty) and whose ``prompt_token_ids`` is empty unless ``has_prompt``."""
+    """A ``RequestOutput`` whose completions hold only their increments (``text``, ``token_ids`` empty,
+    ``logprobs`` None), whose ``prompt_token_ids`` is empty unless ``has_prompt`` and whose
+    ``prompt_logprobs`` is None unless ``has_prompt_logprobs``."""
 
     output: RequestOutput
     has_prompt: bool
-    deltas_only: list[bool]
-
-
-def _extends(c: CompletionOutput, seen: _Seen | None) -> bool:
-    if seen is None or c.text != seen.text + c.delta_text:
-        return False
-    delta = c.delta_token_ids
-    if len(c.token_ids) != seen.num_tokens + len(delta) or c.token_ids[seen.num_tokens :] != delta:
-        return False
-    if c.logprobs is None or seen.num_logprobs is None:
-        return c.logprobs is None and seen.num_logprobs is None
-    new = c.delta_logprobs or []
-    return len(c.logprobs) == seen.num_logprobs + len(new) and c.logprobs[seen.num_logprobs :] == new
+    has_prompt_logprobs: bool
 
 
 class Packer:
     """Replica side, one per request."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, _Seen] = {}
         self._sent_prompt = False
+        self._sent_prompt_logprobs = False
 
     def pack(self, out: RequestOutput) -> Packed:
-        flags, outputs = [], []
-        for c in out.outputs:
-            only_deltas = _extends(c, self._seen.get(c.index))
-            flags.append(only_deltas)
-            nlp = None if c.logprobs is None else len(c.logprobs)
-            self._seen[c.index] = _Seen(c.text, len(c.token_ids), nlp)
-            outputs.append(dataclasses.replace(c, text="", token_ids=[], logprobs=None) if only_deltas else c)
+        outputs = [dataclasses.replace(c, text="", token_ids=[], logprobs=None) for c in out.outputs]
         has_prompt = not self._sent_prompt
+        has_prompt_logprobs = out.prompt_logprobs is not None and not self._sent_prompt_logprobs
         self._sent_prompt = True
+        self._sent_prompt_logprobs = self._sent_prompt_logprobs or has_prompt_logprobs
         slim = dataclasses.replace(
-            out, outputs=outputs, prompt_token_ids=out.prompt_token_ids if has_prompt else []
+            out,
+            outputs=outputs,
+            prompt_token_ids=out.prompt_token_ids if has_prompt else [],
+            prompt_logprobs=out.prompt_logprobs if has_prompt_logprobs else None,
         )
-        return Packed(slim, has_prompt, flags)
+        return Packed(slim, has_prompt, has_prompt_logprobs)
 
 
 class Unpacker:
@@ -72,26 +56,30 @@ class Unpacker:
     def __init__(self) -> None:
         self._last: dict[int, CompletionOutput] = {}
         self._prompt: list[int] = []
+        self._prompt_logprobs: PromptLogprobs | None = None
         self.last: RequestOutput | None = None  # the latest rebuilt output
 
     def unpack(self, packed: Packed) -> RequestOutput:
         out = packed.output
         if packed.has_prompt:
             self._prompt = out.prompt_token_ids
-        outputs = []
-        for c, only_deltas in zip(out.outputs, packed.deltas_only, strict=True):
-            if only_deltas:
-                prev = self._last[c.index]
-                logprobs = None
-                if prev.logprobs is not None:
-                    logprobs = prev.logprobs + (c.delta_logprobs or [])
-                c = dataclasses.replace(
-                    c,
-                    text=prev.text + c.delta_text,
-                    token_ids=prev.token_ids + c.delta_token_ids,
-                    logprobs=logprobs,
-                )
-            self._last[c.index] = c
-            outputs.append(c)
-        self.last = dataclasses.replace(out, outputs=outputs, prompt_token_ids=self._prompt)
+        if packed.has_prompt_logprobs:
+            self._prompt_logprobs = out.prompt_logprobs
+        outputs = [self._rebuild(c) for c in out.outputs]
+        self.last = dataclasses.replace(
+            out, outputs=outputs, prompt_token_ids=self._prompt, prompt_logprobs=self._prompt_logprobs
+        )
         return self.last
+
+    def _rebuild(self, c: CompletionOutput) -> CompletionOutput:
+        """``c`` with its cumulative fields: what came before plus its increments."""
+        prev = self._last.get(c.index)
+        text, token_ids = c.delta_text, list(c.delta_token_ids)
+        logprobs = None if c.delta_logprobs is None else list(c.delta_logprobs)
+        if prev is not None:
+            text, token_ids = prev.text + text, prev.token_ids + token_ids
+            if logprobs is not None:
+                logprobs = (prev.logprobs or []) + logprobs
+        c = dataclasses.replace(c, text=text, token_ids=token_ids, logprobs=logprobs)
+        self._last[c.index] = c
+        return c
