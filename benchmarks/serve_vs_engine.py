@@ -1,0 +1,383 @@
+"""The server against the offline engine: ``blora serve`` over HTTP vs ``LLM.generate``, same work.
+
+Both load the embedded SmolLM2 default as ``blora serve`` does, in ``--dtype`` (float32 by default) with
+``--threads`` torch threads, each in its own process, both kept warm for the whole run:
+
+- engine: a worker process running ``LLM.generate`` on the benchmark's chat prompts (``blora.bench``'s
+  workload: the prompts rendered with the chat template; ``k`` adapters assigned round-robin);
+- server: ``python -m blora.server`` (uvicorn, one process) with the same adapters as ``--lora-modules``;
+  the load generator is this process (aiohttp, one connection per request, lines scanned without parsing
+  JSON except the usage chunk): every request streams ``/v1/chat/completions`` with the same prompt's user
+  message (the server applies the same template) to its adapter.
+
+Every request generates exactly ``--new-tokens`` tokens (greedy, EOS ignored). For each setting (concurrent
+requests x distinct adapters) the engine and the server alternate within a round (the order flips each
+round); the table gives medians over rounds of output tok/s (all requests submitted at once, wall time
+to the last token), the ratio server / engine, and TTFT p50 (engine: the request's first token time from
+the ``generate`` call; server: the first content chunk from the request's send).
+
+    .venv/bin/python benchmarks/serve_vs_engine.py                       # 32 and 128 streams, 0 and 16
+    .venv/bin/python benchmarks/serve_vs_engine.py --rounds 5 --json bench_results/serve_vs_engine.json
+    .venv/bin/python benchmarks/serve_vs_engine.py --only server --profile /tmp/server.raw  # + py-spy
+
+``--profile`` samples the server process with py-spy while the rounds run and prints the share of samples
+per thread (the engine thread, the event loop) and per cause (the innermost frame naming a known module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from serve_load import free_port, pct, wait_healthy  # noqa: E402
+
+BASE = "base"
+
+
+@dataclass
+class Measured:
+    """One timed run of one system on one setting."""
+
+    system: str  # "engine" | "server"
+    requests: int
+    adapters: int
+    tok_s: float
+    ttft_p50_ms: float
+    prompt_tokens: int
+
+
+# --- engine worker (its own process) ----------------------------------------------------------------
+
+
+def engine_worker(args: argparse.Namespace) -> None:
+    """Read ``RUN <requests> <adapters>`` lines on stdin; time one ``LLM.generate`` each; print RESULT."""
+    import torch
+
+    from blora.bench.systems import workload
+    from blora.engine import LLM, SamplingParams
+    from blora.models import load_model
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(None, dtype=args.dtype)
+    paths = sorted(Path(args.adapter_dir).glob("bench-*"))[: max(args.adapters)]
+    llm = LLM(
+        loaded,
+        adapters={p.name: str(p) for p in paths},
+        max_loras=max(16, len(paths)),
+        max_num_seqs=max(64, *args.requests),
+    )
+    warm = [p.name for p in paths] + [None]
+    llm.generate(["Hi"] * len(warm), SamplingParams(max_tokens=2, temperature=0), adapters=warm)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        _, n, k = line.split()
+        texts, names = workload(loaded.tokenizer, SimpleNamespace(requests=int(n), k=int(k)))
+        with torch.inference_mode():
+            start = time.time()
+            outs = llm.generate(texts, params, adapters=names)
+            seconds = time.time() - start
+        assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outs)
+        ttft = [o.metrics.first_token_time - start for o in outs]
+        result = {
+            "tok_s": len(outs) * args.new_tokens / seconds,
+            "ttft_p50_ms": 1000 * statistics.median(ttft),
+            "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
+        }
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+class EngineProcess:
+    """The engine worker, driven over its stdin/stdout."""
+
+    def __init__(self, args: argparse.Namespace, adapter_dir: Path) -> None:
+        cmd = [sys.executable, __file__, "--engine-worker", "--adapter-dir", str(adapter_dir)]
+        cmd += ["--dtype", args.dtype, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+        cmd += ["--requests", *map(str, args.requests), "--adapters", *map(str, args.adapters)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._expect("READY")
+
+    def _expect(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        raise SystemExit(f"engine worker exited with status {self.proc.wait()}")
+
+    def run(self, requests: int, adapters: int) -> Measured:
+        self.proc.stdin.write(f"RUN {requests} {adapters}\n")
+        self.proc.stdin.flush()
+        r = json.loads(self._expect("RESULT "))
+        return Measured("engine", requests, adapters, r["tok_s"], r["ttft_p50_ms"], r["prompt_tokens"])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+# --- server -------------------------------------------------------------------------------------------
+
+
+def launch_server(
+    args: argparse.Namespace, adapters: dict[str, str], log: Path
+) -> tuple[subprocess.Popen, str]:
+    """``python -m blora.server`` with the engine worker's limits."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "blora.server", "--served-model-name", BASE, "--port", str(port),
+           "--dtype", args.dtype, "--threads", str(args.threads), "--max-queue", "-1",
+           "--max-num-seqs", str(max(64, *args.requests)), "--max-loras", str(max(16, len(adapters))),
+           "--log-level", "warning"]  # fmt: skip
+    if adapters:
+        cmd += ["--lora-modules", *(f"{k}={v}" for k, v in adapters.items())]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, 300, ("/health",))
+    return proc, url
+
+
+def stop(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """SIGINT (the server drains and exits; py-spy writes its profile), then kill after ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def record(pid: int, out: Path, gil: bool) -> subprocess.Popen:
+    """py-spy sampling ``pid`` (every thread, raw collapsed stacks) until stopped."""
+    cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--format", "raw"]
+    cmd += ["--threads", "--nonblocking", "--rate", "50", "-o", str(out), *(["--gil"] if gil else [])]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+async def stream_one(session, url: str, model: str, message: str, max_tokens: int) -> tuple[float, int, int]:
+    """(seconds to the first content chunk, completion tokens, prompt tokens) of one streamed chat."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": message}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start, ttft, usage = time.perf_counter(), None, None
+    async with session.post(url + "/v1/chat/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
+        async for line in r.content:
+            if ttft is None and b'"content":"' in line and b'"content":""' not in line:
+                ttft = time.perf_counter() - start
+            elif b'"choices":[]' in line:
+                usage = json.loads(line[len(b"data: ") :])["usage"]
+            elif line.startswith(b'data: {"error"'):
+                raise RuntimeError(line.decode()[:300])
+    if ttft is None or usage is None:
+        raise RuntimeError(f"stream of {model!r} ended without tokens or usage")
+    return ttft, usage["completion_tokens"], usage["prompt_tokens"]
+
+
+async def run_server_async(url: str, requests: int, adapters: int, new_tokens: int) -> Measured:
+    import aiohttp
+
+    from blora.bench.workload import prompts
+
+    messages = prompts(requests)
+    models = [BASE if adapters == 0 else f"bench-{i % adapters:03d}" for i in range(requests)]
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as s:
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(stream_one(s, url, m, msg, new_tokens) for m, msg in zip(models, messages, strict=True))
+        )
+        seconds = time.perf_counter() - start
+    if any(tokens != new_tokens for _, tokens, _ in results):
+        raise RuntimeError(f"a stream did not generate {new_tokens} tokens: {[t for _, t, _ in results]}")
+    ttft_ms = 1000 * pct([t for t, _, _ in results], 50)
+    prompt_tokens = sum(p for _, _, p in results)
+    return Measured("server", requests, adapters, requests * new_tokens / seconds, ttft_ms, prompt_tokens)
+
+
+# --- profile summary ----------------------------------------------------------------------------------
+
+# Where a sample lands: its innermost frame that names one of these (engine thread / event loop).
+ENGINE_CAUSES = [
+    ("sampler", "blora/engine/sampler.py"),
+    ("detokenizer", "blora/engine/detokenizer.py"),
+    ("outputs (increments)", "blora/engine/sequence.py"),
+    ("scheduler, blocks", "blora/engine/scheduler.py"),
+    ("scheduler, blocks", "blora/engine/block_manager.py"),
+    ("stats", "stats (blora/engine"),
+    ("model runner (batch)", "blora/engine/model_runner.py"),
+    ("LoRA", "blora/lora/"),
+    ("model forward (Python)", "blora/models/"),
+    ("torch ops", "torch/"),
+    ("handoff to the loop", "blora/engine/async_llm.py"),
+]
+LOOP_CAUSES = [
+    ("JSON/SSE chunks", "pydantic"),
+    ("JSON/SSE chunks", "json/"),
+    ("render", "blora/server/render.py"),
+    ("render", "blora/server/completions.py"),
+    ("serving (jobs, merge)", "blora/server/serving.py"),
+    ("metrics", "blora/server/metrics.py"),
+    ("metrics", "prometheus_client"),
+    ("AsyncLLM stream", "blora/engine/async_llm.py"),
+    ("HTTP (starlette, uvicorn)", "starlette/"),
+    ("HTTP (starlette, uvicorn)", "uvicorn/"),
+    ("HTTP (starlette, uvicorn)", "anyio/"),
+    ("request setup (tokenize, template)", "transformers/"),
+    ("asyncio / uvloop", "asyncio/"),
+]
+
+
+def summarize(raw: Path) -> str:
+    """Share of py-spy samples (raw collapsed stacks, ``--threads``) per thread and per cause."""
+    counts: dict[tuple[str, str], int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = stack.split(";")
+        thread = "engine" if "blora-engine" in frames[0] else "loop" if "uvicorn" in stack else "other"
+        causes = ENGINE_CAUSES if thread == "engine" else LOOP_CAUSES
+        cause = next((c for f in reversed(frames) for c, key in causes if key in f), "rest")
+        counts[(thread, cause)] = counts.get((thread, cause), 0) + int(n)
+    total = sum(counts.values()) or 1
+    lines = ["| thread | cause | share of samples |", "|---|---|---|"]
+    for (thread, cause), n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {thread} | {cause} | {100 * n / total:.2f}% |")
+    return "\n".join(lines)
+
+
+# --- driver -------------------------------------------------------------------------------------------
+
+
+def table(rows: list[Measured], args: argparse.Namespace) -> str:
+    head = (
+        f"{args.dtype}, {args.threads} threads, {args.new_tokens} new tokens per request, medians of "
+        f"{args.rounds} alternated rounds\n\n"
+        "| streams | adapters | engine tok/s | server tok/s | server / engine | engine TTFT p50 (ms) "
+        "| server TTFT p50 (ms) |\n|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for n in args.requests:
+        for k in args.adapters:
+
+            def med(system: str, field: str, n: int = n, k: int = k) -> float:
+                values = [
+                    getattr(r, field) for r in rows if (r.system, r.requests, r.adapters) == (system, n, k)
+                ]
+                return statistics.median(values) if values else float("nan")
+
+            engine, server = med("engine", "tok_s"), med("server", "tok_s")
+            lines.append(
+                f"| {n} | {k} | {engine:.1f} | {server:.1f} | {server / engine:.3f} "
+                f"| {med('engine', 'ttft_p50_ms'):.0f} | {med('server', 'ttft_p50_ms'):.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def warm_server(url: str, adapters: int) -> None:
+    models = [BASE, *(f"bench-{i:03d}" for i in range(adapters))]
+    asyncio.run(_warm(url, models))
+
+
+async def _warm(url: str, models: list[str]) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        for m in models:
+            await stream_one(s, url, m, "Hi", 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, nargs="+", default=[32, 128], help="concurrent streams")
+    p.add_argument("--adapters", type=int, nargs="+", default=[0, 16], help="distinct adapters (0: base)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--adapter-cache", type=Path, default=Path("/tmp/blora-bench-adapters"))
+    p.add_argument("--only", choices=["engine", "server"], default=None, help="measure one system")
+    p.add_argument("--profile", type=Path, default=None, help="record the server with py-spy (raw format)")
+    p.add_argument("--gil", action="store_true", help="with --profile: only samples holding the GIL")
+    p.add_argument("--json", type=Path, default=None, help="write every measurement here")
+    p.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--adapter-dir", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.engine_worker:
+        engine_worker(args)
+        return
+
+    from blora.bench.throughput import prepare_adapters
+
+    adapter_dir = prepare_adapters(None, args.dtype, args.adapter_cache, max(args.adapters))
+    paths = sorted(adapter_dir.glob("bench-*"))[: max(args.adapters)]
+    engine = EngineProcess(args, adapter_dir) if args.only != "server" else None
+    server, url = None, ""
+    if args.only != "engine":
+        server, url = launch_server(
+            args, {q.name: str(q) for q in paths}, Path(tempfile.gettempdir()) / "blora-serve-vs-engine.log"
+        )
+        warm_server(url, max(args.adapters))
+    spy = record(server.pid, args.profile, args.gil) if args.profile and server is not None else None
+    rows: list[Measured] = []
+    try:
+        for r in range(args.rounds):
+            for n in args.requests:
+                for k in args.adapters:
+                    order = ["engine", "server"] if r % 2 == 0 else ["server", "engine"]
+                    for system in order:
+                        if system == "engine" and engine is not None:
+                            rows.append(engine.run(n, k))
+                        elif system == "server" and server is not None:
+                            rows.append(asyncio.run(run_server_async(url, n, k, args.new_tokens)))
+                        else:
+                            continue
+                        m = rows[-1]
+                        print(
+                            f"round {r} {m.system:6s} {n:4d} streams {k:2d} adapters: {m.tok_s:7.1f} tok/s, "
+                            f"TTFT p50 {m.ttft_p50_ms:6.0f} ms, {m.prompt_tokens} prompt tokens",
+                            flush=True,
+                        )
+    finally:
+        if engine is not None:
+            engine.close()
+        if spy is not None:
+            stop(spy)
+        if server is not None:
+            stop(server)
+    print(table(rows, args))
+    if args.profile and args.profile.exists():
+        print(f"\nserver profile ({args.profile}; samples of running threads, idle ones left out)\n")
+        print(summarize(args.profile))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
