@@ -105,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     _demo_parser(sub)
     _generate_parser(sub)
     _bench_parser(sub)
-    from blora.server.cli import add_serve_arguments
+    from blora.server.options import add_serve_arguments, check_args
 
     add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible server"))
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        check_args(args)  # before anything loads, for both the single engine and --ray
     if getattr(args, "threads", None):
         import torch
 
@@ -132,9 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_command(args)
     if args.command == "generate":
         return _run_generate(args)
-    from blora.server.cli import check_serve_args, run_serve
+    from blora.server.cli import run_serve
 
-    check_serve_args(args)
     if args.ray:  # only this top-level CLI reaches into blora.ray (the layers below never import it)
         from blora.ray.cli import run_ray_serve
 

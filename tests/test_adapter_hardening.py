@@ -407,10 +407,10 @@ def test_serve_max_lora_rank_reaches_the_engine_and_bounds_loads(good):
     import argparse
 
     from blora.engine import LLM
-    from blora.server.cli import add_serve_arguments, engine_kwargs
+    from blora.server.options import add_serve_arguments, engine_args
 
     args = add_serve_arguments(argparse.ArgumentParser()).parse_args(["--max-lora-rank", "2"])
-    assert engine_kwargs(args, None)["max_lora_rank"] == 2
+    assert engine_args(args).config.max_lora_rank == 2
     llm = LLM(tiny_model("llama"), tokenizer=tokenizer(), max_lora_rank=2)
     with pytest.raises(AdapterError, match="rank 4 is above the configured maximum 2"):
         llm.load_adapter("big", str(good))

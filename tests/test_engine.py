@@ -213,7 +213,7 @@ def test_one_set_of_engine_defaults():
 
     from blora.engine import AsyncLLM
     from blora.engine.llm_engine import EngineConfig
-    from blora.server.cli import add_serve_arguments, engine_kwargs
+    from blora.server.options import add_serve_arguments, engine_args
 
     shared = ("max_loras", "max_num_seqs", "max_num_batched_tokens", "block_size", "seed")
     for cls in (LLM, AsyncLLM):
@@ -221,13 +221,13 @@ def test_one_set_of_engine_defaults():
         for name in shared:
             assert params[name].default == getattr(EngineConfig, name), (cls.__name__, name)
     args = add_serve_arguments(argparse.ArgumentParser()).parse_args([])
-    kwargs = engine_kwargs(args, None)
+    kwargs = engine_args(args).kwargs()
     for name in (*shared[:3], "seed", "lora_backend", "fast_path", "cpu_kernel", "packed_weights"):
         assert kwargs[name] == getattr(EngineConfig, name), name
     args = add_serve_arguments(argparse.ArgumentParser()).parse_args(
         ["--fast-path", "on", "--no-cpu-kernel", "--lora-backend", "torch", "--no-packed-weights"]
     )
-    kwargs = engine_kwargs(args, None)
+    kwargs = engine_args(args).kwargs()
     assert (kwargs["fast_path"], kwargs["cpu_kernel"], kwargs["lora_backend"], kwargs["packed_weights"]) == (
         "on",
         False,

@@ -192,12 +192,12 @@ def test_server_switch_and_metrics():
     carries vLLM's prefix-cache counters."""
     import argparse
 
-    from blora.server.cli import add_serve_arguments, engine_kwargs
     from blora.server.metrics import ServerMetrics
+    from blora.server.options import add_serve_arguments, engine_args
 
     parser = add_serve_arguments(argparse.ArgumentParser())
     for argv, on in (([], True), (["--no-prefix-caching"], False), (["--no-enable-prefix-caching"], False)):
-        assert engine_kwargs(parser.parse_args(argv), None)["enable_prefix_caching"] is on
+        assert engine_args(parser.parse_args(argv)).config.enable_prefix_caching is on
 
     class Engine:
         def stats(self) -> dict:

@@ -187,11 +187,11 @@ def test_dora_on_a_quantized_base_equals_peft_on_the_dequantized_model(tmp_path)
 def test_serve_flag_reaches_the_engine():
     import argparse
 
-    from blora.server.cli import add_serve_arguments, engine_kwargs
+    from blora.server.options import add_serve_arguments, engine_args
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    assert engine_kwargs(parser.parse_args(["--quantization", "int4"]), None)["quantization"] == "int4"
-    assert "quantization" not in engine_kwargs(parser.parse_args([]), None)
+    assert engine_args(parser.parse_args(["--quantization", "int4"])).kwargs()["quantization"] == "int4"
+    assert engine_args(parser.parse_args([])).config.quantization is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantization", "fp8"])

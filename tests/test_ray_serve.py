@@ -37,7 +37,7 @@ from blora.ray import ClusterConfig, build_app
 from blora.ray.app import builder_argv
 from blora.ray.wire import Packer, Unpacker
 from blora.server.app import ServerConfig, create_app
-from blora.server.cli import _check_args, add_serve_arguments
+from blora.server.options import add_serve_arguments, check_args
 from tests import helpers
 from tests.helpers import free_port
 
@@ -223,9 +223,9 @@ def test_cli_options():
     parser = add_serve_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--replicas", "3"])
     with pytest.raises(SystemExit, match="--replicas only apply with --ray"):
-        _check_args(args)
+        check_args(args)
     with pytest.raises(SystemExit, match="--replicas must be >= 1"):
-        _check_args(parser.parse_args(["--ray", "--replicas", "0"]))
+        check_args(parser.parse_args(["--ray", "--replicas", "0"]))
     argv = builder_argv(
         parser, {"replicas": "2", "allow_runtime_adapters": "true", "lora-modules": "a=/x b=/y"}
     )

@@ -570,7 +570,7 @@ def test_resolve_adapter_path_unit(tmp_path):
 def test_cli_arguments(tmp_path):
     import argparse
 
-    from blora.server.cli import _check_args, add_serve_arguments
+    from blora.server.options import add_serve_arguments, check_args
 
     parser = add_serve_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--lora-modules", "a=/x", "b=/y=z", "--max-queue", "-1", "--port", "9"])
@@ -578,12 +578,12 @@ def test_cli_arguments(tmp_path):
     with pytest.raises(SystemExit):
         parser.parse_args(["--lora-modules", "nameonly"])
     with pytest.raises(SystemExit, match="needs --adapter-root"):
-        _check_args(parser.parse_args(["--allow-runtime-adapters"]))
+        check_args(parser.parse_args(["--allow-runtime-adapters"]))
     with pytest.raises(SystemExit, match="duplicate"):
-        _check_args(parser.parse_args(["--lora-modules", "a=/x", "a=/y"]))
+        check_args(parser.parse_args(["--lora-modules", "a=/x", "a=/y"]))
     with pytest.raises(SystemExit, match="not a directory"):
-        _check_args(parser.parse_args(["--adapter-root", str(tmp_path / "nope")]))
-    _check_args(parser.parse_args(["--adapter-root", str(tmp_path), "--allow-runtime-adapters"]))
+        check_args(parser.parse_args(["--adapter-root", str(tmp_path / "nope")]))
+    check_args(parser.parse_args(["--adapter-root", str(tmp_path), "--allow-runtime-adapters"]))
 
 
 def test_adapter_mixture_extension(tokenizer):

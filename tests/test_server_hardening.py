@@ -26,7 +26,7 @@ pytest.importorskip("fastapi")
 
 from blora.engine import AsyncLLM  # noqa: E402
 from blora.server import ServerConfig, create_app  # noqa: E402
-from blora.server.cli import add_serve_arguments, server_config  # noqa: E402
+from blora.server.options import add_serve_arguments, server_config  # noqa: E402
 from tests.helpers import make_adapter, targets, tiny_model  # noqa: E402
 from tests.helpers import tokenizer as shared_tokenizer  # noqa: E402
 from tests.test_server_api import BASE, FakeEngine, assert_error, make_client, sse_events  # noqa: E402

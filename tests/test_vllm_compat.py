@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from blora.engine import LLM, AsyncLLM, LoRARequest, SamplingParams  # noqa: E402
 from blora.server import ServerConfig, create_app  # noqa: E402
-from blora.server.cli import UNSUPPORTED_VLLM_FLAGS, _check_args, add_serve_arguments, server_config  # noqa: E402
+from blora.server.options import UNSUPPORTED_VLLM_FLAGS, add_serve_arguments, check_args, server_config  # noqa: E402
 from tests.helpers import make_adapter, save_tiny_model, tiny_model  # noqa: E402
 
 BASE = "tiny"
@@ -86,7 +86,7 @@ def complete(client, model: str, **extra):
 
 def parse(*argv: str) -> argparse.Namespace:
     args = add_serve_arguments(argparse.ArgumentParser()).parse_args(list(argv))
-    _check_args(args)
+    check_args(args)
     return args
 
 
@@ -143,7 +143,7 @@ def test_chat_template_file_or_inline_and_generation_config(files, tmp_path):
     (tmp_path / "t.jinja").write_text(template)
     assert parse("--chat-template", str(tmp_path / "t.jinja")).chat_template == template
     assert parse("--chat-template", template).chat_template == template
-    from blora.server.cli import generation_defaults
+    from blora.server.options import generation_defaults
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_k": 7, "max_new_tokens": 5, "do_sample": True}))  # fmt: skip
     assert generation_defaults(str(tmp_path), None) == {"temperature": 0.3, "top_k": 7, "max_tokens": 5}

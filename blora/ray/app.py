@@ -2,24 +2,36 @@
 
 ``build_app`` is the Python entry point (``serve.run(build_app(...))``), ``app_builder`` the one for
 ``serve run blora.ray:app_builder replicas=2 ...`` (keys are ``blora serve``'s options), and
-``blora serve --ray`` (``blora.ray.cli``) runs the same application.
+``blora serve --ray`` (``blora.ray.cli``) runs the same application, built by ``app_from_args`` from the
+options of ``blora.server.options``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from ray import serve
 
 from blora.engine.llm_engine import EngineConfig
+from blora.models.loader import DEFAULT_MODEL
 from blora.ray.cluster_engine import ClusterEngine
 from blora.ray.registry import AdapterRegistry
 from blora.ray.replica import EngineReplica, ReplicaOptions
 from blora.server.app import ServerConfig, create_app
+from blora.server.lifecycle import Lifecycle
+from blora.server.options import (
+    add_serve_arguments,
+    check_args,
+    engine_args,
+    sampling_defaults,
+    server_config,
+)
 
 
 @dataclass
@@ -78,20 +90,30 @@ class ClusterCollector:
 class OpenAIIngress:
     """The single-process server's FastAPI app (``create_app``) over a ``ClusterEngine``."""
 
-    async def __init__(self, replicas: Any, registry: Any, config: ServerConfig, affinity: bool) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
+        self, replicas: Any, registry: Any, config: ServerConfig, affinity: bool
+    ) -> None:
         info = await replicas.describe.remote()
         self.config = config
         self.engine = ClusterEngine(replicas, registry, info, affinity, retry_after_s=config.retry_after_s)
+        self.lifecycle: Lifecycle | None = None
         await self.engine.start()
 
     def __serve_build_asgi_app__(self) -> Any:
         app = create_app(self.engine, self.config)
         app.state.metrics.registry.register(ClusterCollector(self.engine, self.config.served_model_name))
+        self.lifecycle = app.state.lifecycle
         return app
 
     async def drain(self, timeout: float) -> None:
         """``blora serve --ray``'s SIGTERM: 503 for new requests, in-flight ones finish or are aborted."""
-        await self.app.state.lifecycle.drain(self.engine, timeout)  # ``app``: Serve's, the one built above
+        if self.lifecycle is not None:  # None: the app was never built, so nothing is in flight
+            await self.lifecycle.drain(self.engine, timeout)
+
+
+def deployment(decorated: object) -> serve.Deployment:
+    """A ``@serve.deployment`` class as the ``Deployment`` it is at run time (mypy sees the class)."""
+    return cast(serve.Deployment, decorated)
 
 
 def build_app(
@@ -116,14 +138,14 @@ def build_app(
     options = ReplicaOptions(
         cluster.max_adapters_per_replica, threads, cluster.report_interval_s, server.drain_timeout_s
     )
-    registry = AdapterRegistry.bind(dict(adapters or {}))
-    replicas = EngineReplica.options(
+    registry = deployment(AdapterRegistry).bind(dict(adapters or {}))
+    replicas = deployment(EngineReplica).options(
         num_replicas=cluster.replicas,
         max_ongoing_requests=per_replica,
         graceful_shutdown_timeout_s=server.drain_timeout_s,
         ray_actor_options={"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus},
     ).bind(dict(engine_kwargs), registry, options)
-    ingress = OpenAIIngress.options(
+    ingress = deployment(OpenAIIngress).options(
         max_ongoing_requests=server.max_num_seqs + queue + 64,  # the app answers 429 itself, before Serve
         graceful_shutdown_timeout_s=server.drain_timeout_s,
     )
@@ -133,9 +155,6 @@ def build_app(
 def app_builder(args: dict[str, str]) -> serve.Application:
     """For ``serve run blora.ray:app_builder replicas=2 lora-modules="a=/p b=/q" ...``: every key is a
     ``blora serve`` option (``-`` or ``_``), flags take ``true``/``false``."""
-    from blora.ray.cli import app_from_args
-    from blora.server.cli import add_serve_arguments
-
     parser = add_serve_arguments(argparse.ArgumentParser(prog="serve run blora.ray:app_builder"))
     return app_from_args(parser.parse_args(["--ray", *builder_argv(parser, args)]))
 
@@ -159,3 +178,39 @@ def builder_argv(parser: argparse.ArgumentParser, args: dict[str, str]) -> list[
         else:
             argv += [flag, text]
     return argv
+
+
+def _absolute(path: str) -> str:
+    """Replicas may run in another directory (or on another node): local paths are made absolute."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def cluster_config(args: argparse.Namespace) -> ClusterConfig:
+    """The ``ClusterConfig`` of the ``blora serve --ray`` options."""
+    return ClusterConfig(
+        replicas=args.replicas or 2,
+        max_adapters_per_replica=args.max_adapters_per_replica or args.max_loras,
+        affinity=not args.no_adapter_affinity,
+        replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
+        replica_gpus=args.replica_gpus or 0.0,
+    )
+
+
+def app_from_args(args: argparse.Namespace) -> serve.Application:
+    """The Serve application for ``blora serve`` options (the Ray ones included): the engine and server
+    of ``blora.server.options``, with local paths made absolute for the replicas."""
+    check_args(args)
+    cluster = cluster_config(args)
+    engine = engine_args(args)
+    if engine.model is not None:
+        engine = dataclasses.replace(engine, model=_absolute(engine.model))
+    server = server_config(
+        args,
+        model_source=engine.model or DEFAULT_MODEL,
+        max_num_seqs=cluster.replicas * args.max_num_seqs,
+        adapter_root=args.adapter_root.resolve() if args.adapter_root else None,
+        sampling_defaults=sampling_defaults(args),
+    )
+    adapters = {name: _absolute(path) for name, path in args.lora_modules}
+    return build_app(engine.kwargs(), server, cluster, adapters)

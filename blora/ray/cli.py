@@ -8,46 +8,11 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 from types import FrameType
-from typing import Any
 
 logger = logging.getLogger("blora.ray")
 
 APP_NAME = "blora"
-
-
-def _absolute(path: str) -> str:
-    """Replicas may run in another directory (or on another node): local paths are made absolute."""
-    p = Path(path).expanduser()
-    return str(p.resolve()) if p.exists() else path
-
-
-def app_from_args(args: argparse.Namespace) -> Any:
-    """The Serve application for ``blora serve`` options (the Ray ones included)."""
-    from blora.models.loader import DEFAULT_MODEL
-    from blora.ray.app import ClusterConfig, build_app
-    from blora.server import cli
-
-    cli._check_args(args)
-    replicas = args.replicas or 2
-    model = _absolute(args.model) if args.model else None
-    engine_kwargs = cli.engine_kwargs(args, model)
-    server = cli.server_config(
-        args,
-        model_source=model or DEFAULT_MODEL,
-        max_num_seqs=replicas * args.max_num_seqs,
-        adapter_root=args.adapter_root.resolve() if args.adapter_root else None,
-    )
-    cluster = ClusterConfig(
-        replicas=replicas,
-        max_adapters_per_replica=args.max_adapters_per_replica or args.max_loras,
-        affinity=not args.no_adapter_affinity,
-        replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
-        replica_gpus=args.replica_gpus or 0.0,
-    )
-    adapters = {name: _absolute(path) for name, path in args.lora_modules}
-    return build_app(engine_kwargs, server, cluster, adapters)
 
 
 def _connect(address: str | None, replicas: int, replica_cpus: float) -> None:
@@ -75,6 +40,8 @@ def run_ray_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from blora.ray.app import app_from_args
+
     app = app_from_args(args)
     _connect(args.ray_address, args.replicas or 2, 1.0 if args.replica_cpus is None else args.replica_cpus)
     stop = _handle_signals()  # after ray.init, which sets a SIGTERM handler of its own
