@@ -48,8 +48,8 @@ def resolve_max_tokens(
     if room < 1 or max_tokens > room:
         raise ContextLengthError(
             "max_tokens",
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+            f"This model's maximum context length is {max_model_len} tokens (max_model_len). However, you "
+            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
             "completion). Please reduce the prompt or max_tokens.",
         )
     return max_tokens
