@@ -128,16 +128,25 @@ def fetch_source(lc: LlamaCpp) -> Path:
 
 
 def build_server(lc: LlamaCpp, jobs: int) -> Path:
-    """Configure and build the ``llama-server`` target (Release, native CPU) once; its path."""
+    """Configure (once) and build the ``llama-server`` target (Release, native CPU); its path. An
+    interrupted build resumes where it stopped."""
     tree = fetch_source(lc)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    if not (lc.build_dir / "CMakeCache.txt").is_file():
+        configure(lc, tree, generator)
+    print(f"building llama-server with {jobs} jobs (log: {lc.root / 'build.log'})", flush=True)
+    run(
+        ["cmake", "--build", str(lc.build_dir), "--target", "llama-server", "-j", str(jobs)],
+        log=lc.root / "build.log",
+    )
+    return lc.server_bin
+
+
+def configure(lc: LlamaCpp, tree: Path, generator: list[str]) -> None:
+    """cmake's configure step: Release, no prebuilt web UI download, no OpenSSL, no tests or examples."""
     run(["cmake", "-S", str(tree), "-B", str(lc.build_dir), *generator, "-DCMAKE_BUILD_TYPE=Release",
          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
          "-DLLAMA_BUILD_EXAMPLES=OFF"], log=lc.root / "configure.log")  # fmt: skip
-    print(f"building llama-server with {jobs} jobs (log: {lc.root / 'build.log'})", flush=True)
-    run(["cmake", "--build", str(lc.build_dir), "--target", "llama-server", "-j", str(jobs)],
-        log=lc.root / "build.log")  # fmt: skip
-    return lc.server_bin
 
 
 def converter_python(lc: LlamaCpp) -> Path:
