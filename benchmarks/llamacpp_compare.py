@@ -371,7 +371,7 @@ async def check_outputs(servers: list[Server], k: int, tokens: int = 24) -> None
     from blora.bench.workload import prompts
 
     message = prompts(1)[0]
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as s:
         for adapter in [None, *range(k)]:
             outs = [await stream_chat(s, srv, message, adapter, tokens, ignore_eos=False) for srv in servers]
             a, b = outs[0][3], outs[1][3]
