@@ -156,7 +156,8 @@ class SamplingParams:
     Ranges (``ValueError`` naming the field otherwise): ``n`` 1..256, ``temperature`` 0..1e4, ``top_k`` -1..
     2**31-1, ``repetition_penalty`` 0.01..100, presence / frequency penalties -2..2, ``logprobs`` and
     ``prompt_logprobs`` 0..20, at most 16 stop strings of up to 256 characters and 256 stop token ids.
-    The engine checks token ids against the model's vocabulary when the request is queued.
+    The engine checks token ids against the model's vocabulary when the request is queued
+    (``blora.engine.validation``).
     """
 
     n: int = 1
@@ -246,10 +247,6 @@ class SamplingParams:
                     "ignore_eos cannot be combined with structured_outputs (the grammar ends "
                     "the output with EOS)",
                 )
-
-    def token_ids_used(self) -> list[int]:
-        """Every token id the settings name (checked against the vocabulary by the engine)."""
-        return [*self.stop_token_ids, *(self.logit_bias or {}), *(self.allowed_token_ids or [])]
 
     @property
     def greedy(self) -> bool:

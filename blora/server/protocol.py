@@ -282,8 +282,8 @@ class CompletionRequest(SamplingFields):
         if isinstance(p, str):
             return [p]
         if isinstance(p[0], int):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+            return [list(p)]
+        return list(p)
 
 
 class TextContentPart(OpenAIModel):
