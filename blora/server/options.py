@@ -133,13 +133,20 @@ def _origins(spec: str) -> list[str]:
 class _Unsupported(argparse.Action):
     """A vLLM option blora knows and does not implement: exit with why."""
 
-    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        why = UNSUPPORTED_VLLM_FLAGS.get(option_string or "", "not implemented")
         parser.error(
-            f"{option_string} is a vLLM option that blora does not implement: "
-            f"{UNSUPPORTED_VLLM_FLAGS[option_string]}. Remove it (see `blora serve --help`)."
+            f"{option_string} is a vLLM option that blora does not implement: {why}. "
+            "Remove it (see `blora serve --help`)."
         )
 
 
