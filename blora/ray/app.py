@@ -139,12 +139,13 @@ def build_app(
         cluster.max_adapters_per_replica, threads, cluster.report_interval_s, server.drain_timeout_s
     )
     registry = deployment(AdapterRegistry).bind(dict(adapters or {}))
-    replicas = deployment(EngineReplica).options(
+    replica = deployment(EngineReplica).options(
         num_replicas=cluster.replicas,
         max_ongoing_requests=per_replica,
         graceful_shutdown_timeout_s=server.drain_timeout_s,
         ray_actor_options={"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus},
-    ).bind(dict(engine_kwargs), registry, options)
+    )
+    replicas = replica.bind(dict(engine_kwargs), registry, options)
     ingress = deployment(OpenAIIngress).options(
         max_ongoing_requests=server.max_num_seqs + queue + 64,  # the app answers 429 itself, before Serve
         graceful_shutdown_timeout_s=server.drain_timeout_s,

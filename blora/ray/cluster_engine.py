@@ -106,7 +106,6 @@ class ClusterEngine:
         self.registry = registry
         self.tokenizer = info["tokenizer"]
         self.limits: EngineLimits = dataclasses.replace(info["limits"], replace_adapters=False)
-        self.max_model_len = self.limits.max_model_len
         self._structured: StructuredOutputs | None = None
         self.affinity = affinity
         self.refresh_s = refresh_s
