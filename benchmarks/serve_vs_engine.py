@@ -19,6 +19,8 @@ the ``generate`` call; server: the first content chunk from the request's send).
     .venv/bin/python benchmarks/serve_vs_engine.py                       # 32 and 128 streams, 0 and 16
     .venv/bin/python benchmarks/serve_vs_engine.py --rounds 5 --json bench_results/serve_vs_engine.json
     .venv/bin/python benchmarks/serve_vs_engine.py --only server --profile /tmp/server.raw  # + py-spy
+    git worktree add /tmp/before <commit>    # before/after: that checkout's server in the same rounds
+    .venv/bin/python benchmarks/serve_vs_engine.py --before /tmp/before
 
 ``--profile`` samples the server process with py-spy while the rounds run and prints the share of samples
 per thread (the engine thread, the event loop) and per cause (the innermost frame naming a known module).
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -53,7 +56,7 @@ BASE = "base"
 class Measured:
     """One timed run of one system on one setting."""
 
-    system: str  # "engine" | "server"
+    system: str  # "engine" | "server" | "server-before" (the --before checkout's server)
     requests: int
     adapters: int
     tok_s: float
@@ -136,9 +139,9 @@ class EngineProcess:
 
 
 def launch_server(
-    args: argparse.Namespace, adapters: dict[str, str], log: Path
+    args: argparse.Namespace, adapters: dict[str, str], root: Path, log: Path
 ) -> tuple[subprocess.Popen, str]:
-    """``python -m blora.server`` with the engine worker's limits."""
+    """``python -m blora.server`` of the checkout at ``root`` with the engine worker's limits."""
     port = free_port()
     cmd = [sys.executable, "-m", "blora.server", "--served-model-name", BASE, "--port", str(port),
            "--dtype", args.dtype, "--threads", str(args.threads), "--max-queue", "-1",
@@ -146,8 +149,8 @@ def launch_server(
            "--log-level", "warning"]  # fmt: skip
     if adapters:
         cmd += ["--lora-modules", *(f"{k}={v}" for k, v in adapters.items())]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(root))
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, 300, ("/health",))
     return proc, url
@@ -275,13 +278,17 @@ def summarize(raw: Path) -> str:
 
 
 def table(rows: list[Measured], args: argparse.Namespace) -> str:
-    head = (
-        f"{args.dtype}, {args.threads} threads, {args.new_tokens} new tokens per request, medians of "
-        f"{args.rounds} alternated rounds\n\n"
-        "| streams | adapters | engine tok/s | server tok/s | server / engine | engine TTFT p50 (ms) "
-        "| server TTFT p50 (ms) |\n|---|---|---|---|---|---|---|"
+    systems = ["engine", "server", *(["server-before"] if args.before else [])]
+    head = "| streams | adapters | " + " | ".join(f"{x} tok/s" for x in systems)
+    head += "".join(f" | {x} / engine" for x in systems[1:]) + "".join(
+        f" | {x} TTFT p50 (ms)" for x in systems
     )
-    lines = [head]
+    lines = [
+        f"{args.dtype}, {args.threads} threads, {args.new_tokens} new tokens per request, medians of "
+        f"{args.rounds} alternated rounds\n",
+        head + " |",
+        "|---" * (2 + 2 * len(systems) + len(systems) - 1) + "|",
+    ]
     for n in args.requests:
         for k in args.adapters:
 
@@ -291,11 +298,10 @@ def table(rows: list[Measured], args: argparse.Namespace) -> str:
                 ]
                 return statistics.median(values) if values else float("nan")
 
-            engine, server = med("engine", "tok_s"), med("server", "tok_s")
-            lines.append(
-                f"| {n} | {k} | {engine:.1f} | {server:.1f} | {server / engine:.3f} "
-                f"| {med('engine', 'ttft_p50_ms'):.0f} | {med('server', 'ttft_p50_ms'):.0f} |"
-            )
+            tok = [med(x, "tok_s") for x in systems]
+            cells = [f"{t:.1f}" for t in tok] + [f"{t / tok[0]:.3f}" for t in tok[1:]]
+            cells += [f"{med(x, 'ttft_p50_ms'):.0f}" for x in systems]
+            lines.append(f"| {n} | {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -322,6 +328,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--adapter-cache", type=Path, default=Path("/tmp/blora-bench-adapters"))
     p.add_argument("--only", choices=["engine", "server"], default=None, help="measure one system")
+    p.add_argument(
+        "--before", type=Path, default=None, help="also the server of this checkout (a before/after column)"
+    )
     p.add_argument("--profile", type=Path, default=None, help="record the server with py-spy (raw format)")
     p.add_argument("--gil", action="store_true", help="with --profile: only samples holding the GIL")
     p.add_argument("--json", type=Path, default=None, help="write every measurement here")
@@ -337,29 +346,29 @@ def main() -> None:
     adapter_dir = prepare_adapters(None, args.dtype, args.adapter_cache, max(args.adapters))
     paths = sorted(adapter_dir.glob("bench-*"))[: max(args.adapters)]
     engine = EngineProcess(args, adapter_dir) if args.only != "server" else None
-    server, url = None, ""
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
     if args.only != "engine":
-        server, url = launch_server(
-            args, {q.name: str(q) for q in paths}, Path(tempfile.gettempdir()) / "blora-serve-vs-engine.log"
-        )
-        warm_server(url, max(args.adapters))
-    spy = record(server.pid, args.profile, args.gil) if args.profile and server is not None else None
+        roots = {"server": REPO, **({"server-before": args.before.resolve()} if args.before else {})}
+        for name, root in roots.items():
+            log = Path(tempfile.gettempdir()) / f"blora-serve-vs-engine-{name}.log"
+            servers[name] = launch_server(args, {q.name: str(q) for q in paths}, root, log)
+            warm_server(servers[name][1], max(args.adapters))
+    spy = record(servers["server"][0].pid, args.profile, args.gil) if args.profile and servers else None
+    systems = [*(["engine"] if engine is not None else []), *servers]
     rows: list[Measured] = []
     try:
         for r in range(args.rounds):
             for n in args.requests:
                 for k in args.adapters:
-                    order = ["engine", "server"] if r % 2 == 0 else ["server", "engine"]
-                    for system in order:
+                    for system in systems[r % len(systems) :] + systems[: r % len(systems)]:  # rotated
                         if system == "engine" and engine is not None:
                             rows.append(engine.run(n, k))
-                        elif system == "server" and server is not None:
-                            rows.append(asyncio.run(run_server_async(url, n, k, args.new_tokens)))
                         else:
-                            continue
+                            m = asyncio.run(run_server_async(servers[system][1], n, k, args.new_tokens))
+                            rows.append(dataclasses.replace(m, system=system))
                         m = rows[-1]
                         print(
-                            f"round {r} {m.system:6s} {n:4d} streams {k:2d} adapters: {m.tok_s:7.1f} tok/s, "
+                            f"round {r} {m.system:13s} {n:4d} streams {k:2d} adapters: {m.tok_s:7.1f} tok/s, "
                             f"TTFT p50 {m.ttft_p50_ms:6.0f} ms, {m.prompt_tokens} prompt tokens",
                             flush=True,
                         )
@@ -368,8 +377,8 @@ def main() -> None:
             engine.close()
         if spy is not None:
             stop(spy)
-        if server is not None:
-            stop(server)
+        for proc, _ in servers.values():
+            stop(proc)
     print(table(rows, args))
     if args.profile and args.profile.exists():
         print(f"\nserver profile ({args.profile}; samples of running threads, idle ones left out)\n")

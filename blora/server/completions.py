@@ -219,7 +219,7 @@ async def create_completion(serving: Serving, req: CompletionRequest) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def _call_arguments(tokenizer_type: type) -> frozenset[str]:
+def _call_arguments(tokenizer_type: Any) -> frozenset[str]:
     """Names ``chat_template_kwargs`` may not use: ``apply_chat_template``'s own arguments (among them
     ``chat_template``, ``tools``, ``documents``) and the variables the call itself passes to the template."""
     params = inspect.signature(tokenizer_type.apply_chat_template).parameters
@@ -236,7 +236,7 @@ def template_kwargs(tokenizer: Any, kwargs: dict[str, Any] | None) -> dict[str, 
             "template and clients cannot supply templates",
             param="chat_template_kwargs",
         )
-    reserved = sorted(_call_arguments(type(tokenizer)) & kwargs.keys())
+    reserved = sorted(_call_arguments(tokenizer.__class__) & kwargs.keys())
     if reserved:
         raise InvalidRequestError(
             f"chat_template_kwargs.{reserved[0]} is not allowed: chat_template_kwargs only sets template "

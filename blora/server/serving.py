@@ -392,15 +392,16 @@ class Serving:
                 params[0].n if params else 1, params[0].max_tokens if params else None,
             )  # fmt: skip
         arrival = time.monotonic()
-        jobs = []
+        jobs, firsts = [], []
         for i, ((ids, text), sp) in enumerate(zip(prompts, params, strict=True)):
             rid = f"{request_id}-{i}"
             ticket.engine_ids.append(rid)
             stream = self.engine.generate(ids, sp, adapter=adapter, request_id=rid)
             job = Job(i, rid, ids, text, stream, RequestTimer(self.metrics, arrival))
             job.timer.on_params(sp.n, sp.max_tokens)
-            job.first = asyncio.ensure_future(anext(stream))
+            job.first = first = asyncio.ensure_future(anext(stream))
             jobs.append(job)
+            firsts.append(first)
         options = getattr(req, "stream_options", None)
         continuous = bool(
             options and options.include_usage and getattr(options, "continuous_usage_stats", False)
@@ -408,13 +409,14 @@ class Serving:
         gen = Generation(request_id, jobs, ticket, self.engine, continuous)
         try:
             if wait_first:
-                await asyncio.wait([job.first for job in jobs])
+                await asyncio.wait(firsts)
             else:
                 for _ in range(SUBMIT_TURNS):
                     await asyncio.sleep(0)
-            for job in jobs:
-                if job.first.done() and job.first.exception() is not None:
-                    raise job.first.exception()
+            for first in firsts:
+                error = first.exception() if first.done() else None
+                if error is not None:
+                    raise error
         except ValueError as exc:
             await gen.cleanup()
             self.metrics.reject("invalid_request")
