@@ -18,7 +18,7 @@ import contextvars
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +145,7 @@ def paged_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Store the step's K/V in the paged cache and attend; returns ``([1, N, H, D], None)``.
 
@@ -322,7 +322,17 @@ def _decode_torch(
     return out.permute(1, 0, 2, 3).reshape(bd, h, d)
 
 
-def _prefill(query, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling, sliding_window, softcap=None):
+def _prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    scaling: float | None,
+    sliding_window: int | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """One sequence's chunk of queries over its cached prefix and itself (causal) -> [n, H, D]."""
     rows = slice(chunk.row, chunk.row + chunk.num_tokens)
     q = query[:, :, rows]
@@ -355,7 +365,7 @@ def _prefill(query, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling, 
     return out[0].transpose(0, 1)
 
 
-def _mask(*args, **kwargs):
+def _mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """No dense mask inside the engine (attention builds its own per sequence); sdpa's mask outside it."""
     if _FORWARD.get() is not None:
         return None

@@ -9,6 +9,11 @@ generated token gets its leading space right.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 # Prompt tokens kept as decoding context for the first generated tokens.
 CONTEXT_TOKENS = 5
 
@@ -18,7 +23,7 @@ class IncrementalDetokenizer:
 
     def __init__(
         self,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         prompt_token_ids: list[int],
         stop_strings: tuple[str, ...] = (),
         include_stop: bool = False,
@@ -37,9 +42,10 @@ class IncrementalDetokenizer:
         self.max_stop_len = max((len(s) for s in stop_strings), default=0)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(
+        text = self.tokenizer.decode(
             ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
         )
+        return cast(str, text)  # one list of ids decodes to one string (the stub also covers batches)
 
     def add_token(self, token_id: int) -> str | None:
         """Append one generated token; returns the stop string that ended the text, if any."""

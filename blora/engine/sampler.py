@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,6 +40,9 @@ from blora.engine.outputs import Logprob
 from blora.engine.sampling_params import SamplingParamError, SamplingParams
 from blora.engine.sequence import Sequence
 from blora.engine.structured import StructuredOutputs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CANDIDATES = (64, 512)  # tried in turn before a full sort
 
@@ -140,11 +144,11 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.structured: StructuredOutputs | None = None
-        self.tokenizer = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.stop_ids: list[int] = []  # EOS ids: banned while a row is below its min_tokens
         self._word_ids: dict[str, list[list[int]]] = {}
 
-    def configure(self, tokenizer, vocab_size: int, eos_token_ids: Seq[int]) -> None:
+    def configure(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: Seq[int]) -> None:
         """Give the sampler the model's tokenizer, logits width and EOS ids (grammars, bad_words, min_tokens)."""
         self.tokenizer = tokenizer
         self.stop_ids = sorted(eos_token_ids)
@@ -363,11 +367,18 @@ class Sampler:
                 u[i] = torch.rand(1, generator=s.generator, device=self.device)[0]
         return u
 
-    def _logprobs(self, raw, tokens, want: list[int], params, results: list[SampleResult]) -> None:
+    def _logprobs(
+        self,
+        raw: torch.Tensor,
+        tokens: torch.Tensor,
+        want: list[int],
+        params: list[SamplingParams],
+        results: list[SampleResult],
+    ) -> None:
         rows = self._long(want)
         logp = torch.log_softmax(raw.index_select(0, rows).float(), dim=-1)
         chosen = logp.gather(1, tokens.index_select(0, rows)[:, None])[:, 0].tolist()
-        k = max(params[i].logprobs for i in want)
+        k = max(params[i].logprobs or 0 for i in want)  # ``want``: the rows that set logprobs
         top_vals, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
         vals_rows, ids_rows = top_vals.tolist(), top_ids.tolist()
         for j, i in enumerate(want):

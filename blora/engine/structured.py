@@ -33,11 +33,14 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from blora.engine.sampling_params import SamplingParamError, StructuredOutputsParams
+
+if TYPE_CHECKING:
+    import xgrammar as xgr  # imported on first use at run time (it loads its native library)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +151,7 @@ class StructuredOutputs:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
-        self._compiler = None
+        self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -158,7 +161,7 @@ class StructuredOutputs:
         self._bitmask: torch.Tensor | None = None
 
     # -- compiling -----------------------------------------------------------------------------------
-    def compiler(self):
+    def compiler(self) -> xgr.GrammarCompiler:
         with self._lock:
             if self._compiler is None:
                 import xgrammar as xgr

@@ -250,7 +250,14 @@ class BoundAdd:
 
     __slots__ = ("_fn", "_args", "_tensors", "keep")
 
-    def __init__(self, fn, meta: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor, in_features: int):
+    def __init__(
+        self,
+        fn: Callable[..., None],
+        meta: torch.Tensor,
+        offsets: torch.Tensor,
+        rows: torch.Tensor,
+        in_features: int,
+    ) -> None:
         self._fn = fn
         self._tensors = (meta, offsets, rows)
         self._args = (in_features, meta.shape[0], meta.data_ptr(), offsets.data_ptr(), rows.data_ptr())

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from blora.lora.errors import AdapterError
 from blora.lora.paths import open_inside, os_reason
@@ -249,7 +250,10 @@ def _names(value: Any, name: str, where: str) -> list[str] | str | None:
     )
 
 
-def _patterns(value: Any, name: str, where: str, check) -> dict:
+T = TypeVar("T")
+
+
+def _patterns(value: Any, name: str, where: str, check: Callable[[Any, str, str], T]) -> dict[str, T]:
     if not value:
         return {}
     if not isinstance(value, dict):

@@ -254,7 +254,7 @@ class LoraManager:
         return table, head_name
 
     def _validate(
-        self, files: AdapterFiles, max_rank: int | None, device, bound: SizeBound
+        self, files: AdapterFiles, max_rank: int | None, device: torch.device | str | None, bound: SizeBound
     ) -> tuple[dict[str, LoraWeights], dict[str, dict[str, torch.Tensor]]]:
         where = f"adapter {files.name!r} ({files.path})"
         cfg = files.config

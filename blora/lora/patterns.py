@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 
 import regex
 
@@ -58,7 +59,7 @@ class Pattern:
     def match(self, key: str) -> regex.Match | None:
         return self._run(self._rx.match, key)
 
-    def _run(self, fn, key: str) -> regex.Match | None:
+    def _run(self, fn: Callable[..., regex.Match | None], key: str) -> regex.Match | None:
         if self.budget.left <= 0:
             raise self._too_slow()
         t0 = time.perf_counter()

@@ -99,7 +99,13 @@ def dora_norm(w_rows: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: flo
 
 
 def prepare_module(
-    key: str, name: str, module: nn.Module, raw: ModuleLora, cfg: LoraConfig, max_rank: int | None, device
+    key: str,
+    name: str,
+    module: nn.Module,
+    raw: ModuleLora,
+    cfg: LoraConfig,
+    max_rank: int | None,
+    device: torch.device | str | None,
 ) -> LoraWeights:
     """Check ``raw`` against the base ``module`` and the config, and fold the scaling in. ``key`` names the
     adapter and module in errors."""
@@ -245,7 +251,7 @@ def _check_base_copy(key: str, module: nn.Module, raw: ModuleLora) -> None:
 
 
 def prepare_saved(
-    key: str, module: nn.Module, params: dict[str, torch.Tensor], device
+    key: str, module: nn.Module, params: dict[str, torch.Tensor], device: torch.device | str | None
 ) -> dict[str, torch.Tensor]:
     """Check a ``modules_to_save`` copy against the base module: token-wise module, same parameters."""
     if not is_token_wise(module):

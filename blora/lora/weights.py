@@ -135,7 +135,9 @@ def _read_tensors(
         raise AdapterError(f"{where}: cannot read {legacy.name}: {os_reason(exc)}") from None
 
 
-def _read_legacy(f: BinaryIO, legacy: Path, where: str, check) -> dict[str, torch.Tensor]:
+def _read_legacy(
+    f: BinaryIO, legacy: Path, where: str, check: Callable[[int | None, int, str], None]
+) -> dict[str, torch.Tensor]:
     check(None, os.fstat(f.fileno()).st_size, legacy.name)
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
@@ -154,7 +156,9 @@ def _read_legacy(f: BinaryIO, legacy: Path, where: str, check) -> dict[str, torc
 MAX_HEADER_BYTES = 8 << 20  # ~150 bytes per tensor: 50,000 tensors (the safetensors library allows 100 MB)
 
 
-def read_safetensors(f: BinaryIO, path: Path, where: str, check) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    f: BinaryIO, path: Path, where: str, check: Callable[[int | None, int, str], None]
+) -> dict[str, torch.Tensor]:
     """All tensors of an open safetensors file, parsed and checked by the safetensors library itself
     (``safetensors.torch.load`` on the bytes: offsets, sizes, dtypes, as the library checks them).
 
