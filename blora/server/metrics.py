@@ -42,7 +42,8 @@ VLLM_N_BUCKETS = (1, 2, 5, 10, 20)
 
 def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
     """1, 2, 5, 10, 20, 50, ... up to ``max_value`` (vLLM's ``build_1_2_5_buckets``)."""
-    out, exponent = [], 0
+    out: list[int] = []
+    exponent = 0
     while True:
         for m in (1, 2, 5):
             value = m * 10**exponent
