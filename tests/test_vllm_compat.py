@@ -406,7 +406,7 @@ def test_max_cpu_loras_bounds_the_host_cache(files):
             out = llm.generate("Hello", SamplingParams(max_tokens=2, temperature=0), adapters=name)
             assert out[0].outputs[0].finish_reason == "length"
             most = max(most, len(llm.engine.store.stats().cached))
-        return most, llm.engine.store.stats()["cache_evictions"]
+        return most, llm.engine.store.stats().cache_evictions
 
     assert cached_after(None) == (3, 0)  # the byte budget alone keeps all three
     most, evictions = cached_after(1)
