@@ -31,8 +31,9 @@ lint: setup
 	$(VENV)/bin/ruff check blora tests benchmarks examples
 	$(VENV)/bin/ruff format --check blora tests benchmarks examples
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
-# mypy over blora/ (settings in pyproject [tool.mypy])
+# mypy alone over blora/ (settings in pyproject [tool.mypy]); part of lint
 typecheck: setup
 	$(VENV)/bin/mypy
 

@@ -15,6 +15,7 @@ import contextlib
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import greenlet
 import torch
@@ -26,15 +27,16 @@ from blora.lora.context import current_batch, lora_batch
 from blora.lora.manager import LoraManager
 
 AdapterRef = str | Path | None
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 def load_loras(
-    model: nn.Module,
+    model: ModelT,
     adapters: Iterable[str | Path] | dict[str, str | Path],
     *,
     max_rank: int | None = None,
     lora_backend: str | None = None,
-) -> tuple[nn.Module, dict[str, int]]:
+) -> tuple[ModelT, dict[str, int]]:
     """Load PEFT adapters beside ``model``; returns ``(model, lora_map)`` with ``lora_map[name] = slot``.
 
     ``adapters`` is a list of local directories / cached hub ids (each named by its path) or a
@@ -122,7 +124,7 @@ def _patch(model: nn.Module) -> None:
     model.__class__ = _PATCHED[cls]
 
 
-def _patched_class(cls: type) -> type:
+def _patched_class(cls: type[Any]) -> type:
     orig_forward, orig_generate = cls.forward, cls.generate
 
     @functools.wraps(orig_forward)
@@ -237,7 +239,7 @@ def _stream(orig_generate, adapter_ids, backend, args, kwargs) -> Iterator[torch
         worker = greenlet.greenlet(work)
         try:
             while (item := resume(worker)) is not _DONE:
-                yield item
+                yield cast(torch.Tensor, item)  # the streamer hands over each step's tokens; _DONE at the end
         finally:
             if not worker.dead:  # the consumer stopped early: let generate end at its next step
                 cancel.cancelled = True

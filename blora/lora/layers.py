@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -13,8 +15,8 @@ from blora.lora.plan import LayerLoras, LoraPlan, OutputSlice
 # A layer's work for one plan (see ``LoraLinear._bind``): the backend's bound form, ``_SKIP`` (no adapter of
 # the plan targets the layer) or None (the general path, ``add_lora``).
 _SKIP = object()
-# (plan, weights version, input dtype, backend, work)
-_Step = tuple[LoraPlan, int, torch.dtype, LoraBackend, object]
+# (plan, weights version, input dtype, backend, work: a bound callable(y, x), _SKIP or None)
+_Step = tuple[LoraPlan, int, torch.dtype, LoraBackend, Any]
 
 # each entry may hold stacked copies of its adapters (backend caches): bound that memory
 _LORAS_CACHE_SIZE = 2
@@ -22,10 +24,13 @@ _LORAS_CACHE_SIZE = 2
 
 def base_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight [in, out])."""
+    # Conv1D and QuantizedLinear are matched by class name (no import of transformers' or the quantized
+    # module here), so their attributes are read untyped
+    layer: Any = module
     if isinstance(module, nn.Linear) or type(module).__name__ == "QuantizedLinear":  # blora.models.quant
-        return module.in_features, module.out_features
+        return int(layer.in_features), int(layer.out_features)
     if type(module).__name__ == "Conv1D":
-        rows, cols = module.weight.shape
+        rows, cols = layer.weight.shape
         return int(rows), int(cols)
     raise TypeError(f"{type(module).__name__} is not a linear layer")
 
@@ -33,7 +38,7 @@ def base_features(module: nn.Module) -> tuple[int, int]:
 def base_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     """dtype and device of a base layer (or of the one a wrapper holds), without reading the weight of a
     ``QuantizedLinear`` (``blora.models.quant``), whose ``weight`` is a dequantized copy."""
-    base = getattr(module, "base", module)
+    base: Any = getattr(module, "base", module)  # a Linear, Conv1D or QuantizedLinear (matched by name)
     if type(base).__name__ == "QuantizedLinear":
         return base.dtype, base.qweight.device
     return base.weight.dtype, base.weight.device
@@ -56,7 +61,7 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
-        self.base = base
+        self.base: Any = base  # nn.Linear, GPT-2 Conv1D or QuantizedLinear (``base_features``)
         self.in_features, self.out_features = base_features(base)
         self.pairs: dict[int, ops.Pair] = {}
         self.extras: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # slot -> (g, c)
@@ -130,7 +135,7 @@ class LoraLinear(nn.Module):
         for every decode step): the backend's bound form where it has one (the CPU kernel bound to its
         table: each later forward is one kernel call); otherwise the general ``add_lora``."""
         loras = self.loras(plan)
-        work: object = None
+        work: Any = None
         if loras is None:
             work = _SKIP
         elif not self.extras:

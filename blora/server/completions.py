@@ -14,7 +14,7 @@ import functools
 import inspect
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
@@ -49,6 +49,9 @@ from blora.server.render import (
 from blora.server.serving import Job, Serving
 from blora.server.structured_request import compile_checked, structured_of
 from blora.server.tools import ToolPlan, plan_tools
+
+if TYPE_CHECKING:  # tokenization.py imports this module
+    from blora.server.tokenization import TokenizeChatRequest
 
 
 def sse(obj: Any) -> str:
@@ -258,7 +261,7 @@ def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: boo
 
 
 async def chat_prompt_ids(
-    serving: Serving, req: ChatCompletionRequest, plan: ToolPlan | None = None
+    serving: Serving, req: ChatCompletionRequest | TokenizeChatRequest, plan: ToolPlan | None = None
 ) -> list[int]:
     """Token ids of the chat: bounded (messages, characters), then templated and tokenized off the loop.
     With ``plan`` (tool_choice "auto"), the tools go to the template, or into a system message."""

@@ -72,7 +72,7 @@ async def tokenize(
                 "continue_final_message is not supported; use add_generation_prompt",
                 param="continue_final_message",
             )
-        ids = await chat_prompt_ids(serving, req)  # type: ignore[arg-type]  (the fields it reads)
+        ids = await chat_prompt_ids(serving, req)
         bos = getattr(tok, "bos_token_id", None) if req.add_special_tokens else None
         if bos is not None and (not ids or ids[0] != bos):  # the BOS the template did not write
             ids = [bos, *ids]

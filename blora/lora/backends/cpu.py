@@ -9,6 +9,7 @@ output without unit column stride) go through the PyTorch ops, as the ``torch`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -19,6 +20,9 @@ from blora.lora.backends.base import BackendUnavailableError, BoundAdd
 from blora.lora.backends.torch_ops import TorchBackend
 from blora.lora.plan import LayerLoras, LoraPlan, OutputSlice
 
+if TYPE_CHECKING:
+    from blora.lora.backends import BackendOptions
+
 
 class CpuKernelBackend(TorchBackend):
     name = "cpu"
@@ -28,7 +32,10 @@ class CpuKernelBackend(TorchBackend):
         self.max_work = max_work
 
     @classmethod
-    def create(cls, options) -> CpuKernelBackend:
+    def create(cls, options: object = None) -> CpuKernelBackend:
+        if options is None:
+            raise BackendUnavailableError("the CPU kernel backend needs BackendOptions (device, cpu_kernel)")
+        options = cast("BackendOptions", options)
         if options.device.type != "cpu":
             raise BackendUnavailableError(f"the CPU kernel does not run on {options.device}")
         if not options.cpu_kernel:
@@ -114,7 +121,8 @@ class CpuKernelBackend(TorchBackend):
             return all_table(loras), []
         hit = loras.cache.get("split")
         if hit is None or hit[0] != (plan.key, bound):
-            small, large = [], []
+            small: list[int] = []
+            large: list[int] = []
             for k, (pos, r) in enumerate(zip(loras.positions, loras.ranks, strict=True)):
                 (small if plan.counts[pos] * r <= bound else large).append(k)
             if not small:
