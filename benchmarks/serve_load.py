@@ -222,6 +222,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_server(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGINT (a server drains and exits; py-spy writes its profile), then kill after ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, paths: tuple[str, ...]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -33,7 +33,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from serve_load import free_port, pct, wait_healthy  # noqa: E402
+from serve_load import free_port, pct, stop_server, wait_healthy  # noqa: E402
 
 BASE = "base"
 
@@ -154,17 +153,6 @@ def launch_server(
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, 300, ("/health",))
     return proc, url
-
-
-def stop(proc: subprocess.Popen, timeout: float = 120) -> None:
-    """SIGINT (the server drains and exits; py-spy writes its profile), then kill after ``timeout``."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def record(pid: int, out: Path, gil: bool) -> subprocess.Popen:
@@ -376,9 +364,9 @@ def main() -> None:
         if engine is not None:
             engine.close()
         if spy is not None:
-            stop(spy)
+            stop_server(spy, 120)
         for proc, _ in servers.values():
-            stop(proc)
+            stop_server(proc, 120)
     print(table(rows, args))
     if args.profile and args.profile.exists():
         print(f"\nserver profile ({args.profile}; samples of running threads, idle ones left out)\n")

@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from serve_load import stop_server  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "base"
@@ -112,16 +112,6 @@ def launch(args: argparse.Namespace, adapter_root: Path, log: Path) -> subproces
         time.sleep(0.5)
     proc.kill()
     raise SystemExit(f"server not healthy after {args.startup_timeout:.0f} s; log: {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # --- the load ---------------------------------------------------------------------------------------
@@ -388,7 +378,7 @@ def main() -> None:
         soak = asyncio.run(run(args, proc))
     finally:
         if server is not None:
-            stop(server)
+            stop_server(server)
     result = summary(soak, warmup)
     print(json.dumps(result, indent=1))
     args.out.write_text(json.dumps({**result, "samples": [asdict(s) for s in soak.samples]}, indent=1))
