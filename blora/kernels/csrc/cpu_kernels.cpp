@@ -46,6 +46,59 @@ inline void store(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
 
 constexpr int64_t kBlock = 4;  // tokens per pass over an adapter's weights (bounds scratch and registers)
 
+// Portable path, one block of m <= kBlock tokens rows[0..m): At [r, in], B [r, out]. h [m, r], acc [m, out],
+// xf [m, in] and af [in] are per-thread scratch.
+template <typename T>
+void block_generic(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t out, const int64_t* rows,
+                   int64_t m, const T* at, const T* b, int64_t r, float* h, float* acc, float* xf, float* af) {
+    // shrink: h[t, k] = x[t, :] . At[k, :], streaming At's rows once for all m tokens
+    for (int64_t t = 0; t < m; ++t) {
+        const T* xr = x + rows[t] * xs;
+        float* xt = xf + t * in;
+        for (int64_t i = 0; i < in; ++i) xt[i] = load(xr, i);
+    }
+    for (int64_t k = 0; k < r; ++k) {
+        const T* arow = at + k * in;
+        for (int64_t i = 0; i < in; ++i) af[i] = load(arow, i);
+        for (int64_t t = 0; t < m; ++t) {
+            const float* xt = xf + t * in;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < in; ++i) s += xt[i] * af[i];
+            h[t * r + k] = s;
+        }
+    }
+    // expand: acc[t, :] = h[t, :] @ B, streaming B's rows once; then y[t] += acc[t]
+    std::memset(acc, 0, sizeof(float) * m * out);
+    for (int64_t k = 0; k < r; ++k) {
+        const T* brow = b + k * out;
+        for (int64_t j0 = 0; j0 < out; j0 += 1024) {
+            const int64_t jn = (out - j0) < 1024 ? (out - j0) : 1024;
+            float bf[1024];
+            for (int64_t j = 0; j < jn; ++j) bf[j] = load(brow, j0 + j);
+            for (int64_t t = 0; t < m; ++t) {
+                const float hv = h[t * r + k];
+                float* at = acc + t * out + j0;
+                for (int64_t j = 0; j < jn; ++j) at[j] += hv * bf[j];
+            }
+        }
+    }
+    for (int64_t t = 0; t < m; ++t) {
+        T* yr = y + rows[t] * ys;
+        const float* at = acc + t * out;
+        for (int64_t j = 0; j < out; ++j) store(yr, j, load(yr, j) + at[j]);
+    }
+}
+
+
+template <typename T>
+void one_adapter_generic(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t out, const int64_t* rows,
+                         int64_t m, const T* at, const T* b, int64_t r, float* h, float* acc, float* xf,
+                         float* af) {
+    for (int64_t t = 0; t < m; t += kBlock)
+        block_generic<T>(x, xs, y, ys, in, out, rows + t, m - t < kBlock ? m - t : kBlock, at, b, r, h, acc, xf, af);
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(BLORA_GENERIC)
 // AVX-512: up to 4 tokens at a time, accumulators in registers, weights converted while streamed.
 // Masked loads/stores only for a row's tail: on AMD Zen 4 they are much slower than plain ones.
@@ -127,7 +180,7 @@ void block_avx512(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t 
 
 template <typename T>
 void one_adapter(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t out, const int64_t* rows,
-                 int64_t m, const T* at, const T* b, int64_t r, float* h, float* acc) {
+                 int64_t m, const T* at, const T* b, int64_t r, float* h, float* acc, float*, float*) {
     int64_t t = 0;
     for (; t + kBlock <= m; t += kBlock) block_avx512<T, kBlock>(x, xs, y, ys, in, out, rows + t, at, b, r, h, acc);
     switch (m - t) {
@@ -137,6 +190,12 @@ void one_adapter(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t o
         default: break;
     }
 }
+#else
+template <typename T>
+void one_adapter(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t out, const int64_t* rows,
+                 int64_t m, const T* at, const T* b, int64_t r, float* h, float* acc, float* xf, float* af) {
+    one_adapter_generic<T>(x, xs, y, ys, in, out, rows, m, at, b, r, h, acc, xf, af);
+}
 #endif
 
 // adapters[u] = {A pointer, B pointer, rank, position into offsets, first output column, output width}:
@@ -145,7 +204,6 @@ void one_adapter(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t o
 // caller orders them), so the two threads finish together.
 constexpr int64_t kMetaCols = 6;
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(BLORA_GENERIC)
 template <typename T>
 void run(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t n, const int64_t* adapters,
          const int64_t* offsets, const int64_t* rows, int64_t threads) {
@@ -159,7 +217,7 @@ void run(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t n, const 
     if (threads > n) threads = n;
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<float> h(kBlock * max_r), acc(kBlock * ((max_out + 15) / 16) * 16);
+        std::vector<float> h(kBlock * max_r), acc(kBlock * ((max_out + 15) / 16) * 16), xf(kBlock * in), af(in);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < n; ++u) {
             const int64_t* e = adapters + kMetaCols * u;
@@ -167,178 +225,10 @@ void run(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t n, const 
             const int64_t m = offsets[pos + 1] - offsets[pos];
             if (m == 0) continue;
             one_adapter<T>(x, xs, y + e[4], ys, in, e[5], rows + offsets[pos], m, reinterpret_cast<const T*>(e[0]),
-                           reinterpret_cast<const T*>(e[1]), e[2], h.data(), acc.data());
+                           reinterpret_cast<const T*>(e[1]), e[2], h.data(), acc.data(), xf.data(), af.data());
         }
     }
 }
-#else
-// Portable path (no AVX-512, or -DBLORA_GENERIC): GCC/Clang vector extensions, 8 floats wide (one AVX2
-// register). Work is split in two phases so that both threads are busy even when a layer has one or two
-// adapters of unequal rank (decode at 5 rows: the split by adapter left a thread idle on a third of the
-// calls): first the shrink, tasks of (adapter, <= kRankChunk rank rows, <= kTokenChunk tokens), into
-// h [m_u, r_u] float32 per adapter; then, after the barrier, the expand, tasks of (adapter, <= kColChunk
-// output columns) over all the adapter's tokens, each writing its own tokens' columns of y once.
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-constexpr int64_t kVec = 8;
-constexpr int64_t kRankChunk = 8;
-constexpr int64_t kTokenChunk = 16;
-constexpr int64_t kColChunk = 64;
-
-inline v8f load8(const float* p) {
-    v8f v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-inline v8f load8(const uint16_t* p) {
-    v8h raw;
-    std::memcpy(&raw, p, sizeof raw);
-    const v8u bits = __builtin_convertvector(raw, v8u) << 16;
-    v8f v;
-    std::memcpy(&v, &bits, sizeof v);
-    return v;
-}
-inline float hsum(v8f v) {
-    float s = 0.f;
-    for (int i = 0; i < kVec; ++i) s += v[i];
-    return s;
-}
-
-// h[t * r + k] = x[rows[t]] . At[k] for MT tokens and rank rows [k0, k1); two accumulator chains per token
-template <typename T, int MT>
-void shrink_block(const T* x, int64_t xs, int64_t in, const int64_t* rows, const T* at, int64_t r, int64_t k0,
-                  int64_t k1, float* h) {
-    const T* xr[MT];
-    for (int t = 0; t < MT; ++t) xr[t] = x + rows[t] * xs;
-    const int64_t vin = in - in % (2 * kVec);
-    for (int64_t k = k0; k < k1; ++k) {
-        const T* a = at + k * in;
-        v8f s0[MT], s1[MT];
-        for (int t = 0; t < MT; ++t) s0[t] = s1[t] = v8f{};
-        for (int64_t i = 0; i < vin; i += 2 * kVec) {
-            const v8f a0 = load8(a + i), a1 = load8(a + i + kVec);
-            for (int t = 0; t < MT; ++t) {
-                s0[t] += load8(xr[t] + i) * a0;
-                s1[t] += load8(xr[t] + i + kVec) * a1;
-            }
-        }
-        for (int t = 0; t < MT; ++t) {
-            float s = hsum(s0[t] + s1[t]);
-            for (int64_t i = vin; i < in; ++i) s += load(xr[t], i) * load(a, i);
-            h[t * r + k] = s;
-        }
-    }
-}
-
-// y[rows[t], j0:j1] += h[t] @ B[:, j0:j1] for MT tokens (j1 - j0 <= kColChunk), summed over k in order in
-// float32, then added to y once
-template <typename T, int MT>
-void expand_block(T* y, int64_t ys, const int64_t* rows, const T* b, int64_t r, int64_t w, int64_t j0, int64_t j1,
-                  const float* h) {
-    constexpr int64_t kVecs = kColChunk / kVec;
-    const int64_t nv = (j1 - j0) / kVec, jt = j0 + nv * kVec;
-    v8f acc[MT][kVecs];
-    float tail[MT][kVec];
-    for (int t = 0; t < MT; ++t) {
-        for (int64_t v = 0; v < kVecs; ++v) acc[t][v] = v8f{};
-        for (int64_t c = 0; c < kVec; ++c) tail[t][c] = 0.f;
-    }
-    for (int64_t k = 0; k < r; ++k) {
-        const T* br = b + k * w;
-        float hv[MT];
-        for (int t = 0; t < MT; ++t) hv[t] = h[t * r + k];
-        for (int64_t v = 0; v < nv; ++v) {
-            const v8f bv = load8(br + j0 + v * kVec);
-            for (int t = 0; t < MT; ++t) acc[t][v] += hv[t] * bv;
-        }
-        for (int64_t j = jt; j < j1; ++j) {
-            const float bj = load(br, j);
-            for (int t = 0; t < MT; ++t) tail[t][j - jt] += hv[t] * bj;
-        }
-    }
-    for (int t = 0; t < MT; ++t) {
-        T* yr = y + rows[t] * ys;
-        for (int64_t v = 0; v < nv; ++v)
-            for (int64_t c = 0; c < kVec; ++c) {
-                const int64_t j = j0 + v * kVec + c;
-                store(yr, j, load(yr, j) + acc[t][v][c]);
-            }
-        for (int64_t j = jt; j < j1; ++j) store(yr, j, load(yr, j) + tail[t][j - jt]);
-    }
-}
-
-// one task's tokens [0, m) in blocks of up to 4 (registers), h advanced by r per token
-template <typename T>
-void shrink_tokens(const T* x, int64_t xs, int64_t in, const int64_t* rows, int64_t m, const T* at, int64_t r,
-                   int64_t k0, int64_t k1, float* h) {
-    int64_t t = 0;
-    for (; t + 4 <= m; t += 4) shrink_block<T, 4>(x, xs, in, rows + t, at, r, k0, k1, h + t * r);
-    switch (m - t) {
-        case 3: shrink_block<T, 3>(x, xs, in, rows + t, at, r, k0, k1, h + t * r); break;
-        case 2: shrink_block<T, 2>(x, xs, in, rows + t, at, r, k0, k1, h + t * r); break;
-        case 1: shrink_block<T, 1>(x, xs, in, rows + t, at, r, k0, k1, h + t * r); break;
-        default: break;
-    }
-}
-
-template <typename T>
-void expand_tokens(T* y, int64_t ys, const int64_t* rows, int64_t m, const T* b, int64_t r, int64_t w, int64_t j0,
-                   int64_t j1, const float* h) {
-    int64_t t = 0;
-    for (; t + 4 <= m; t += 4) expand_block<T, 4>(y, ys, rows + t, b, r, w, j0, j1, h + t * r);
-    switch (m - t) {
-        case 3: expand_block<T, 3>(y, ys, rows + t, b, r, w, j0, j1, h + t * r); break;
-        case 2: expand_block<T, 2>(y, ys, rows + t, b, r, w, j0, j1, h + t * r); break;
-        case 1: expand_block<T, 1>(y, ys, rows + t, b, r, w, j0, j1, h + t * r); break;
-        default: break;
-    }
-}
-
-struct Task {
-    int64_t u, lo, hi, t0, t1;  // entry, rank rows or columns [lo, hi), tokens [t0, t1)
-};
-
-template <typename T>
-void run(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t n, const int64_t* adapters,
-         const int64_t* offsets, const int64_t* rows, int64_t threads) {
-    std::vector<int64_t> hoff(n + 1, 0);
-    std::vector<Task> shrink, expand;
-    for (int64_t u = 0; u < n; ++u) {
-        const int64_t* e = adapters + kMetaCols * u;
-        const int64_t m = offsets[e[3] + 1] - offsets[e[3]], r = e[2], w = e[5];
-        hoff[u + 1] = hoff[u] + m * r;
-        for (int64_t k = 0; k < r; k += kRankChunk)
-            for (int64_t t = 0; t < m; t += kTokenChunk)
-                shrink.push_back({u, k, k + kRankChunk < r ? k + kRankChunk : r, t, t + kTokenChunk < m ? t + kTokenChunk : m});
-        if (m > 0)
-            for (int64_t j = 0; j < w; j += kColChunk)
-                expand.push_back({u, j, j + kColChunk < w ? j + kColChunk : w, 0, m});
-    }
-    if (expand.empty()) return;
-    std::vector<float> h(hoff[n]);
-    const int64_t ns = static_cast<int64_t>(shrink.size()), ne = static_cast<int64_t>(expand.size());
-    if (threads < 1) threads = 1;
-    if (threads > ne) threads = ne;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < ns; ++i) {
-            const Task& s = shrink[i];
-            const int64_t* e = adapters + kMetaCols * s.u;
-            shrink_tokens<T>(x, xs, in, rows + offsets[e[3]] + s.t0, s.t1 - s.t0, reinterpret_cast<const T*>(e[0]),
-                             e[2], s.lo, s.hi, h.data() + hoff[s.u] + s.t0 * e[2]);
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < ne; ++i) {
-            const Task& p = expand[i];
-            const int64_t* e = adapters + kMetaCols * p.u;
-            expand_tokens<T>(y + e[4], ys, rows + offsets[e[3]], p.t1, reinterpret_cast<const T*>(e[1]), e[2], e[5],
-                             p.lo, p.hi, h.data() + hoff[p.u]);
-        }
-    }
-}
-#endif
 
 
 // ---- paged decode attention -----------------------------------------------------------------------------
