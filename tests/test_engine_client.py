@@ -170,3 +170,31 @@ def test_engine_and_server_accept_and_refuse_the_same_token_ids(engine):
         assert http.post("/detokenize", json={"tokens": inside}).status_code == 200
         r = http.post("/v1/completions", json={**body, "prompt": [1] * 60, "max_tokens": 10})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_the_server_resolves_a_model_under_the_engine_root_without_listing(tmp_path, monkeypatch):
+    """An ``AsyncLLM`` built with ``adapter_root`` and served through ``create_app``: each request's
+    ``model`` is looked up by name (``adapter_source``), never by listing the root on the event loop."""
+    from fastapi.testclient import TestClient
+
+    from blora.server import ServerConfig, create_app
+    from tests.helpers import make_adapter
+
+    model = tiny_model("llama")
+    make_adapter(model, tmp_path / "root" / "under", seed=1, r=2, target_modules=["q_proj"])
+    llm = AsyncLLM(model, tokenizer=tokenizer(), max_model_len=64, adapter_root=str(tmp_path / "root"))
+    try:
+        assert llm.adapter_source("under") == llm.list_adapters()["under"]
+        assert llm.adapter_source("missing") is None
+
+        def no_listing():
+            raise AssertionError("the root was listed while serving a request")
+
+        monkeypatch.setattr(llm.engine.store.registry, "list", no_listing)
+        config = ServerConfig(served_model_name="base", shutdown_engine=False)
+        with TestClient(create_app(llm, config)) as http:
+            body = {"prompt": "hi", "max_tokens": 2, "temperature": 0}
+            assert http.post("/v1/completions", json={**body, "model": "under"}).status_code == 200
+            assert http.post("/v1/completions", json={**body, "model": "missing"}).status_code == 404
+    finally:
+        llm.close()

@@ -58,6 +58,9 @@ class FakeEngine:
     def list_adapters(self) -> dict[str, str]:
         return dict(self.adapters)
 
+    def adapter_source(self, name: str) -> str | None:
+        return self.adapters.get(name)
+
     async def load_adapter(self, name: str, path: str, replace: bool = False, wait: bool = False) -> None:
         if not (Path(path) / "adapter_model.safetensors").is_file():
             raise ValueError(f"{path}: no adapter_model.safetensors")

@@ -242,3 +242,19 @@ def test_one_confinement_function_for_store_roots_and_server_paths(base, dirs, t
         resolve_adapter_path(root, "empty")
     with pytest.raises(NotFoundError):
         resolve_adapter_path(root, "missing")
+
+
+def test_lookup_answers_one_name_without_listing_or_recording(base, dirs, tmp_path):
+    """``lookup`` is ``list().get(name)`` for one name: registered adapters, then the roots; it records
+    nothing (the server calls it per request from the event loop) and offers nothing outside a root."""
+    root = tmp_path / "root"
+    make_adapter(base, root / "ok", seed=5, r=2, target_modules=["q_proj"])
+    (root / "empty").mkdir()
+    (root / "link").symlink_to(dirs["a"], target_is_directory=True)
+    store, _ = new_store(base, roots=(root,))
+    store.register("mine", str(dirs["b"]))
+    listed = store.list()
+    assert set(listed) == {"mine", "ok"}
+    for name in ("mine", "ok", "empty", "link", "nope", "../root", "ok/..", "/etc", ""):
+        assert store.lookup(name) == listed.get(name), name
+    assert store.registered() == {"mine": str(dirs["b"])}  # the root lookups left no record

@@ -176,11 +176,11 @@ class AsyncLLM:
             raise ValueError("pass adapter= or lora_request=, not both")
         if not isinstance(req, LoRARequest):
             raise TypeError(f"lora_request must be a LoRARequest, got {type(req).__name__}")
-        if self._lora_requests.needs_load(req, self.list_adapters()):
+        if self._lora_requests.needs_load(req, self.adapter_source(req.lora_name)):
             try:
                 await self.load_adapter(req.lora_name, req.path)
             except Exception:
-                if self._lora_requests.needs_load(req, self.list_adapters()):
+                if self._lora_requests.needs_load(req, self.adapter_source(req.lora_name)):
                     raise
             self._lora_requests.loaded(req)  # (or a concurrent request loaded it first)
         return req.lora_name
@@ -217,6 +217,11 @@ class AsyncLLM:
             except RuntimeError:  # "dictionary changed size during iteration"
                 time.sleep(0.001)
         return dict(self.engine.adapter_paths)
+
+    def adapter_source(self, name: str) -> str | None:
+        """Where the adapter ``name`` is served from, or None: one name looked up (no listing, no root
+        scan), cheap enough for the event loop; safe while the engine thread registers adapters."""
+        return self.engine.adapter_source(name)
 
     def stats(self) -> dict:
         """Snapshot taken by the engine thread after its latest step (see ``LLMEngine.stats``)."""

@@ -96,6 +96,10 @@ class EngineClient(Protocol):
         """Adapters served now: name -> source."""
         ...
 
+    def adapter_source(self, name: str) -> str | None:
+        """``list_adapters().get(name)`` for one name, without listing (the server calls it per request)."""
+        ...
+
     def stats(self) -> dict[str, Any]:
         """Gauges and counters of the engine (``LLMEngine.stats``'s keys), read without blocking."""
         ...

@@ -116,6 +116,10 @@ class LLM:
     def list_adapters(self) -> dict[str, str]:
         return self.engine.list_adapters()
 
+    def adapter_source(self, name: str) -> str | None:
+        """Where the adapter ``name`` is served from, or None if it is not."""
+        return self.engine.adapter_source(name)
+
     def stats(self) -> dict:
         """The engine's counters and state (``LLMEngine.stats``), e.g. ``prefix_cache_hit_rate``."""
         return self.engine.stats()
@@ -170,7 +174,7 @@ class LLM:
         requests = per_prompt_requests(lora_request, adapters, 1 if single else len(prompts))
         if requests is None:
             return adapters
-        return adapter_names(requests, self._lora_requests, self.list_adapters, self.load_adapter)
+        return adapter_names(requests, self._lora_requests, self.adapter_source, self.load_adapter)
 
     def _add(
         self,

@@ -167,6 +167,10 @@ class LLMEngine:
     def list_adapters(self) -> dict[str, str]:
         return self.store.list()
 
+    def adapter_source(self, name: str) -> str | None:
+        """Where the adapter ``name`` is served from, or None if it is not (one name: no root scan)."""
+        return self.store.lookup(name)
+
     @property
     def adapter_paths(self) -> dict[str, str]:
         return self.store.list()

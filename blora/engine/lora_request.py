@@ -69,15 +69,15 @@ class LoRARequestRegistry:
     def __init__(self) -> None:
         self._ids: dict[int, tuple[str, str]] = {}
 
-    def needs_load(self, req: LoRARequest, loaded: dict[str, str]) -> bool:
-        """True if ``req``'s adapter is not loaded yet; ``ValueError`` if it conflicts with what is."""
+    def needs_load(self, req: LoRARequest, source: str | None) -> bool:
+        """True if ``req``'s adapter is not loaded yet (``source``: where the adapter of that name is served
+        from, None if none is); ``ValueError`` if it conflicts with what is."""
         seen = self._ids.get(req.lora_int_id)
         if seen is not None and (seen[0] != req.lora_name or not _same_source(seen[1], req.path)):
             raise ValueError(
                 f"lora_int_id {req.lora_int_id} is already used by adapter {seen[0]!r} ({seen[1]}); "
                 f"give {req.lora_name!r} ({req.path}) its own id"
             )
-        source = loaded.get(req.lora_name)
         if source is None:
             return True
         if not _same_source(str(source), req.path):
@@ -116,7 +116,7 @@ def per_prompt_requests(
 def adapter_names(
     requests: list[LoRARequest | None],
     registry: LoRARequestRegistry,
-    list_adapters: Callable[[], dict[str, str]],
+    adapter_source: Callable[[str], str | None],
     load: Callable[[str, str], object],
 ) -> list[str | None]:
     """The adapter name of each request, loading (``load(name, path)``) those not loaded yet."""
@@ -125,7 +125,7 @@ def adapter_names(
         if req is None:
             names.append(None)
             continue
-        if registry.needs_load(req, list_adapters()):
+        if registry.needs_load(req, adapter_source(req.lora_name)):
             load(req.lora_name, req.path)
             registry.loaded(req)
         names.append(req.lora_name)

@@ -203,6 +203,9 @@ class ClusterEngine:
     def list_adapters(self) -> dict[str, str]:
         return dict(self._state.adapters)
 
+    def adapter_source(self, name: str) -> str | None:
+        return self._state.adapters.get(name)
+
     async def load_adapter(
         self, name: str, path: str | Path, replace: bool = False, wait: bool = False
     ) -> None:

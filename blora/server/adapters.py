@@ -87,11 +87,15 @@ class AdapterManager:
     def adapters(self) -> dict[str, str]:
         return dict(self.engine.list_adapters())
 
+    def served(self, name: str) -> bool:
+        """Whether the adapter ``name`` is served now (one name looked up: no listing per request)."""
+        return self.engine.adapter_source(name) is not None
+
     def resolve(self, model: str) -> str | None:
         """The adapter name for an OpenAI ``model`` field (None = the base model); 404 if unknown."""
         if model in self.base_names:
             return None
-        if model in self.adapters():
+        if self.served(model):
             return model
         raise NotFoundError(
             f"The model {clip(model)!r} does not exist. Known models: the base model {self.base_name!r} "
@@ -106,8 +110,7 @@ class AdapterManager:
                 f"With adapter_mixture, model must be the base model {self.base_name!r}, not {clip(model)!r}",
                 param="model",
             )
-        known = self.adapters()
-        missing = sorted(clip(name) for name in mixture if name not in known)
+        missing = sorted(clip(name) for name in mixture if not self.served(name))
         if missing:
             raise NotFoundError(
                 f"adapter_mixture names adapters that are not loaded: {missing}", param="adapter_mixture"
@@ -135,7 +138,7 @@ class AdapterManager:
         only). Unknown names are left to ``resolve`` (404); a broken adapter is a 400 like an explicit load."""
         if not self.allow_runtime or self.adapter_root is None or mixture is not None:
             return
-        if model in self.base_names or model in self.adapters() or not ADAPTER_NAME.match(model):
+        if model in self.base_names or self.served(model) or not ADAPTER_NAME.match(model):
             return
         try:
             path = resolve_adapter_path(self.adapter_root, model)
@@ -145,7 +148,7 @@ class AdapterManager:
             logger.warning("model %r not served from the adapter root: %s", clip(model), exc.message)
             return  # the model 404 (the root's layout is not the client's business)
         async with self._lock:
-            if model in self.adapters():  # a concurrent request loaded it
+            if self.served(model):  # a concurrent request loaded it
                 return
             await self._engine_load(model, model, path, replace=False)
         logger.info("loaded adapter %r from %s on first request", model, path)
@@ -183,7 +186,7 @@ class AdapterManager:
                 raise InvalidRequestError(
                     f"{name!r} is the base model's name; choose another lora_name", param="lora_name"
                 )
-            exists = name in self.adapters()
+            exists = self.served(name)
             if exists and not replace:
                 raise InvalidRequestError(
                     f"An adapter named {name!r} is already loaded; unload it first, or send "
@@ -200,7 +203,7 @@ class AdapterManager:
     async def unload(self, name: str) -> str:
         self._check_enabled()
         async with self._lock:
-            if name not in self.adapters():
+            if not self.served(name):
                 raise NotFoundError(
                     f"The adapter {name!r} is not loaded", param="lora_name", code="adapter_not_found"
                 )

@@ -108,6 +108,10 @@ class AdapterStore:
         """Registered adapters and the adapters found under the roots (scanned now): name -> source."""
         return self.registry.list()
 
+    def lookup(self, name: str) -> str | None:
+        """``list().get(name)`` without scanning the roots (safe from any thread; records nothing)."""
+        return self.registry.lookup(name)
+
     def registered(self) -> dict[str, str]:
         """Adapters registered or loaded by name and not being unloaded (no root scan): name -> source."""
         return self.registry.registered()

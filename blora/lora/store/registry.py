@@ -133,6 +133,21 @@ class Registry:
             if not e.from_root and (e.refs.pending is None or e.refs.pending.action != "unload")
         }
 
+    def lookup(self, name: str) -> str | None:
+        """``list().get(name)`` without listing: the record's source, else a look for ``name`` under each
+        root (a few ``stat`` calls); nothing is recorded, so any thread may call it."""
+        entry = self._entries.get(name)
+        if entry is not None and not entry.from_root:
+            return entry.source
+        for root in self.roots:
+            try:
+                path = self._find(root, name)
+            except (AdapterError, OSError):
+                continue  # a name that leaves the root, or a symlink out of it: not offered
+            if path is not None:
+                return str(path)
+        return None
+
     def list(self) -> dict[str, str]:
         """Registered adapters and the adapters found under the roots (scanned now): name -> source."""
         out = {e.name: e.source for e in self.entries() if not e.from_root}
