@@ -6,7 +6,10 @@ bfloat16, int8 and int4 (the quantized ones keep float32 for everything but the 
 bound decode, 32: compute bound), half of them on a LoRA adapter (rank 16 on every linear, ``--no-adapters``
 for base only). After a warm-up the variants run in alternation, ``--rounds`` times, so drifting load on a
 shared machine hits all alike; the table gives the median tok/s, the median of the per-round ratios to
-bfloat16 and to float32, and the bytes of the decoder's weights.
+bfloat16 and to float32, and the bytes of the decoder's weights. ``--fast-path off`` runs every variant on
+transformers' modules instead of the model family's own forward (``LLM(fast_path=...)``); ``--fast-path
+both`` adds each quantized variant a second time on transformers' modules ("int8:off") and gives the ratio
+of the two; ``--variants`` picks some of the four.
 
 ``ops``: the kernels alone at the model's shapes (q/o 576x576, k/v 576x192, gate/up 576x1536, down
 1536x576), one row and 32 rows: ``F.linear`` in float32 and bfloat16, PyTorch's int8 / int4 packed matmuls
@@ -17,7 +20,9 @@ picked its kernels.
 llama.cpp's q8_0 / q4_0 on the same load: ``benchmarks/llamacpp_compare.py`` serves those GGUF files; run it
 beside ``blora serve --quantization int8|int4`` (this script measures the engine only).
 
-Run: ``.venv/bin/python benchmarks/quant_bench.py [engine|ops] [--requests 1 4 32] [--rounds 3]``.
+Run: ``.venv/bin/python benchmarks/quant_bench.py [engine|ops] [--requests 1 4 32] [--rounds 3]``;
+the fast forward against transformers' modules on quantized models:
+``quant_bench.py engine --variants int8 int4 --fast-path both --requests 1 32 --rounds 2``.
 """
 
 from __future__ import annotations
@@ -51,14 +56,28 @@ def build_llms(args) -> dict[str, object]:
     loaded = {dt: load_model(args.model, dtype=dt, device="cpu") for dt in ("float32", "bfloat16")}
     adapters = None if args.no_adapters else {"lora": str(make_adapter(loaded["float32"].model))}
     llms = {}
-    for variant in VARIANTS:
+    for name in variant_names(args):
+        variant, _, off = name.partition(":")
         source = loaded["bfloat16" if variant == "bfloat16" else "float32"]
         model = copy.deepcopy(source.model)  # each LLM wraps its own copy
         quant = variant if variant in ("int8", "int4") else None
-        llms[variant] = LLM(
-            model, tokenizer=source.tokenizer, adapters=adapters, quantization=quant, max_num_seqs=64
-        )
+        fast_path = "off" if off or args.fast_path == "off" else "auto"
+        llms[name] = LLM(
+            model, tokenizer=source.tokenizer, adapters=adapters, quantization=quant, max_num_seqs=64,
+            fast_path=fast_path,
+        )  # fmt: skip
     return llms
+
+
+def variant_names(args) -> list[str]:
+    """The variants to run: ``--variants`` in order, each quantized one also as "<method>:off" (on
+    transformers' modules) with ``--fast-path both``."""
+    names = []
+    for variant in args.variants:
+        names.append(variant)
+        if args.fast_path == "both" and variant in ("int8", "int4"):
+            names.append(f"{variant}:off")
+    return names
 
 
 def make_adapter(model) -> Path:
@@ -98,22 +117,29 @@ def run_once(llm, requests: int, new_tokens: int, with_adapters: bool) -> float:
 
 def bench_engine(args) -> None:
     llms = build_llms(args)
+    names = list(llms)
+    fast = {n: llm.engine.runner.fast is not None for n, llm in llms.items()}
     print(f"threads: {torch.get_num_threads()}; decoder weights (MB):", end="")
     print("".join(f"  {v} {weight_bytes(llm) / 1e6:.0f}" for v, llm in llms.items()))
-    print(f"| requests | {' | '.join(VARIANTS)} | int8/bf16 | int8/fp32 | int4/bf16 | int4/fp32 |")
-    print("|---:|" + "---:|" * (len(VARIANTS) + 4))
+    print("family fast path:", ", ".join(f"{n} {'yes' if f else 'no'}" for n, f in fast.items()))
+    pairs = [
+        (a, b) for a in ("int8", "int4") for b in ("bfloat16", "float32", f"{a}:off") if {a, b} <= set(names)
+    ]
+    short = {"bfloat16": "bf16", "float32": "fp32"}
+    heads = [f"{a}/{short.get(b, b)}" for a, b in pairs]
+    print(f"| requests | {' | '.join(names)} | {' | '.join(heads)} |")
+    print("|---:|" + "---:|" * (len(names) + len(pairs)))
     for requests in args.requests:
         for llm in llms.values():  # warm-up
             run_once(llm, requests, 4, not args.no_adapters)
-        rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        rates: dict[str, list[float]] = {v: [] for v in names}
         for r in range(args.rounds):
-            order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
+            order = names if r % 2 == 0 else list(reversed(names))
             for variant in order:
                 rates[variant].append(
                     run_once(llms[variant], requests, args.new_tokens, not args.no_adapters)
                 )
-        cells = [f"{statistics.median(rates[v]):.1f}" for v in VARIANTS]
-        pairs = (("int8", "bfloat16"), ("int8", "float32"), ("int4", "bfloat16"), ("int4", "float32"))
+        cells = [f"{statistics.median(rates[v]):.1f}" for v in names]
         ratios = [statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True)) for a, b in pairs]
         print(f"| {requests} | {' | '.join(cells)} | " + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
 
@@ -201,6 +227,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-adapters", action="store_true", help="base-only requests")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--fast-path",
+        choices=["auto", "off", "both"],
+        default="auto",
+        help="the model family's own forward (auto), transformers' modules (off), or the quantized "
+        "variants on both (engine mode)",
+    )
     args = parser.parse_args()
     bench_ops(args) if args.mode == "ops" else bench_engine(args)
 

@@ -127,7 +127,8 @@ def test_engine_greedy_equals_peft_on_dequantized_model(tmp_path, arch, method):
     quantize_model(reference, method)
     assert dequantize_model(reference) > 0 and not is_quantized(reference)
     llm = LLM(copy.deepcopy(base), tokenizer=tokenizer(), adapters={"a": str(adapter)}, quantization=method)
-    assert llm.engine.runner.fast is None
+    # llama runs on its family forward where the fast path is on (tests/test_quant_fast_path.py), gpt2 never
+    assert (llm.engine.runner.fast is not None) == (arch == "llama" and llm.engine.config.fast_path != "off")
     prompts = ["Hello there", "The cat sat on", "Numbers: 1 2 3"]
     names = ["a", None, "a"]
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0), adapters=names)

@@ -4,7 +4,8 @@
 except its LM head by a ``QuantizedLinear``: the weights are stored as integers plus scales, activations stay
 in floating point, and ``LoraLinear`` wraps the quantized module like any linear, adding its adapters' terms in the model's dtype
 (the adapters themselves are never quantized). The LM head is left as it is: it is often tied to the
-input embeddings, which are not linears.
+input embeddings, which are not linears. The model families' own forwards (``blora.models.families``) run
+quantized models as well, q/k/v and gate/up as one kernel call each over a fused layer (``fuse_quantized``).
 
 Kernels: PyTorch's own packed matmuls, ``torch._weight_int8pack_mm`` (int8 weight, per-row scale) and
 ``torch._weight_int4pack_mm_for_cpu`` (int4 weight in groups along the input, a scale and zero per group),
@@ -125,11 +126,8 @@ class QuantizedLinear(nn.Module):
         return self.dequantize()
 
     def _int4_values(self) -> torch.Tensor:
-        """The 0..15 values [out, in]. The CPU packing stores blocks of 32 output rows as [in, 16] bytes,
-        byte ``i`` holding row ``i`` (low nibble) and row ``16 + i`` (high nibble) of the block."""
-        blocks = self.qweight.reshape(self.out_features // 32, self.in_features, 16)
-        values = torch.cat([blocks & 15, blocks >> 4], dim=2)  # [out/32, in, 32]
-        return values.transpose(1, 2).reshape(self.out_features, self.in_features).float()
+        """The 0..15 values [out, in] (as float) of the packed weight (``_unpack_int4``)."""
+        return _unpack_int4(self.qweight, self.out_features, self.in_features).float()
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
@@ -137,6 +135,73 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, {self.method}{group}, "
             f"bias={self.bias is not None}"
         )
+
+
+def fuse_quantized(parts: list[QuantizedLinear]) -> QuantizedLinear | str:
+    """One ``QuantizedLinear`` whose output is the parts' outputs concatenated (q/k/v, gate/up), for ONE
+    kernel call over all of them; or a string saying why these parts cannot be fused. A single part is
+    returned as it is.
+
+    Exact, not re-quantized: every int8 row has its own scale, every int4 value, scale and zero belongs to
+    one output row and input group, so the fused layer holds the parts' values and scales side by side.
+    Memory, as ``fuse_linears`` does for float weights, the parts' buffers become views of the fused ones
+    where the layout allows:
+
+    - int8: ``qweight`` [out, in] and ``scales`` [out] concatenate along the rows: views, no extra memory.
+    - int4 ``qweight``: the values are re-packed over the fused rows (``_convert_weight_to_int4pack_for_cpu``
+      stores blocks of rows, 64 in PyTorch 2.13, laid out differently in a 32-row tail); a part whose bytes
+      are a slice of the fused ones (whole blocks: a part starting at a multiple of 64 rows with a multiple
+      of 64 rows, or the last part) becomes a view of it, another keeps its own copy (0.5 byte per weight;
+      Llama-style models with head_dim 64 or 128 have none, the tiny test models do).
+    - int4 ``scales`` [in/G, out, 2] interleave the parts along dim 1 and the kernel reads them as contiguous
+      (a strided view computes wrong values): the fused layer holds a copy, 4 bytes per 32 weights, i.e.
+      +20% on the fused projections' int4 bytes (0.5 + 0.125 byte per weight -> 0.75).
+    """
+    first = parts[0]
+    kinds = {(p.method, p.group_size, p.in_features, p.dtype, p.qweight.device) for p in parts}
+    if len(kinds) > 1:
+        return "its parts differ in quantization method, group size, input size, dtype or device"
+    if len(parts) == 1:
+        return first
+    if first.method == "int8":
+        qweight = torch.cat([p.qweight for p in parts])
+        scales = torch.cat([p.scales for p in parts])
+    else:
+        values = torch.cat([_unpack_int4(p.qweight, p.out_features, p.in_features) for p in parts])
+        qweight = torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
+        scales = torch.cat([p.scales for p in parts], dim=1)  # [in/G, out, 2]: a copy (see above)
+    bias = None
+    if any(p.bias is not None for p in parts):
+        zeros = [torch.zeros(p.out_features, dtype=p.dtype, device=p.qweight.device) for p in parts]
+        bias = torch.cat(
+            [p.bias.detach() if p.bias is not None else z for p, z in zip(parts, zeros, strict=True)]
+        )
+    out_features = sum(p.out_features for p in parts)
+    fused = QuantizedLinear(
+        first.in_features, out_features, first.method, qweight, scales, bias, first.dtype, first.group_size
+    )
+    start = 0
+    for p in parts:
+        stop = start + p.out_features
+        rows = qweight[start:stop]  # int8 [rows, in]; int4 [rows, in/2] bytes
+        if first.method == "int8" or torch.equal(rows, p.qweight):
+            p.qweight = rows
+        if first.method == "int8":
+            p.scales = scales[start:stop]
+        if p.bias is not None and fused.bias is not None:
+            p.bias.data = fused.bias.data[start:stop]
+        start = stop
+    return fused
+
+
+def fused_extra_bytes(fused: QuantizedLinear, parts: list[QuantizedLinear]) -> int:
+    """Bytes ``fused`` holds that are not shared with ``parts`` (int4 scales, int4 rows not viewed)."""
+    base = fused.qweight.untyped_storage().data_ptr()
+    own = [p.qweight for p in parts if p.qweight.untyped_storage().data_ptr() != base]
+    extra = sum(t.numel() * t.element_size() for t in own)
+    if fused.method == "int4":
+        extra += fused.scales.numel() * fused.scales.element_size()
+    return extra
 
 
 def check_shape(name: str, in_features: int, out_features: int, method: str) -> None:
@@ -152,6 +217,59 @@ def check_shape(name: str, in_features: int, out_features: int, method: str) -> 
             f"the group size {INT4_GROUP_SIZE}, out_features of {INT4_OUT_MULTIPLE}); use "
             "quantization='int8' for this model"
         )
+
+
+# How ``torch._convert_weight_to_int4pack_for_cpu`` lays out [out, in] values 0..15 in its [out, in/2] bytes:
+# blocks of ``block`` output rows, each [in, block/2] bytes, then a last block of ``tail`` rows when ``out`` is
+# not a multiple of ``block``; in a block, byte ``j`` of an input column holds two rows, either ``j`` and
+# ``block/2 + j`` ("halves") or ``2j`` and ``2j + 1`` ("pairs"), in its low and high nibble. PyTorch has
+# changed it between releases; ``_int4_layout`` finds which one this PyTorch uses (the packing op has no
+# inverse to call).
+Int4Layout = tuple[int, bool, int, bool]  # (block rows, pairs?, tail rows, tail pairs?)
+INT4_LAYOUTS: tuple[Int4Layout, ...] = (
+    (64, False, 32, True),  # PyTorch 2.13: blocks of 64 rows as halves, a 32-row tail as pairs
+    (32, False, 32, False),  # earlier releases: blocks of 32 rows as halves
+)
+_layout: list[Int4Layout] = []  # the one found, once
+
+
+def _int4_layout() -> Int4Layout:
+    """The layout of ``INT4_LAYOUTS`` this PyTorch packs with, checked on random values of 160 x 64 (full blocks
+    and a tail in both layouts); ``QuantizationError`` when none matches."""
+    if not _layout:
+        values = torch.randint(
+            0, 16, (160, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
+        )
+        packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+        for layout in INT4_LAYOUTS:
+            if torch.equal(_unpack_int4(packed, 160, 64, layout), values.to(torch.uint8)):
+                _layout.append(layout)
+                break
+        else:
+            raise QuantizationError(
+                f"this PyTorch ({torch.__version__}) packs int4 weights in a layout blora does not read; "
+                "use quantization='int8'"
+            )
+    return _layout[0]
+
+
+def _unpack_int4(
+    packed: torch.Tensor, out_f: int, in_f: int, layout: Int4Layout | None = None
+) -> torch.Tensor:
+    """The values 0..15 [out, in] (uint8) of ``packed`` [out, in/2] (``_convert_weight_to_int4pack_for_cpu``)."""
+    block, pairs, tail, tail_pairs = layout or _int4_layout()
+    flat = packed.reshape(-1)
+    rows, start = [], 0
+    while start < out_f:
+        size, interleave = (block, pairs) if out_f - start >= block else (tail, tail_pairs)
+        part = flat[start * in_f // 2 : (start + size) * in_f // 2].view(in_f, size // 2)
+        lo, hi = part & 15, part >> 4
+        values = (
+            torch.stack([lo, hi], dim=2).reshape(in_f, size) if interleave else torch.cat([lo, hi], dim=1)
+        )
+        rows.append(values.t())
+        start += size
+    return torch.cat(rows)
 
 
 def _quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +289,7 @@ def _quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Ten
     scale = ((high - low) / 15).clamp(min=1e-6).to(KERNEL_DTYPE).float()
     zero = (low + 8 * scale).to(KERNEL_DTYPE).float()  # the kernel's w = (q - 8) * scale + zero
     q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+    _int4_layout()  # refuse a PyTorch whose packing ``dequantize`` cannot read, before packing anything
     packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(out_f, in_f), 1)
     scales = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
     return packed, scales

@@ -4,7 +4,8 @@ transformers' modules run every model (``blora.engine.attention`` plugs paged at
 *family* is an architecture the engine can also run with its own forward over the same flat batch: it
 declares what it accepts (decoder layer, norm and activation classes) and which projections it fuses, and
 builds its fast model once at load time (``Family.build``: fuse weights, prepack GEMM weights). The runner
-asks ``build`` once; None means transformers' modules run every step.
+asks ``build`` once; None means transformers' modules run every step. Quantized base models
+(``blora.models.quant``) run there too: their fused projections are one ``QuantizedLinear`` each.
 
 Module swaps after start-up (``modules_to_save`` and LoRA wrappers installed by ``LoraManager``) bump the
 model's structure version (``bump_structure_version``); a fast model re-checks its modules only when that
@@ -22,8 +23,6 @@ from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
-
-from blora.models.quant import is_quantized
 
 logger = logging.getLogger("blora")
 
@@ -146,10 +145,6 @@ def build(model: nn.Module, options: FastPathOptions) -> FastModel | None:
     debug level, where no family runs it: then transformers' modules run every step."""
     if options.mode == "off":
         reason = "fast_path='off'"
-    elif is_quantized(model):  # the families' forwards read plain weights (blora.models.quant)
-        reason = (
-            "its linears are quantized (quantization='int8' / 'int4'), which only transformers' modules run"
-        )
     elif (family := family_of(model)) is None:
         reason = "no model family matches its decoder layers"
     else:

@@ -31,7 +31,6 @@ from blora.engine import attention
 from blora.models.families import Family, FastPathOptions, HFModule
 from blora.models.families.llama import FastDecoder, _fused_lora, _project
 from blora.models.families.llama import build as build_llama
-from blora.models.families.packing import Packed
 
 
 def build(model: nn.Module, family: Family, options: FastPathOptions) -> FastDecoder | str:
@@ -85,9 +84,9 @@ class GemmaDecoder(FastDecoder):
             rope[kind] = (cos, sin)
         for lay, (pre_ff, post_ff), kind in zip(self.layers, self.ff_norms, self.layer_types, strict=True):
             attn, mlp = lay.attn, lay.mlp
-            pk = lay.packed
+            gemm = lay.gemm
             x = lay.in_norm(res)
-            qkv = Packed.linear(x, pk.get("qkv"), lay.qkv_w, lay.qkv_b)
+            qkv = gemm["qkv"](x)
             _fused_lora(qkv, x, [(getattr(attn, name), lo, hi) for name, lo, hi in self.qkv_parts], work)
             if lay.q_norm is not None and lay.k_norm is not None:  # Gemma 3
                 qkv[:, :q_end].view(n, h, d).copy_(lay.q_norm(qkv[:, :q_end].view(n, h, d)))
@@ -99,12 +98,12 @@ class GemmaDecoder(FastDecoder):
             out, _ = attention.paged_attention(
                 attn, q, k, v, None, scaling=lay.scaling, sliding_window=lay.window, softcap=self.softcap
             )
-            o = _project(attn.o_proj, lay.bases["o_proj"], pk.get("o"), out.reshape(n, h * d), work)
+            o = _project(attn.o_proj, gemm["o"], out.reshape(n, h * d), work)
             res = res + lay.post_norm(o)
             x = pre_ff(res)
-            gu = Packed.linear(x, pk.get("gu"), lay.gu_w, lay.gu_b)
+            gu = gemm["gu"](x)
             _fused_lora(gu, x, [(getattr(mlp, name), lo, hi) for name, lo, hi in self.gu_parts], work)
             act = mlp.act_fn(gu[:, :inter]) * gu[:, inter:]
-            m = _project(mlp.down_proj, lay.bases["down_proj"], pk.get("down"), act, work)
+            m = _project(mlp.down_proj, gemm["down"], act, work)
             res = res + post_ff(m)
         return self.norm(res)

@@ -7,6 +7,10 @@ arithmetic: ~45 small PyTorch ops per layer become ~10 calls, and no GEMM re-lay
 - q/k/v and gate/up run as ONE matmul each, over weights concatenated once at load time (``fuse_linears``);
   the modules' own weights become views into them (no extra memory; transformers' modules still work).
 - Every GEMM (and the LM head) uses a oneDNN-prepacked copy of its weight (``Packed``), when memory allows.
+- Quantized base models (``blora.models.quant``): the GEMMs are ``QuantizedLinear`` calls instead (``Gemm``
+  holds either), q/k/v and gate/up each ONE over a fused quantized layer (``fuse_quantized``: exact; the
+  parts' buffers are views of it where the packing allows, int4 scales are a copy, see there); the LM head
+  stays float and prepacked.
 - RMSNorm with the residual add, rotary embedding and SiLU-times-up are C++ kernels (``blora.kernels``)
   that round every intermediate as the PyTorch ops do: bfloat16 results equal transformers' bit for bit up
   to the order of a float32 sum.
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,7 +44,10 @@ from blora.engine import attention
 from blora.lora.context import current_batch
 from blora.lora.layers import LoraLinear
 from blora.models.families import Family, FastPathOptions, HFModule, structure_version
-from blora.models.families.packing import Packed, fuse_linears
+from blora.models.families.packing import Gemm, Packed, fuse_linears
+from blora.models.quant import QuantizedLinear, fuse_quantized
+
+Linear = nn.Linear | QuantizedLinear  # what a projection of the fast forward is (a LoRA wrapper's base)
 
 logger = logging.getLogger("blora")
 
@@ -54,14 +61,15 @@ class _Layer:
     post_norm: HFModule
     q_norm: HFModule | None  # Qwen3: per-head RMSNorm of q and k before the rotary embedding
     k_norm: HFModule | None
-    bases: dict[str, nn.Linear]  # projection name (q_proj ... down_proj) -> the plain linear layer
-    qkv_w: torch.Tensor
-    qkv_b: torch.Tensor | None
-    gu_w: torch.Tensor
-    gu_b: torch.Tensor | None
+    bases: dict[str, Linear]  # projection name (q_proj ... down_proj) -> the plain or quantized linear layer
+    gemm: dict[str, Gemm]  # "qkv" / "o" / "gu" / "down" -> the GEMM the forward calls (fused for qkv / gu)
     window: int | None
     scaling: float
-    packed: dict[str, torch.Tensor | None] = field(default_factory=dict)  # qkv / o / gu / down -> oneDNN
+
+    @property
+    def packed(self) -> dict[str, torch.Tensor]:
+        """The oneDNN-prepacked weights of this layer's GEMMs (empty: none made)."""
+        return {name: g.packed for name, g in self.gemm.items() if g.packed is not None}
 
 
 def build(
@@ -85,8 +93,9 @@ def build(
             attn, mlp = layer.self_attn, layer.mlp
             bases = {name: _base(getattr(attn, name)) for name in (*fused["qkv"], "o_proj")}
             bases |= {name: _base(getattr(mlp, name)) for name in (*fused["gate_up"], "down_proj")}
-            qkv_w, qkv_b = fuse_linears([bases[p] for p in fused["qkv"]])  # q, k, v in this order
-            gu_w, gu_b = fuse_linears([bases[p] for p in fused["gate_up"]])
+            gemm = _gemms(bases, fused["qkv"], fused["gate_up"])  # q, k, v in this order
+            if isinstance(gemm, str):
+                return gemm
             if hasattr(attn, "sliding_window"):
                 window = attn.sliding_window
             elif type(layer).__name__.startswith(("Mistral", "Phi3")):  # read from the config in attention
@@ -103,14 +112,14 @@ def build(
                     getattr(attn, "q_norm", None),
                     getattr(attn, "k_norm", None),
                     bases,
-                    qkv_w,
-                    qkv_b,
-                    gu_w,
-                    gu_b,
+                    gemm,
                     window,
                     float(attn.scaling),
                 )  # fmt: skip
             )
+    quantized = [f for lay in layers for g in lay.gemm.values() if (f := g.quant) is not None]
+    if quantized:
+        logger.info("blora: fast path over %s-quantized linears", quantized[0].method)
     cls = decoder_class or FastDecoder
     assert kernel is not None  # _unsupported refused a model without the kernels
     fast = cls(model, kernel, layers, heads, kv_heads, attn0.head_dim, options, fused)
@@ -140,7 +149,7 @@ class FastDecoder:
         self.norm: HFModule = self.decoder.norm
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.lora_max_work = options.lora_max_work
-        self.inter = layers[0].gu_w.shape[0] // 2
+        self.inter = layers[0].gemm["gu"].out_features // 2
         self._sections = (heads * head_dim, (heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)
         self.attn_names = frozenset((*fused["qkv"], "o_proj"))
         # (projection name, first column, end column) of each module whose output the fused GEMM holds
@@ -155,30 +164,22 @@ class FastDecoder:
         machine has the memory for a second copy (the modules keep theirs: transformers' path and the LoRA
         wrappers read them)."""
         head = self.model.get_output_embeddings()
-        weights = [
-            w
-            for lay in self.layers
-            for w in (lay.qkv_w, lay.bases["o_proj"].weight, lay.gu_w, lay.bases["down_proj"].weight)
-        ]
+        gemms = [g for lay in self.layers for g in lay.gemm.values() if g.quant is None]  # float ones
+        weights = [g.weight for g in gemms]
         if isinstance(head, nn.Linear):
             weights.append(head.weight)
         if not Packed.worth_it(sum(w.numel() * w.element_size() for w in weights)):
             return
         try:
             with torch.no_grad():
-                for lay in self.layers:
-                    lay.packed = {
-                        "qkv": Packed.of(lay.qkv_w),
-                        "o": Packed.of(lay.bases["o_proj"].weight),
-                        "gu": Packed.of(lay.gu_w),
-                        "down": Packed.of(lay.bases["down_proj"].weight),
-                    }
+                for g in gemms:
+                    g.packed = Packed.of(g.weight)
                 if type(head) is nn.Linear and head.bias is None:  # a wrapped head (lm_head LoRA) runs as is
                     self.head, self.head_packed = head, Packed.of(head.weight)
         except (RuntimeError, AttributeError, NotImplementedError) as exc:  # op missing in this torch build
             logger.info("blora: no prepacked weights (%s)", exc)
-            for lay in self.layers:
-                lay.packed = {}
+            for g in gemms:
+                g.packed = None
             self.head, self.head_packed = None, None
 
     def usable(self) -> bool:
@@ -223,8 +224,8 @@ class FastDecoder:
         x = kernel.rms_norm(res, first.weight, first.variance_epsilon)
         for i, lay in enumerate(self.layers):
             attn, mlp = lay.attn, lay.mlp
-            pk = lay.packed
-            qkv = Packed.linear(x, pk.get("qkv"), lay.qkv_w, lay.qkv_b)
+            gemm = lay.gemm
+            qkv = gemm["qkv"](x)
             _fused_lora(qkv, x, [(getattr(attn, name), lo, hi) for name, lo, hi in self.qkv_parts], work)
             if lay.q_norm is not None and lay.k_norm is not None:  # Qwen3: torch ops (module docstring)
                 qkv[:, :q_end].view(n, h, d).copy_(lay.q_norm(qkv[:, :q_end].view(n, h, d)))
@@ -236,13 +237,11 @@ class FastDecoder:
             out, _ = attention.paged_attention(
                 attn, q, k, v, None, scaling=lay.scaling, sliding_window=lay.window
             )
-            o = _project(attn.o_proj, lay.bases["o_proj"], pk.get("o"), out.view(n, h * d), work)
+            o = _project(attn.o_proj, gemm["o"], out.view(n, h * d), work)
             x = kernel.rms_norm(o, lay.post_norm.weight, lay.post_norm.variance_epsilon, residual=res)
-            gu = Packed.linear(x, pk.get("gu"), lay.gu_w, lay.gu_b)
+            gu = gemm["gu"](x)
             _fused_lora(gu, x, [(getattr(mlp, name), lo, hi) for name, lo, hi in self.gu_parts], work)
-            m = _project(
-                mlp.down_proj, lay.bases["down_proj"], pk.get("down"), kernel.silu_mul(gu, self.inter), work
-            )
+            m = _project(mlp.down_proj, gemm["down"], kernel.silu_mul(gu, self.inter), work)
             norm: HFModule = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
             x = kernel.rms_norm(m, norm.weight, norm.variance_epsilon, residual=res)
         return x
@@ -256,11 +255,10 @@ class FastDecoder:
         return Packed.linear(hidden.contiguous(), self.head_packed, self.head.weight, None)
 
 
-def _project(
-    module: nn.Module, base: nn.Linear, packed: torch.Tensor | None, x: torch.Tensor, max_work: int
-) -> torch.Tensor:
-    """``module(x)`` for a projection that is ``base`` or a LoRA wrapper of it, through the packed weight."""
-    y = Packed.linear(x, packed, base.weight, base.bias)
+def _project(module: nn.Module, gemm: Gemm, x: torch.Tensor, max_work: int) -> torch.Tensor:
+    """``module(x)`` for a projection whose base layer ``gemm`` runs (module: that base or a LoRA wrapper of
+    it)."""
+    y = gemm(x)
     if isinstance(module, LoraLinear):
         module.add_lora(y, x, max_work)
     return y
@@ -287,12 +285,36 @@ def _fused_lora(
     batch.backend.add_fused(y, x, plan, slices, max_work)
 
 
-def _columns(names: tuple[str, ...], bases: dict[str, nn.Linear]) -> list[tuple[str, int, int]]:
+def _gemms(bases: dict[str, Linear], qkv: tuple[str, ...], gate_up: tuple[str, ...]) -> dict[str, Gemm] | str:
+    """The layer's four GEMMs over its base layers: q/k/v and gate/up fused (float: ``fuse_linears``,
+    quantized: ``fuse_quantized``; the modules' own weights become views of the fused ones where the layout
+    allows), o_proj / down_proj as they are. A string says why a quantized layer cannot be fused."""
+    gemm: dict[str, Gemm] = {}
+    for key, names in (("qkv", qkv), ("gu", gate_up)):
+        parts = [bases[name] for name in names]
+        if all(isinstance(p, nn.Linear) for p in parts):
+            gemm[key] = Gemm(*fuse_linears([p for p in parts if isinstance(p, nn.Linear)]))
+        elif all(isinstance(p, QuantizedLinear) for p in parts):
+            fused = fuse_quantized([p for p in parts if isinstance(p, QuantizedLinear)])
+            if isinstance(fused, str):
+                return f"{'/'.join(names)} cannot run as one quantized GEMM: {fused}"
+            gemm[key] = Gemm.quantized(fused)
+        else:
+            return f"{'/'.join(names)} mix quantized and float linears (quantize all of them or none)"
+    for key, name in (("o", "o_proj"), ("down", "down_proj")):
+        base = bases[name]
+        gemm[key] = (
+            Gemm.quantized(base) if isinstance(base, QuantizedLinear) else Gemm(base.weight, base.bias)
+        )
+    return gemm
+
+
+def _columns(names: tuple[str, ...], bases: dict[str, Linear]) -> list[tuple[str, int, int]]:
     """(name, start, stop) output columns of each projection in a fused GEMM over ``names`` in order."""
     parts: list[tuple[str, int, int]] = []
     start = 0
     for name in names:
-        rows = bases[name].weight.shape[0]
+        rows = bases[name].out_features
         parts.append((name, start, start + rows))
         start += rows
     return parts
@@ -356,6 +378,10 @@ def _unsupported_layer(layer: HFModule, family: Family, config: HFModule, param:
     modules += [getattr(layer.mlp, n, None) for n in (*gu_names, "down_proj")]
     for module in modules:
         base = _base(module) if module is not None else None
+        if isinstance(base, QuantizedLinear):
+            if base.dtype != param.dtype or base.qweight.device != param.device:
+                return "mixed dtypes or devices"
+            continue
         if not isinstance(base, nn.Linear):
             return f"{kind} projection {type(module).__name__} is not a linear layer"
         if base.weight.dtype != param.dtype or base.weight.device != param.device:
@@ -364,14 +390,14 @@ def _unsupported_layer(layer: HFModule, family: Family, config: HFModule, param:
     kv_heads = kv_heads or heads
     if heads % kv_heads:
         return "num_attention_heads is not a multiple of num_key_value_heads"
-    rows = [_base(getattr(attn, n)).weight.shape[0] for n in qkv_names]
+    rows = [_base(getattr(attn, n)).out_features for n in qkv_names]
     if len(rows) == 3 and rows[0] != heads * head_dim:
         return "q_proj does not match num_attention_heads * head_dim"
     if len(rows) == 3 and rows[1] != kv_heads * head_dim:
         return "k_proj does not match num_key_value_heads * head_dim"
     if sum(rows) != (heads + 2 * kv_heads) * head_dim:
         return "q/k/v projections do not match the attention heads"
-    if sum(_base(getattr(layer.mlp, n)).weight.shape[0] for n in gu_names) % 2:
+    if sum(_base(getattr(layer.mlp, n)).out_features for n in gu_names) % 2:
         return "gate/up projections of unequal sizes"
     rope = getattr(config, "rope_parameters", None) or {}
     partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0

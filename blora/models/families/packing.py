@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blora.models.quant import QuantizedLinear
+
 logger = logging.getLogger("blora")
 
 
@@ -45,6 +47,37 @@ class Packed:
         if packed is None:
             return F.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class Gemm:
+    """One projection's GEMM as the fast forwards call it, ``gemm(x [N, in]) -> [N, out]``: a float
+    ``weight`` [out, in] (and ``bias``) with its oneDNN-prepacked copy ``packed`` once ``FastDecoder.pack``
+    made one, or a ``QuantizedLinear`` (``quant``: its own integer kernel, never prepacked; ``weight`` is then
+    its packed integer weight, not read here). Which one is fixed when built; a call on the prepacked float
+    path takes the same one branch as ``Packed.linear``."""
+
+    __slots__ = ("weight", "bias", "packed", "quant")
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantizedLinear | None = None
+    ) -> None:
+        self.weight, self.bias, self.quant = weight, bias, quant
+        self.packed: torch.Tensor | None = None
+
+    @classmethod
+    def quantized(cls, quant: QuantizedLinear) -> Gemm:
+        return cls(quant.qweight, None, quant)
+
+    @property
+    def out_features(self) -> int:
+        return self.quant.out_features if self.quant is not None else self.weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.quant is not None:
+            return self.quant.forward(x)
+        return F.linear(x, self.weight, self.bias)
 
 
 def available_memory() -> int | None:
