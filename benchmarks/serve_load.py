@@ -213,6 +213,99 @@ def table(title: str, reports: list[RateReport]) -> str:
     return f"### {title}\n\n{head}\n" + "\n".join(rows)
 
 
+# --- one streamed chat request (llamacpp_compare, serve_vs_engine) ---------------------------------
+
+
+@dataclass
+class Streamed:
+    """One streamed ``/v1/chat/completions`` request as the client saw it."""
+
+    ttft_s: float  # from the request's send to the first chunk with non-empty content
+    completion_tokens: int  # from the stream's usage chunk
+    prompt_tokens: int
+    text: str | None = None  # the generated content, when asked for (``collect_text``)
+    logprobs: list[float] | None = None  # each generated token's logprob (``collect_text`` and ``logprobs``)
+
+
+def parse_sse(line: bytes) -> dict | None:
+    """The JSON object of one ``data:`` line of an OpenAI stream; None for other lines and [DONE]. An error
+    line (``error: ...`` or ``data: {"error": ...}``) raises RuntimeError with it."""
+    line = line.strip()
+    if line.startswith(b"error:"):
+        raise RuntimeError(line.decode()[:300])
+    if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+        return None
+    data = json.loads(line[5:])
+    if "error" in data:
+        raise RuntimeError(str(data["error"])[:300])
+    return data
+
+
+async def stream_chat(
+    session,
+    url: str,
+    fields: dict,
+    message: str,
+    max_tokens: int,
+    *,
+    ignore_eos: bool = True,
+    collect_text: bool = False,
+    logprobs: bool = False,
+    label: str = "",
+) -> Streamed:
+    """Stream one greedy chat completion of ``message`` from ``url`` (an aiohttp ``session``); ``fields``
+    (``model`` and any server-specific ones) go into the body as they are.
+
+    Without ``collect_text`` the lines are scanned as bytes and only the usage chunk is parsed, to keep the
+    load generator light: a content chunk is a line holding ``"content":"`` with something after it (both
+    servers write compact JSON). With it every ``data:`` line is parsed and the content is joined, and with
+    ``logprobs`` too the request asks for them and each token's logprob is kept.
+    """
+    body = {
+        **fields,
+        "messages": [{"role": "user", "content": message}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": ignore_eos,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **({"logprobs": True} if logprobs else {}),
+    }
+    who = label or str(fields.get("model"))
+    start, ttft, usage, text, lps = time.perf_counter(), None, None, [], []
+    async with session.post(url + "/v1/chat/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{who}: HTTP {r.status}: {(await r.text())[:300]}")
+        async for line in r.content:
+            if collect_text:
+                data = parse_sse(line)
+                if data is None:
+                    continue
+                if data.get("usage"):
+                    usage = data["usage"]
+                for choice in data.get("choices") or []:
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        ttft = ttft if ttft is not None else time.perf_counter() - start
+                        text.append(content)
+                    lps += [t["logprob"] for t in (choice.get("logprobs") or {}).get("content") or []]
+            elif line.startswith((b"error:", b'data: {"error"')):
+                parse_sse(line)  # raises with the server's message
+            elif ttft is None and b'"content":"' in line and b'"content":""' not in line:
+                ttft = time.perf_counter() - start
+            elif b'"usage":{' in line:
+                usage = parse_sse(line)["usage"]  # type: ignore[index]
+    if ttft is None or usage is None:
+        raise RuntimeError(f"{who}: a stream ended without content or usage")
+    return Streamed(
+        ttft,
+        usage["completion_tokens"],
+        usage["prompt_tokens"],
+        "".join(text) if collect_text else None,
+        lps if collect_text and logprobs else None,
+    )
+
+
 # --- launching servers ------------------------------------------------------------------------------
 
 

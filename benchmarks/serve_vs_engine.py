@@ -6,8 +6,8 @@ Both load the embedded SmolLM2 default as ``blora serve`` does, in ``--dtype`` (
 - engine: a worker process running ``LLM.generate`` on the benchmark's chat prompts (``blora.bench``'s
   workload: the prompts rendered with the chat template; ``k`` adapters assigned round-robin);
 - server: ``python -m blora.server`` (uvicorn, one process) with the same adapters as ``--lora-modules``;
-  the load generator is this process (aiohttp, one connection per request, lines scanned without parsing
-  JSON except the usage chunk): every request streams ``/v1/chat/completions`` with the same prompt's user
+  the load generator is this process (aiohttp, one connection per request, ``serve_load.stream_chat``:
+  lines scanned without parsing JSON except the usage chunk): every request streams ``/v1/chat/completions`` with the same prompt's user
   message (the server applies the same template) to its adapter.
 
 Every request generates exactly ``--new-tokens`` tokens (greedy, EOS ignored). For each setting (concurrent
@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from serve_load import free_port, pct, stop_server, wait_healthy  # noqa: E402
+from serve_load import free_port, pct, stop_server, stream_chat, wait_healthy  # noqa: E402
 
 BASE = "base"
 
@@ -162,33 +162,6 @@ def record(pid: int, out: Path, gil: bool) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
-async def stream_one(session, url: str, model: str, message: str, max_tokens: int) -> tuple[float, int, int]:
-    """(seconds to the first content chunk, completion tokens, prompt tokens) of one streamed chat."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": message}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start, ttft, usage = time.perf_counter(), None, None
-    async with session.post(url + "/v1/chat/completions", json=body) as r:
-        if r.status != 200:
-            raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
-        async for line in r.content:
-            if ttft is None and b'"content":"' in line and b'"content":""' not in line:
-                ttft = time.perf_counter() - start
-            elif b'"choices":[]' in line:
-                usage = json.loads(line[len(b"data: ") :])["usage"]
-            elif line.startswith(b'data: {"error"'):
-                raise RuntimeError(line.decode()[:300])
-    if ttft is None or usage is None:
-        raise RuntimeError(f"stream of {model!r} ended without tokens or usage")
-    return ttft, usage["completion_tokens"], usage["prompt_tokens"]
-
-
 async def run_server_async(url: str, requests: int, adapters: int, new_tokens: int) -> Measured:
     import aiohttp
 
@@ -200,13 +173,17 @@ async def run_server_async(url: str, requests: int, adapters: int, new_tokens: i
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as s:
         start = time.perf_counter()
         results = await asyncio.gather(
-            *(stream_one(s, url, m, msg, new_tokens) for m, msg in zip(models, messages, strict=True))
+            *(
+                stream_chat(s, url, {"model": m}, msg, new_tokens)
+                for m, msg in zip(models, messages, strict=True)
+            )
         )
         seconds = time.perf_counter() - start
-    if any(tokens != new_tokens for _, tokens, _ in results):
-        raise RuntimeError(f"a stream did not generate {new_tokens} tokens: {[t for _, t, _ in results]}")
-    ttft_ms = 1000 * pct([t for t, _, _ in results], 50)
-    prompt_tokens = sum(p for _, _, p in results)
+    if any(r.completion_tokens != new_tokens for r in results):
+        tokens = [r.completion_tokens for r in results]
+        raise RuntimeError(f"a stream did not generate {new_tokens} tokens: {tokens}")
+    ttft_ms = 1000 * pct([r.ttft_s for r in results], 50)
+    prompt_tokens = sum(r.prompt_tokens for r in results)
     return Measured("server", requests, adapters, requests * new_tokens / seconds, ttft_ms, prompt_tokens)
 
 
@@ -303,7 +280,7 @@ async def _warm(url: str, models: list[str]) -> None:
 
     async with aiohttp.ClientSession() as s:
         for m in models:
-            await stream_one(s, url, m, "Hi", 2)
+            await stream_chat(s, url, {"model": m}, "Hi", 2)
 
 
 def main() -> None:
