@@ -10,7 +10,9 @@ Run: ``.venv/bin/python benchmarks/library_bench.py [--rows 5 32] [--dtypes bflo
 After a warm-up, systems are timed in alternation (A B, then B A, ...) so drifting load on a shared machine
 hits both alike; the table reports median tok/s and the median of the per-round ratios to transformers.
 ``--decode-steps`` times single decode steps instead (KV cache, one token per row): more rounds in the same
-time on a busy machine.
+time on a busy machine. Library mode loads with prepacked base weights (``load_loras`` default);
+``--no-packed`` times it with ``packed_weights=False`` instead, ``--both-packed`` both in the same rounds.
+``--cpu-time`` reports CPU time instead of wall time (see its help).
 """
 
 from __future__ import annotations
@@ -62,15 +64,25 @@ def systems_for(args, dtype: str, rows: int, loaded) -> dict[str, Callable[[], o
     plain = prepare_batch([(t, None) for t in texts], tok, base, {})
     plain.pop("adapter_ids")
     systems: dict[str, Callable[[], object]] = {BASELINE: lambda: base.generate(**plain, **gen)}
-    model = copy.deepcopy(base)
+    models = {packed: copy.deepcopy(base) for packed in packed_modes(args)}
     for label, (adapters, cycle) in adapter_sets(args, base, dtype).items():
-        model, lora_map = load_loras(model, adapters)
         names = [cycle[i % len(cycle)] for i in range(rows)]
-        batch = prepare_batch(list(zip(texts, names, strict=True)), tok, model, lora_map)
-        systems[f"blora library, {label}"] = lambda b=batch, m=model: m.generate(**b, **gen)
+        for packed in models:
+            model, lora_map = load_loras(models[packed], adapters, packed_weights=packed)
+            batch = prepare_batch(list(zip(texts, names, strict=True)), tok, model, lora_map)
+            name = f"blora library, {label}{'' if packed else ' (not packed)'}"
+            systems[name] = lambda b=batch, m=model: m.generate(**b, **gen)
         if args.peft:
             systems[f"PEFT mixed batch, {label}"] = _peft_system(base, adapters, names, plain, gen)
     return systems
+
+
+def packed_modes(args) -> list[bool]:
+    """The ``load_loras(packed_weights=...)`` settings to time: ``--no-packed`` off only, ``--both-packed``
+    both in the same rounds (their ratio is what the prepacked base weights bring)."""
+    if args.both_packed:
+        return [True, False]
+    return [not args.no_packed]
 
 
 def _peft_system(base, adapters: dict[str, Path], names: list[str | None], plain: dict, gen: dict):
@@ -84,7 +96,9 @@ def _peft_system(base, adapters: dict[str, Path], names: list[str | None], plain
     return lambda: peft_model.generate(**plain, adapter_names=peft_names, **gen)
 
 
-def alternate(systems: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+def alternate(
+    systems: dict[str, Callable[[], object]], runs: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, list[float]]:
     """Warm every system up, then ``runs`` rounds, each round in the reverse order of the previous one."""
     times: dict[str, list[float]] = {name: [] for name in systems}
     order = list(systems)
@@ -93,9 +107,9 @@ def alternate(systems: dict[str, Callable[[], object]], runs: int) -> dict[str, 
             fn()
         for _ in range(runs):
             for name in order:
-                start = time.perf_counter()
+                start = clock()
                 systems[name]()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
             order.reverse()
     return times
 
@@ -105,35 +119,43 @@ def decode_systems(args, dtype: str, rows: int, loaded) -> dict[str, Callable[[]
     than a whole ``generate``, so more rounds fit a busy machine. Demo workload only."""
     base, tok = loaded
     texts = chat_prompts(tok, rows)
-    model = copy.deepcopy(base)
-    model, lora_map = load_loras(model, {n: adapter_path(n) for n in ADAPTER_NAMES})
     cycle = [None, *ADAPTER_NAMES]
-    batch = prepare_batch([(t, cycle[i % len(cycle)]) for i, t in enumerate(texts)], tok, model, lora_map)
+    systems: dict[str, Callable[[], object]] = {}
+    for packed in packed_modes(args):
+        model, lora_map = load_loras(
+            copy.deepcopy(base), {n: adapter_path(n) for n in ADAPTER_NAMES}, packed_weights=packed
+        )
+        batch = prepare_batch([(t, cycle[i % len(cycle)]) for i, t in enumerate(texts)], tok, model, lora_map)
+        name = f"blora library, demo 4 adapters + base (decode step{'' if packed else ', not packed'})"
+        systems[name] = _stepper(model, batch)
+    return {
+        BASELINE: _stepper(base, prepare_batch([(t, None) for t in texts], tok, base, {}), lora=False)
+    } | systems
+
+
+def _stepper(m, batch: dict[str, torch.Tensor], lora: bool = True) -> Callable[[], object]:
+    """One decode step of ``m`` on ``batch`` (after its prefill), each call one more token per row."""
     ids, mask, slots = batch["input_ids"], batch["attention_mask"], batch["adapter_ids"]
 
-    def stepper(m, lora: bool) -> Callable[[], object]:
-        extra = {"adapter_ids": slots} if lora else {}
-        with torch.inference_mode():
-            out = m(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
-        state = [out.past_key_values, out.logits[:, -1:].argmax(-1), mask]
+    extra = {"adapter_ids": slots} if lora else {}
+    with torch.inference_mode():
+        out = m(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
+    state = [out.past_key_values, out.logits[:, -1:].argmax(-1), mask]
 
-        def step() -> None:
-            past, nxt, msk = state
-            msk = torch.cat([msk, msk.new_ones(msk.shape[0], 1)], 1)
-            out = m(input_ids=nxt, attention_mask=msk, past_key_values=past, use_cache=True, **extra)
-            state[1:] = [out.logits[:, -1:].argmax(-1), msk]
+    def step() -> None:
+        past, nxt, msk = state
+        msk = torch.cat([msk, msk.new_ones(msk.shape[0], 1)], 1)
+        out = m(input_ids=nxt, attention_mask=msk, past_key_values=past, use_cache=True, **extra)
+        state[1:] = [out.logits[:, -1:].argmax(-1), msk]
 
-        return step
-
-    return {
-        BASELINE: stepper(base, False),
-        "blora library, demo 4 adapters + base (decode step)": stepper(model, True),
-    }
+    return step
 
 
 def measure(args, dtype: str, rows: int, loaded) -> list[dict]:
     build = decode_systems if args.decode_steps else systems_for
-    times = alternate(build(args, dtype, rows, loaded), args.runs)
+    times = alternate(
+        build(args, dtype, rows, loaded), args.runs, time.process_time if args.cpu_time else time.perf_counter
+    )
     n_tokens = rows * (1 if args.decode_steps else args.new_tokens)
     base = times[BASELINE]
     out = []
@@ -180,6 +202,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decode-steps", action="store_true", help="time single decode steps, not generate")
     parser.add_argument("--peft", action="store_true", help="also time PEFT (one batch with adapter_names)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time the process's CPU time, not wall time: steadier on a machine other jobs load (with "
+        "--threads 1; with more threads it counts OpenMP's spin-waiting too)",
+    )
+    packing = parser.add_mutually_exclusive_group()
+    packing.add_argument(
+        "--no-packed", action="store_true", help="library mode with load_loras(packed_weights=False)"
+    )
+    packing.add_argument(
+        "--both-packed", action="store_true", help="library mode with and without packed weights, alternated"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_results/library.json"))
     parser.add_argument(
         "--adapter-cache", type=Path, default=Path(tempfile.gettempdir()) / "blora-bench-adapters"

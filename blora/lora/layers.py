@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -11,6 +12,9 @@ from blora.lora import ops
 from blora.lora.backends import LoraBackend
 from blora.lora.context import current_batch
 from blora.lora.plan import LayerLoras, LoraPlan, OutputSlice
+from blora.models.families.packing import Packed
+
+logger = logging.getLogger("blora")
 
 # A layer's work for one plan (see ``LoraLinear._bind``): the backend's bound form, ``_SKIP`` (no adapter of
 # the plan targets the layer) or None (the general path, ``add_lora``).
@@ -20,6 +24,8 @@ _Step = tuple[LoraPlan, int, torch.dtype, LoraBackend, Any]
 
 # each entry may hold stacked copies of its adapters (backend caches): bound that memory
 _LORAS_CACHE_SIZE = 2
+# base weight dtypes the oneDNN prepacked GEMM (``Packed``) takes
+_PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def base_features(module: nn.Module) -> tuple[int, int]:
@@ -57,6 +63,12 @@ class LoraLinear(nn.Module):
     Tokens with slot -1, or whose adapter does not target this module, get exactly ``base(x)``.
     A slot may also carry a LoRA bias and DoRA's per-output scale ``g``: its tokens get
     ``g * (base(x) - bias) + bias + x A B' + b'`` with ``g`` folded into ``B'`` and ``b'`` at load time.
+
+    ``pack()`` (library mode, ``load_loras(packed_weights=True)``): ``base(x)`` of a plain CPU ``nn.Linear``
+    then runs on a oneDNN-prepacked copy of its weight (``Packed``; a second copy: ``base.weight`` stays as
+    it is for PEFT merges, DoRA and dtype checks), which ``F.linear`` would re-lay out on every call.
+    Held while the wrapper holds adapters; re-made after ``copy.deepcopy`` (an opaque oneDNN tensor cannot
+    be copied) or an in-place change of the weight.
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -68,6 +80,78 @@ class LoraLinear(nn.Module):
         self.version = 0
         self._loras: dict[tuple[tuple[int, ...], int], LayerLoras] = {}
         self._step: _Step | None = None  # the work bound for the last plan seen (``_bind``)
+        self.pack_base = False  # base(x) through ``packed`` (``pack``)
+        self.packed: torch.Tensor | None = None  # the prepacked base weight, made from ``_packed_of``
+        self._packed_of: tuple[int, int, torch.dtype] | None = None  # weight (data_ptr, _version, dtype)
+
+    def __getstate__(self) -> dict[str, Any]:  # ``copy.deepcopy`` / pickle: the copy packs its own weight
+        state = self.__dict__.copy()
+        state["packed"], state["_packed_of"] = None, None
+        return state
+
+    def packable(self) -> bool:
+        """Whether ``pack`` applies: a plain ``nn.Linear`` on CPU in float32 / bfloat16, without hooks or a
+        replaced ``forward`` (accelerate's offloading) that running its GEMM directly would skip."""
+        base = self.base
+        return (
+            type(base) is nn.Linear
+            and base.weight.device.type == "cpu"
+            and base.weight.dtype in _PACKABLE_DTYPES
+            and not base._forward_hooks
+            and not base._forward_pre_hooks
+            and "forward" not in base.__dict__
+        )
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Memory a packed copy of the base weight takes (as much as the weight)."""
+        weight = self.base.weight
+        return int(weight.numel() * weight.element_size())
+
+    def pack(self) -> bool:
+        """Run ``base(x)`` through a prepacked copy of the weight, made now; False (and the plain path)
+        where the layer is not ``packable`` or this torch build lacks the oneDNN op."""
+        if not self.packable():
+            self.unpack()
+            return False
+        self.pack_base = True
+        return self._repack()
+
+    def unpack(self) -> None:
+        """Back to ``base(x)``; the packed copy is freed."""
+        self.pack_base, self.packed, self._packed_of = False, None, None
+
+    def _repack(self) -> bool:
+        weight = self.base.weight
+        try:
+            with torch.no_grad():
+                self.packed = Packed.of(weight)
+        except (RuntimeError, AttributeError, NotImplementedError) as exc:  # op missing in this torch build
+            logger.info("blora: no prepacked LoRA base weights (%s)", exc)
+            self.unpack()
+            return False
+        self._packed_of = (weight.data_ptr(), weight._version, weight.dtype)
+        return True
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x)``, on the packed weight where it applies to this call."""
+        if not self.pack_base:
+            return self.base(x)
+        base = self.base
+        weight = base.weight
+        if (
+            x.dtype is not weight.dtype
+            or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))  # no autograd there
+            or base._forward_hooks
+            or base._forward_pre_hooks
+        ):
+            return self.base(x)
+        if self._packed_of != (weight.data_ptr(), weight._version, weight.dtype) and not self.pack():
+            return self.base(x)  # first call after a copy, or the weight changed, and it no longer packs
+        x2d = x.reshape(-1, self.in_features)
+        y = Packed.linear(x2d, self.packed, weight, base.bias)
+        return y.view(*x.shape[:-1], self.out_features)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -98,9 +182,12 @@ class LoraLinear(nn.Module):
         self._invalidate()
 
     def reset_lora(self, slot: int) -> None:
+        """Remove slot's weights; the last one gone also frees the packed base weight (``pack``)."""
         self.extras.pop(slot, None)
         if self.pairs.pop(slot, None) is not None:
             self._invalidate()
+        if not self.pairs:
+            self.unpack()
 
     def _invalidate(self) -> None:
         self.version += 1
@@ -108,7 +195,7 @@ class LoraLinear(nn.Module):
         self._step = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self._base(x)
         batch = current_batch()
         if batch is None or not batch.any_adapter or not self.pairs:
             return y

@@ -20,6 +20,7 @@ from blora.lora.prepared import LoraWeights, PreparedAdapter, check_finite, prep
 from blora.lora.saved import SavedModules
 from blora.lora.weights import AdapterFiles, read_adapter
 from blora.models.families import bump_structure_version
+from blora.models.families.packing import Packed
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class LoraManager:
         self._installed: dict[str, PreparedAdapter] = {}  # on the model's device, shared with the wrappers
         self._tree_lock = threading.Lock()  # module-tree changes (wrapping) vs. ``prepare`` in other threads
         self.backend: LoraBackend | None = None  # library mode's LoRA backend (None: "auto" for the device)
+        # library mode: wrapped linears run their base GEMM on a prepacked weight copy (``LoraLinear.pack``);
+        # off for the engine, whose fast path packs its own copies
+        self.packed_weights = False
 
     def __getstate__(self) -> dict:  # ``copy.deepcopy`` of the model: locks are not copyable
         state = self.__dict__.copy()
@@ -90,6 +94,26 @@ class LoraManager:
         """Library mode's LoRA backend by name (``blora.lora.backends``), for the model's device."""
         device = next(self.model.parameters()).device
         self.backend = backends.select(name, backends.BackendOptions(device))
+
+    def set_packed_weights(self, on: bool) -> None:
+        """Library mode's prepacked base weights (``LoraLinear.pack``) on or off, for the wrappers there are
+        and those later loads add. Skipped (with an info log) where a second copy of the weights would take
+        more than half of the available memory (``Packed.worth_it``)."""
+        self.packed_weights = on
+        if on:
+            self._pack([w for w in self._wrappers.values() if isinstance(w, LoraLinear)])
+        else:
+            for wrapper in self._wrappers.values():
+                if isinstance(wrapper, LoraLinear):
+                    wrapper.unpack()
+
+    def _pack(self, wrappers: list[LoraLinear]) -> None:
+        todo = [w for w in wrappers if w.pairs and w.packed is None and w.packable()]
+        if not todo or not Packed.worth_it(sum(w.packed_nbytes for w in todo)):
+            return
+        for wrapper in todo:
+            if not wrapper.pack():  # this torch build lacks the op (logged): no use trying the others
+                return
 
     def __contains__(self, name: str) -> bool:
         return name in self.adapters
@@ -172,6 +196,8 @@ class LoraManager:
             device = base_dtype_device(saved_wrapper.original)[1]
             saved[module_name] = {k: v.to(device, non_blocking=True) for k, v in params.items()}
             saved_wrapper.set_saved(slot, saved[module_name])
+        if self.packed_weights:
+            self._pack([lw for m in prepared.modules if isinstance(lw := self._wrappers[m], LoraLinear)])
         self._installed[name] = PreparedAdapter(name, prepared.source, modules, saved)
         self.adapters[name] = AdapterInfo(
             name=name,
