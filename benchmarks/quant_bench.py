@@ -17,8 +17,9 @@ with float32 and with bfloat16 activations, and torchao's int8 weight-only and C
 is importable (``pip install --no-deps torchao``; not a dependency). This is how ``blora.models.quant``
 picked its kernels.
 
-llama.cpp's q8_0 / q4_0 on the same load: ``benchmarks/llamacpp_compare.py`` serves those GGUF files; run it
-beside ``blora serve --quantization int8|int4`` (this script measures the engine only).
+llama.cpp's q8_0 / q4_0 on the same HTTP load: ``benchmarks/llamacpp_compare.py --quantization int8|int4`` runs
+``blora serve --quantization int8|int4`` against ``llama-server`` on the same model as GGUF Q8_0 / Q4_0 (this
+script measures the engine only).
 
 Run: ``.venv/bin/python benchmarks/quant_bench.py [engine|ops] [--requests 1 4 32] [--rounds 3]``;
 the fast forward against transformers' modules on quantized models:
