@@ -84,7 +84,12 @@ def tokens(out) -> list[int]:
 
 def test_output_unchanged_after_another_adapter_is_used_unloaded_and_reloaded(env):
     base, root, dirs, refs, _ = env
-    llm = LLM(tiny_model("llama"), tokenizer=tokenizer(), block_size=4, max_loras=1)
+    # Prefix caching off: a cached prompt is computed in another batch shape (only its last block), whose
+    # float32 GEMMs may round differently (seen with AVX-512 oneDNN kernels); this test wants the same
+    # computation twice, so that any difference is the reloaded weights'.
+    llm = LLM(
+        tiny_model("llama"), tokenizer=tokenizer(), block_size=4, max_loras=1, enable_prefix_caching=False
+    )
     llm.load_adapter("a", dirs["a"])
     first = llm.generate(PROMPTS["a"], GREEDY, adapters="a")[0]
     assert tokens(first) == refs["a"]
