@@ -160,3 +160,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_each_step_both_ways(engine, adapters: dict[str, Path], requests: list[tuple[list[int], str | None]]):
+    """Serve ``requests`` (prompt ids, adapter name or None; 6 greedy tokens each) on ``engine`` with every
+    step run twice: through transformers' modules (the reference), then the engine's fast path. Returns each
+    step's ``max |fast - reference| / max |reference|`` over the logits."""
+    from blora.engine import SamplingParams
+
+    runner = engine.runner
+    execute = runner.execute
+    worst: list[float] = []
+
+    def both(scheduled):
+        fast, runner.fast = runner.fast, None  # this step through transformers' modules first
+        reference = execute(scheduled)
+        runner.fast = fast
+        steps = runner.fast_steps
+        logits = execute(scheduled)
+        assert runner.fast_steps == steps + 1
+        worst.append((logits - reference).abs().max().item() / reference.abs().max().item())
+        return logits
+
+    runner.execute = both
+    for name, path in adapters.items():
+        engine.register_adapter(name, str(path))
+    for i, (prompt, name) in enumerate(requests):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=6, temperature=0.0), name)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return worst

@@ -18,7 +18,7 @@ from blora.engine import LLM, SamplingParams
 from blora.engine.llm import build_engine
 from blora.models import families
 from blora.models.families import FastPathOptions, packing
-from tests.helpers import make_adapter, targets, tiny_model, tokenizer
+from tests.helpers import make_adapter, run_each_step_both_ways, targets, tiny_model, tokenizer
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 
@@ -82,28 +82,8 @@ def test_every_step_matches_transformers_modules(arch, dtype, max_work, tmp_path
         )
     else:
         assert runner.fast.layers[0].packed == {}, "this CPU has no oneDNN prepacking for this dtype"
-    execute = runner.execute
-    worst = []
-
-    def both(scheduled):
-        fast, runner.fast = runner.fast, None  # this step through transformers' modules first
-        reference = execute(scheduled)
-        runner.fast = fast
-        steps = runner.fast_steps
-        logits = execute(scheduled)
-        assert runner.fast_steps == steps + 1
-        scale = reference.abs().max().item()
-        worst.append((logits - reference).abs().max().item() / scale)
-        return logits
-
-    runner.execute = both
-    for name, path in adapters.items():
-        engine.register_adapter(name, str(path))
     names = ["attn", None, "all", "mlp", "all", None]
-    for i, (prompt, name) in enumerate(zip(_prompts(6), names, strict=True)):
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=6, temperature=0.0), name)
-    while engine.has_unfinished_requests():
-        engine.step()
+    worst = run_each_step_both_ways(engine, adapters, list(zip(_prompts(6), names, strict=True)))
     # measured here: float32 ~4e-7 (order of float32 sums), bfloat16 0.0 (bit-identical); a skipped rotary
     # on the keys gives 3e-2 to 6e-2
     tol = 1e-5 if dtype == torch.float32 else 1e-2

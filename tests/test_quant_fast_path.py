@@ -28,7 +28,7 @@ from blora.models.quant import (
     fused_extra_bytes,
     quantize_model,
 )
-from tests.helpers import make_adapter, targets, tiny_model, tokenizer
+from tests.helpers import make_adapter, run_each_step_both_ways, targets, tiny_model, tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,27 +99,8 @@ def test_every_step_matches_transformers_modules(arch, method, tmp_path):
     gemm = runner.fast.layers[0].gemm
     assert all(isinstance(g.quant, QuantizedLinear) and g.quant.method == method for g in gemm.values())
     assert runner.fast.layers[0].packed == {}, "quantized GEMMs are not prepacked"
-    execute = runner.execute
-    worst = []
-
-    def both(scheduled):
-        fast, runner.fast = runner.fast, None  # this step through transformers' modules first
-        reference = execute(scheduled)
-        runner.fast = fast
-        steps = runner.fast_steps
-        logits = execute(scheduled)
-        assert runner.fast_steps == steps + 1
-        worst.append(((logits - reference).abs().max() / reference.abs().max()).item())
-        return logits
-
-    runner.execute = both
-    for name, path in adapters.items():
-        engine.register_adapter(name, str(path))
     names = ["attn", None, "all", "all"]
-    for i, (prompt, name) in enumerate(zip(_prompts(4), names, strict=True)):
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=6, temperature=0.0), name)
-    while engine.has_unfinished_requests():
-        engine.step()
+    worst = run_each_step_both_ways(engine, adapters, list(zip(_prompts(4), names, strict=True)))
     # measured here: 4e-7 to 6e-4 relative. The kernels round their activations to bfloat16: where the
     # float32 norms / LoRA sums of the two paths differ in summation order, an activation can round to the
     # neighbouring bfloat16 value (a step of 2^-8 relative), hence a bound of one such step
