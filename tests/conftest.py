@@ -61,3 +61,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def needs_kernels():
+    """The CPU kernels (for the engine's fast path): a build failure fails the test, a machine without a
+    compiler skips it."""
+    from blora import kernels
+
+    try:
+        kernels._compiler()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    assert kernels.get() is not None, "the CPU kernels did not build"

@@ -190,3 +190,11 @@ def run_each_step_both_ways(engine, adapters: dict[str, Path], requests: list[tu
     while engine.has_unfinished_requests():
         engine.step()
     return worst
+
+
+def random_prompts(n: int, seed: int = 7) -> list[list[int]]:
+    """``n`` (<= 6) prompts of random token ids of lengths 3, 40, 1, 17, 66, 9: a prefill across several
+    chunks and blocks, single-token prompts, and ids anywhere in the tokenizer's vocabulary but the first 3."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [3, 40, 1, 17, 66, 9][:n]
+    return [torch.randint(3, len(tokenizer()), (k,), generator=gen).tolist() for k in lengths]

@@ -18,19 +18,18 @@ from blora.engine import LLM, SamplingParams
 from blora.engine.llm import build_engine
 from blora.models import families
 from blora.models.families import FastPathOptions, packing
-from tests.helpers import make_adapter, run_each_step_both_ways, targets, tiny_model, tokenizer
+from tests.helpers import (
+    make_adapter,
+    random_prompts,
+    run_each_step_both_ways,
+    targets,
+    tiny_model,
+    tokenizer,
+)
+
+pytestmark = pytest.mark.usefixtures("needs_kernels")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
-
-
-@pytest.fixture(autouse=True)
-def needs_kernels():
-    """The fast path needs the CPU kernels: a build failure fails the test (skipped only without a compiler)."""
-    try:
-        kernels._compiler()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    assert kernels.get() is not None, "the CPU kernels did not build"
 
 
 ON = FastPathOptions(mode="on")
@@ -43,12 +42,6 @@ def can_pack(dtype: torch.dtype) -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def _prompts(n: int, seed: int = 7) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    lengths = [3, 40, 1, 17, 66, 9][:n]
-    return [torch.randint(3, len(tokenizer()), (k,), generator=gen).tolist() for k in lengths]
 
 
 CASES = [(arch, dtype, None) for arch in FAMILIES for dtype in (torch.float32, torch.bfloat16)]
@@ -83,7 +76,7 @@ def test_every_step_matches_transformers_modules(arch, dtype, max_work, tmp_path
     else:
         assert runner.fast.layers[0].packed == {}, "this CPU has no oneDNN prepacking for this dtype"
     names = ["attn", None, "all", "mlp", "all", None]
-    worst = run_each_step_both_ways(engine, adapters, list(zip(_prompts(6), names, strict=True)))
+    worst = run_each_step_both_ways(engine, adapters, list(zip(random_prompts(6), names, strict=True)))
     # measured here: float32 ~4e-7 (order of float32 sums), bfloat16 0.0 (bit-identical); a skipped rotary
     # on the keys gives 3e-2 to 6e-2
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -95,7 +88,7 @@ def test_swapped_module_falls_back_to_transformers():
     structure version) sends the step to transformers' modules; the fused q/k/v and gate/up weights stay
     views the original modules read, so the output is unchanged."""
     model = tiny_model("llama")
-    prompts = _prompts(3)
+    prompts = random_prompts(3)
     params = SamplingParams(max_tokens=5, temperature=0.0)
     llm = LLM(model, tokenizer=tokenizer(), fast_path="on")
     runner = llm.engine.runner
@@ -144,7 +137,7 @@ def test_unpacked_weights_and_wrapped_head(tmp_path):
     is wrapped, so the packed head copy must not be used), outputs still equal PEFT's."""
     model, adapter, llm = _head_adapter_engine(tmp_path, seed=5, packed_weights=False)
     assert llm.engine.runner.fast.layers[0].packed == {}
-    prompts = _prompts(3)
+    prompts = random_prompts(3)
     outs = llm.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0), adapters="head")
     assert llm.engine.runner.fast_steps > 0
     _assert_equals_peft_alone(model, adapter, prompts, outs, 5)
@@ -153,7 +146,7 @@ def test_unpacked_weights_and_wrapped_head(tmp_path):
 def test_packed_head_is_not_used_when_the_head_is_wrapped(tmp_path):
     model, adapter, llm = _head_adapter_engine(tmp_path, seed=6)
     assert llm.engine.runner.fast.head_packed is not None
-    prompts = _prompts(2)
+    prompts = random_prompts(2)
     outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0), adapters="head")
     _assert_equals_peft_alone(model, adapter, prompts, outs, 4)
 

@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from blora import LLM, SamplingParams, kernels
+from blora import LLM, SamplingParams
 from blora.engine.llm import build_engine
 from blora.models import families
 from blora.models.families import FastPathOptions
@@ -28,21 +28,18 @@ from blora.models.quant import (
     fused_extra_bytes,
     quantize_model,
 )
-from tests.helpers import make_adapter, run_each_step_both_ways, targets, tiny_model, tokenizer
+from tests.helpers import (
+    make_adapter,
+    random_prompts,
+    run_each_step_both_ways,
+    targets,
+    tiny_model,
+    tokenizer,
+)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "needs_kernels")
 
 METHODS = ("int8", "int4")
-
-
-@pytest.fixture(autouse=True)
-def needs_kernels():
-    """The fast path needs the CPU kernels: a build failure fails the test (skipped only without a compiler)."""
-    try:
-        kernels._compiler()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    assert kernels.get() is not None, "the CPU kernels did not build"
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -70,12 +67,6 @@ def test_fused_layer_is_the_parts_side_by_side(method, rows):
     assert fuse_quantized(parts[:1]) is parts[0], "one part is used as it is"
 
 
-def _prompts(n: int, seed: int = 7) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    lengths = [3, 40, 1, 17, 66, 9][:n]
-    return [torch.randint(3, len(tokenizer()), (k,), generator=gen).tolist() for k in lengths]
-
-
 # mistral's k/v have 16 rows (one kv head of 16): int4 refuses those layers, int8 runs them
 CASES = [(a, m) for a in ("llama", "qwen2", "phi3", "gemma3") for m in METHODS] + [("mistral", "int8")]
 
@@ -100,7 +91,7 @@ def test_every_step_matches_transformers_modules(arch, method, tmp_path):
     assert all(isinstance(g.quant, QuantizedLinear) and g.quant.method == method for g in gemm.values())
     assert runner.fast.layers[0].packed == {}, "quantized GEMMs are not prepacked"
     names = ["attn", None, "all", "all"]
-    worst = run_each_step_both_ways(engine, adapters, list(zip(_prompts(4), names, strict=True)))
+    worst = run_each_step_both_ways(engine, adapters, list(zip(random_prompts(4), names, strict=True)))
     # measured here: 4e-7 to 6e-4 relative. The kernels round their activations to bfloat16: where the
     # float32 norms / LoRA sums of the two paths differ in summation order, an activation can round to the
     # neighbouring bfloat16 value (a step of 2^-8 relative), hence a bound of one such step
@@ -110,7 +101,7 @@ def test_every_step_matches_transformers_modules(arch, method, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_greedy_tokens_equal_the_slow_path(method):
     """16 greedy tokens of the same quantized model, fast path on vs off (transformers' modules)."""
-    prompts = _prompts(3)
+    prompts = random_prompts(3)
     params = SamplingParams(max_tokens=16, temperature=0.0)
     outs = {}
     for mode in ("on", "off"):
@@ -179,7 +170,7 @@ def test_unfusable_layers_are_refused_in_on_and_run_by_transformers_in_auto(kind
     assert families.build(model, FastPathOptions(mode="auto")) is None
     llm = LLM(model, tokenizer=tokenizer(), fast_path="auto")
     assert llm.engine.runner.fast is None
-    prompt = _prompts(1)[0]
+    prompt = random_prompts(1)[0]
     out = llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0.0))[0].outputs[0].token_ids
     with torch.no_grad():
         model.config._attn_implementation = "sdpa"
