@@ -20,6 +20,7 @@ so it adds a dependency without a faster kernel.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Protocol, TypeGuard
 
@@ -149,9 +150,8 @@ def fuse_quantized(parts: list[QuantizedLinear]) -> QuantizedLinear | str:
 
     - int8: ``qweight`` [out, in] and ``scales`` [out] concatenate along the rows: views, no extra memory.
     - int4 ``qweight``: the values are re-packed over the fused rows (``_convert_weight_to_int4pack_for_cpu``
-      stores blocks of rows, 64 in PyTorch 2.13, laid out differently in a 32-row tail); a part whose bytes
-      are a slice of the fused ones (whole blocks: a part starting at a multiple of 64 rows with a multiple
-      of 64 rows, or the last part) becomes a view of it, another keeps its own copy (0.5 byte per weight;
+      stores blocks of rows: 64 with AVX-512, a 32-row tail laid out differently; 32 on AVX2); a part whose
+      bytes are a slice of the fused ones (whole blocks, or the last part) becomes a view of it, another keeps its own copy (0.5 byte per weight;
       Llama-style models with head_dim 64 or 128 have none, the tiny test models do).
     - int4 ``scales`` [in/G, out, 2] interleave the parts along dim 1 and the kernel reads them as contiguous
       (a strided view computes wrong values): the fused layer holds a copy, 4 bytes per 32 weights, i.e.
@@ -222,35 +222,29 @@ def check_shape(name: str, in_features: int, out_features: int, method: str) -> 
 # How ``torch._convert_weight_to_int4pack_for_cpu`` lays out [out, in] values 0..15 in its [out, in/2] bytes:
 # blocks of ``block`` output rows, each [in, block/2] bytes, then a last block of ``tail`` rows when ``out`` is
 # not a multiple of ``block``; in a block, byte ``j`` of an input column holds two rows, either ``j`` and
-# ``block/2 + j`` ("halves") or ``2j`` and ``2j + 1`` ("pairs"), in its low and high nibble. PyTorch has
-# changed it between releases; ``_int4_layout`` finds which one this PyTorch uses (the packing op has no
-# inverse to call).
+# ``block/2 + j`` ("halves") or ``2j`` and ``2j + 1`` ("pairs"), in its low and high nibble. The layout
+# depends on the CPU PyTorch runs on (the same 2.13 build packs 64-row blocks with AVX-512 and 32-row ones
+# on an AVX2 machine); ``_int4_layout`` finds which one is in use (the packing op has no inverse to call).
 Int4Layout = tuple[int, bool, int, bool]  # (block rows, pairs?, tail rows, tail pairs?)
 INT4_LAYOUTS: tuple[Int4Layout, ...] = (
-    (64, False, 32, True),  # PyTorch 2.13: blocks of 64 rows as halves, a 32-row tail as pairs
-    (32, False, 32, False),  # earlier releases: blocks of 32 rows as halves
+    (64, False, 32, True),  # AVX-512: blocks of 64 rows as halves, a 32-row tail as pairs
+    (32, False, 32, False),  # AVX2: blocks of 32 rows as halves
 )
-_layout: list[Int4Layout] = []  # the one found, once
 
 
+@functools.cache
 def _int4_layout() -> Int4Layout:
-    """The layout of ``INT4_LAYOUTS`` this PyTorch packs with, checked on random values of 160 x 64 (full blocks
-    and a tail in both layouts); ``QuantizationError`` when none matches."""
-    if not _layout:
-        values = torch.randint(
-            0, 16, (160, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
-        )
-        packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
-        for layout in INT4_LAYOUTS:
-            if torch.equal(_unpack_int4(packed, 160, 64, layout), values.to(torch.uint8)):
-                _layout.append(layout)
-                break
-        else:
-            raise QuantizationError(
-                f"this PyTorch ({torch.__version__}) packs int4 weights in a layout blora does not read; "
-                "use quantization='int8'"
-            )
-    return _layout[0]
+    """The layout of ``INT4_LAYOUTS`` this PyTorch packs with on this CPU, checked once on random values of
+    160 x 64 (full blocks and a tail in both layouts); ``QuantizationError`` when none matches."""
+    values = torch.randint(0, 16, (160, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+    for layout in INT4_LAYOUTS:
+        if torch.equal(_unpack_int4(packed, 160, 64, layout), values.to(torch.uint8)):
+            return layout
+    raise QuantizationError(
+        f"this PyTorch ({torch.__version__}) packs int4 weights in a layout blora does not read; "
+        "use quantization='int8'"
+    )
 
 
 def _unpack_int4(

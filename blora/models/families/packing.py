@@ -53,8 +53,8 @@ class Gemm:
     """One projection's GEMM as the fast forwards call it, ``gemm(x [N, in]) -> [N, out]``: a float
     ``weight`` [out, in] (and ``bias``) with its oneDNN-prepacked copy ``packed`` once ``FastDecoder.pack``
     made one, or a ``QuantizedLinear`` (``quant``: its own integer kernel, never prepacked; ``weight`` is then
-    its packed integer weight, not read here). Which one is fixed when built; a call on the prepacked float
-    path takes the same one branch as ``Packed.linear``."""
+    its packed integer weight, not read here). Which one is fixed when built; a float call is
+    ``Packed.linear``."""
 
     __slots__ = ("weight", "bias", "packed", "quant")
 
@@ -73,11 +73,9 @@ class Gemm:
         return self.quant.out_features if self.quant is not None else self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.quant is not None:
             return self.quant.forward(x)
-        return F.linear(x, self.weight, self.bias)
+        return Packed.linear(x, self.packed, self.weight, self.bias)
 
 
 def available_memory() -> int | None:
