@@ -5,7 +5,8 @@ Prints microseconds per call (best of 3) for the base linear, each PyTorch op, t
 PyTorch path, so the cost model in ``blora/lora/layers.py`` (``OP_COST``) can be checked on a new machine.
 Weights stay in cache here (the same tensors every call); inside a model they come from memory, which makes
 every op slower, the kernel ~1.5-2x (it is bound by reading the weights).
-Run: ``.venv/bin/python benchmarks/ops_bench.py [--threads 2]``.
+Run: ``.venv/bin/python benchmarks/ops_bench.py [--threads 2]``; other layer widths and prefill-sized
+batches (the kernel's tiled path from 8 tokens per adapter): ``--widths 2048x8192 896x4864 --tokens 1536``.
 """
 
 from __future__ import annotations
@@ -71,10 +72,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument(
+        "--widths",
+        nargs="+",
+        default=["576x576", "576x1536"],
+        help="INxOUT layer shapes (default: SmolLM2's)",
+    )
     args = parser.parse_args()
+    shapes = [tuple(int(v) for v in w.split("x")) for w in args.widths]
     torch.set_num_threads(args.threads)
     for dtype in (torch.bfloat16, torch.float32):
-        for in_f, out_f in ((576, 576), (576, 1536)):
+        for in_f, out_f in shapes:
             for label, ranks in MIXES.items():
                 res = bench(dtype, in_f, out_f, ranks, args.tokens)
                 cells = "  ".join(

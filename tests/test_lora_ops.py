@@ -143,6 +143,25 @@ def test_kernel_layer_sizes_and_row_strides(dtype, in_f, out_f, generic):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("generic", [False, True], ids=["native", "generic"])
+@pytest.mark.parametrize("in_f,out_f", [(33, 1000), (200, 70), (2048, 130)])
+def test_kernel_many_tokens_per_adapter_each_element(dtype, in_f, out_f, generic):
+    """Adapters with prefill-sized token counts (the kernel's tiled path from 8 tokens: blocks of 4 plus
+    tails, column tiles of 64 plus a tail) next to decode-sized ones, ranks 8/16/64 and an odd 17, inputs
+    whose width is not a multiple of 16 or 32. Checked element by element: the only error allowed is the
+    final rounding of ``y`` (bfloat16: half an ulp), so a dropped product or a row added twice fails."""
+    weights = make_weights({0: 8, 1: 16, 2: 64, 3: 17, 4: 8}, dtype, seed=7, in_f=in_f, out_f=out_f)
+    slots = slots_tensor([(0, 40), (1, 13), (2, 8), (3, 9), (4, 3), (-1, 5)], seed=8)
+    x = (torch.randn(slots.numel(), in_f) / in_f**0.5).to(dtype)
+    y = torch.randn(slots.numel(), out_f).to(dtype)
+    expected = reference_out(y.clone(), x, slots, weights)
+    _run_op("kernel_generic" if generic else "kernel", y, x, LoraPlan.from_tensor(slots), weights)
+    scale = expected.abs().max().item()
+    rtol = 2.0**-8 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.float(), expected, rtol=rtol, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_add_single_matches_reference(dtype):
     weights = make_weights({3: 6}, dtype)
     x = torch.randn(17, IN).to(dtype)

@@ -7,7 +7,10 @@
 // (scaling folded into B), accumulated in float32 and added to y once (one rounding for bfloat16). Each adapter's weights are streamed from memory once per
 // call whatever its token count, which is what decode needs: it is bound by reading adapter weights, and
 // a GEMM library call per adapter costs more in overhead than the work itself. Adapters own disjoint
-// tokens, so threads split the adapters without write conflicts.
+// tokens, so threads split the adapters without write conflicts. An adapter with many tokens (prefill in
+// the engine's fused path) is compute-bound instead: from kTiledMin tokens the AVX-512 path computes h for
+// all of them, then the expand in register tiles that reuse each slice of B from L1 (see tiled()); with
+// AVX512-BF16 the bfloat16 shrink multiplies bf16 pairs directly (_mm512_dpbf16_ps).
 //
 // Built on first use by blora/kernels/__init__.py (g++ -O3 -march=native -fopenmp) and called via ctypes.
 // An AVX-512 path (x86 with AVX512F/BW) and a portable path the compiler vectorizes (-DBLORA_GENERIC
@@ -134,25 +137,111 @@ inline void store16(uint16_t* p, __m512 v, __mmask16 k) {
 constexpr int kAhead = 4096;  // bytes of a weight stream prefetched ahead of use (measured: 2048-4096 best)
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1); }
 
+// shrink: h[t, k] = x[t] . At[k] for MT tokens, two rows of At per pass over x (x stays in L1).
+template <typename T, int MT>
+void shrink_avx512(const T* const* xr, const T* at, int64_t in, int64_t r, float* h) {
+    int64_t k = 0;
+    for (; k + 2 <= r; k += 2) {
+        const T* a0 = at + k * in;
+        const T* a1 = a0 + in;
+        __m512 s0[MT], s1[MT];
+        for (int t = 0; t < MT; ++t) s0[t] = s1[t] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < in; i += 16) {
+            const __mmask16 km = tail_mask(in - i);
+            _mm_prefetch(reinterpret_cast<const char*>(a0 + i) + kAhead, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(a1 + i) + kAhead, _MM_HINT_T0);
+            const __m512 v0 = load16(a0 + i, km), v1 = load16(a1 + i, km);
+            for (int t = 0; t < MT; ++t) {
+                const __m512 xv = load16(xr[t] + i, km);
+                s0[t] = _mm512_fmadd_ps(xv, v0, s0[t]);
+                s1[t] = _mm512_fmadd_ps(xv, v1, s1[t]);
+            }
+        }
+        for (int t = 0; t < MT; ++t) {
+            h[t * r + k] = _mm512_reduce_add_ps(s0[t]);
+            h[t * r + k + 1] = _mm512_reduce_add_ps(s1[t]);
+        }
+    }
+    if (k < r) {
+        const T* a0 = at + k * in;
+        __m512 s0[MT];
+        for (int t = 0; t < MT; ++t) s0[t] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < in; i += 16) {
+            const __mmask16 km = tail_mask(in - i);
+            const __m512 v0 = load16(a0 + i, km);
+            for (int t = 0; t < MT; ++t) s0[t] = _mm512_fmadd_ps(load16(xr[t] + i, km), v0, s0[t]);
+        }
+        for (int t = 0; t < MT; ++t) h[t * r + k] = _mm512_reduce_add_ps(s0[t]);
+    }
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 shrink with _mm512_dpbf16_ps: 32 products per instruction straight from the bf16 rows, no
+// conversion of x or At (the product of two bf16 values is exact in float32; the sums stay float32). It
+// quadruples the shrink's arithmetic rate, which prefill (dozens of tokens per adapter) is bound by.
+inline __mmask32 tail_mask32(int64_t left) { return left >= 32 ? 0xffffffffu : static_cast<__mmask32>((1u << left) - 1); }
+inline __m512bh load32bh(const uint16_t* p, __mmask32 k) {
+    return (__m512bh)(k == 0xffffffffu ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(k, p));
+}
+
+template <int MT>
+void shrink_bf16(const uint16_t* const* xr, const uint16_t* at, int64_t in, int64_t r, float* h) {
+    int64_t k = 0;
+    for (; k + 2 <= r; k += 2) {
+        const uint16_t* a0 = at + k * in;
+        const uint16_t* a1 = a0 + in;
+        __m512 s0[MT], s1[MT];
+        for (int t = 0; t < MT; ++t) s0[t] = s1[t] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < in; i += 32) {
+            const __mmask32 km = tail_mask32(in - i);
+            _mm_prefetch(reinterpret_cast<const char*>(a0 + i) + kAhead, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(a1 + i) + kAhead, _MM_HINT_T0);
+            const __m512bh v0 = load32bh(a0 + i, km), v1 = load32bh(a1 + i, km);
+            for (int t = 0; t < MT; ++t) {
+                const __m512bh xv = load32bh(xr[t] + i, km);
+                s0[t] = _mm512_dpbf16_ps(s0[t], xv, v0);
+                s1[t] = _mm512_dpbf16_ps(s1[t], xv, v1);
+            }
+        }
+        for (int t = 0; t < MT; ++t) {
+            h[t * r + k] = _mm512_reduce_add_ps(s0[t]);
+            h[t * r + k + 1] = _mm512_reduce_add_ps(s1[t]);
+        }
+    }
+    if (k < r) {
+        const uint16_t* a0 = at + k * in;
+        __m512 s0[MT];
+        for (int t = 0; t < MT; ++t) s0[t] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < in; i += 32) {
+            const __mmask32 km = tail_mask32(in - i);
+            const __m512bh v0 = load32bh(a0 + i, km);
+            for (int t = 0; t < MT; ++t) s0[t] = _mm512_dpbf16_ps(s0[t], load32bh(xr[t] + i, km), v0);
+        }
+        for (int t = 0; t < MT; ++t) h[t * r + k] = _mm512_reduce_add_ps(s0[t]);
+    }
+}
+#endif
+
+template <typename T, int MT>
+inline void shrink(const T* const* xr, const T* at, int64_t in, int64_t r, float* h) {
+#if defined(__AVX512BF16__)
+    if constexpr (sizeof(T) == 2) {
+        shrink_bf16<MT>(xr, at, in, r, h);
+        return;
+    }
+#endif
+    shrink_avx512<T, MT>(xr, at, in, r, h);
+}
+
 template <typename T, int MT>
 void block_avx512(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t out, const int64_t* rows,
                   const T* at, const T* b, int64_t r, float* h, float* acc) {
     const T* xr[MT];
     for (int t = 0; t < MT; ++t) xr[t] = x + rows[t] * xs;
-    for (int64_t k = 0; k < r; ++k) {  // shrink: h[t, k] = x[t] . At[k]
-        const T* arow = at + k * in;
-        __m512 s[MT];
-        for (int t = 0; t < MT; ++t) s[t] = _mm512_setzero_ps();
-        for (int64_t i = 0; i < in; i += 16) {
-            const __mmask16 km = tail_mask(in - i);
-            _mm_prefetch(reinterpret_cast<const char*>(arow + i) + kAhead, _MM_HINT_T0);
-            const __m512 a = load16(arow + i, km);
-            for (int t = 0; t < MT; ++t) s[t] = _mm512_fmadd_ps(load16(xr[t] + i, km), a, s[t]);
-        }
-        for (int t = 0; t < MT; ++t) h[t * r + k] = _mm512_reduce_add_ps(s[t]);
-    }
+    shrink<T, MT>(xr, at, in, r, h);
     // expand: acc[t] = h[t] @ B streaming B's rows (contiguous, so the hardware prefetcher keeps up; a
-    // column-blocked order with register accumulators was 2x slower on weights not in cache), then y += acc
+    // column-blocked order with register accumulators was 2x slower on weights not in cache, and 1024-column
+    // chunks with the accumulators in L1 ~20% slower on gate/up rows), then y += acc
     const int64_t vecs = (out + 15) / 16;
     for (int t = 0; t < MT; ++t)
         for (int64_t v = 0; v < vecs; ++v) _mm512_storeu_ps(acc + t * vecs * 16 + v * 16, _mm512_setzero_ps());
@@ -178,9 +267,81 @@ void block_avx512(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t 
     }
 }
 
+// Many tokens (prefill): the expand of one tile of kTileCols output columns for MT tokens, accumulators in
+// registers over the whole rank and added to y once. Token blocks walk one column tile after another, so
+// the tile's slice of B (r x kTileCols) comes from memory once and from L1 for every further block.
+constexpr int kTileVecs = 4;
+constexpr int64_t kTileCols = 16 * kTileVecs;
+
+template <typename T, int MT>
+void expand_tile(const T* b, int64_t r, int64_t out, int64_t j0, const float* h, T* const* yr, bool ahead) {
+    __m512 acc[MT][kTileVecs];
+    __mmask16 km[kTileVecs];
+    for (int v = 0; v < kTileVecs; ++v) {
+        const int64_t left = out - j0 - 16 * v;
+        km[v] = left > 0 ? tail_mask(left) : 0;
+        for (int t = 0; t < MT; ++t) acc[t][v] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < r; ++k) {
+        const T* brow = b + k * out + j0;
+        if (ahead)  // the first token block: fetch this row's slice of a later tile
+            for (int v = 0; v < kTileVecs; ++v)
+                _mm_prefetch(reinterpret_cast<const char*>(brow + 16 * v + 4 * kTileCols), _MM_HINT_T0);
+        __m512 bv[kTileVecs];
+        for (int v = 0; v < kTileVecs; ++v) bv[v] = load16(brow + 16 * v, km[v]);
+        for (int t = 0; t < MT; ++t) {
+            const __m512 hv = _mm512_set1_ps(h[t * r + k]);
+            for (int v = 0; v < kTileVecs; ++v) acc[t][v] = _mm512_fmadd_ps(hv, bv[v], acc[t][v]);
+        }
+    }
+    for (int t = 0; t < MT; ++t)
+        for (int v = 0; v < kTileVecs; ++v)
+            if (km[v]) store16(yr[t] + j0 + 16 * v, _mm512_add_ps(load16(yr[t] + j0 + 16 * v, km[v]), acc[t][v]), km[v]);
+}
+
+// From this many tokens an adapter takes the tiled path: h of all its tokens, then the expand tile by tile.
+// Fewer (decode) stream the weights once per block of kBlock tokens instead, which suits weights that come
+// from memory once.
+constexpr int64_t kTiledMin = 8;
+
+template <typename T>
+void tiled(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t out, const int64_t* rows, int64_t m,
+           const T* at, const T* b, int64_t r, float* h) {
+    for (int64_t t0 = 0; t0 < m; t0 += kBlock) {  // shrink: h [m, r]
+        const T* xr[kBlock];
+        const int64_t mt = m - t0 < kBlock ? m - t0 : kBlock;
+        for (int64_t t = 0; t < mt; ++t) xr[t] = x + rows[t0 + t] * xs;
+        switch (mt) {
+            case 4: shrink<T, 4>(xr, at, in, r, h + t0 * r); break;
+            case 3: shrink<T, 3>(xr, at, in, r, h + t0 * r); break;
+            case 2: shrink<T, 2>(xr, at, in, r, h + t0 * r); break;
+            default: shrink<T, 1>(xr, at, in, r, h + t0 * r); break;
+        }
+    }
+    for (int64_t j0 = 0; j0 < out; j0 += kTileCols) {
+        for (int64_t t0 = 0; t0 < m; t0 += kBlock) {
+            T* yr[kBlock];
+            const int64_t mt = m - t0 < kBlock ? m - t0 : kBlock;
+            for (int64_t t = 0; t < mt; ++t) yr[t] = y + rows[t0 + t] * ys;
+            const float* ht = h + t0 * r;
+            switch (mt) {
+                case 4: expand_tile<T, 4>(b, r, out, j0, ht, yr, t0 == 0); break;
+                case 3: expand_tile<T, 3>(b, r, out, j0, ht, yr, t0 == 0); break;
+                case 2: expand_tile<T, 2>(b, r, out, j0, ht, yr, t0 == 0); break;
+                default: expand_tile<T, 1>(b, r, out, j0, ht, yr, t0 == 0); break;
+            }
+        }
+    }
+}
+
+// h: scratch of at least max(kBlock, m) * r floats.
 template <typename T>
 void one_adapter(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t out, const int64_t* rows,
                  int64_t m, const T* at, const T* b, int64_t r, float* h, float* acc, float*, float*) {
+    if (m >= kTiledMin) {
+        tiled<T>(x, xs, y, ys, in, out, rows, m, at, b, r, h);
+        return;
+    }
     int64_t t = 0;
     for (; t + kBlock <= m; t += kBlock) block_avx512<T, kBlock>(x, xs, y, ys, in, out, rows + t, at, b, r, h, acc);
     switch (m - t) {
@@ -207,17 +368,19 @@ constexpr int64_t kMetaCols = 6;
 template <typename T>
 void run(const T* x, int64_t xs, T* y, int64_t ys, int64_t in, int64_t n, const int64_t* adapters,
          const int64_t* offsets, const int64_t* rows, int64_t threads) {
-    int64_t max_r = 0, max_out = 0;
+    int64_t max_r = 0, max_out = 0, max_h = 0;
     for (int64_t u = 0; u < n; ++u) {
         const int64_t* e = adapters + kMetaCols * u;
+        const int64_t m = offsets[e[3] + 1] - offsets[e[3]];
         max_r = e[2] > max_r ? e[2] : max_r;
         max_out = e[5] > max_out ? e[5] : max_out;
+        max_h = (m > kBlock ? m : kBlock) * e[2] > max_h ? (m > kBlock ? m : kBlock) * e[2] : max_h;
     }
     if (threads < 1) threads = 1;
     if (threads > n) threads = n;
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<float> h(kBlock * max_r), acc(kBlock * ((max_out + 15) / 16) * 16), xf(kBlock * in), af(in);
+        std::vector<float> h(max_h), acc(kBlock * ((max_out + 15) / 16) * 16), xf(kBlock * in), af(in);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < n; ++u) {
             const int64_t* e = adapters + kMetaCols * u;
