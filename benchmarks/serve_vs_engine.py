@@ -5,6 +5,9 @@ Both load the embedded SmolLM2 default as ``blora serve`` does, in ``--dtype`` (
 
 - engine: a worker process running ``LLM.generate`` on the benchmark's chat prompts (``blora.bench``'s
   workload: the prompts rendered with the chat template; ``k`` adapters assigned round-robin);
+- async (``--async-engine``): the same prompts through ``AsyncLLM`` in a worker process, each request a
+  ``generate`` stream read by an asyncio task: the server's engine thread and hand-off without HTTP, which
+  splits the server's cost into the threaded engine's and the HTTP layer's;
 - server: ``python -m blora.server`` (uvicorn, one process) with the same adapters as ``--lora-modules``;
   the load generator is this process (aiohttp, one connection per request, ``serve_load.stream_chat``:
   lines scanned without parsing JSON except the usage chunk): every request streams ``/v1/chat/completions`` with the same prompt's user
@@ -67,7 +70,13 @@ class Measured:
 
 
 def engine_worker(args: argparse.Namespace) -> None:
-    """Read ``RUN <requests> <adapters>`` lines on stdin; time one ``LLM.generate`` each; print RESULT."""
+    """Read ``RUN <requests> <adapters>`` lines on stdin; time one ``LLM.generate`` each; print RESULT.
+    ``args.async_engine``: an ``AsyncLLM`` instead, every request its own ``generate`` stream consumed by an
+    asyncio task (uvloop, as the server runs) in this process: the server's engine thread and hand-off
+    without HTTP."""
+    if args.async_engine:
+        async_engine_worker(args)
+        return
     import torch
 
     from blora.bench.systems import workload
@@ -104,11 +113,64 @@ def engine_worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(result), flush=True)
 
 
+def async_engine_worker(args: argparse.Namespace) -> None:
+    import torch
+    import uvloop
+
+    from blora.bench.systems import workload
+    from blora.engine import AsyncLLM, SamplingParams
+    from blora.models import load_model
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(None, dtype=args.dtype)
+    paths = sorted(Path(args.adapter_dir).glob("bench-*"))[: max(args.adapters)]
+    llm = AsyncLLM(
+        loaded,
+        adapters={p.name: str(p) for p in paths},
+        max_loras=max(16, len(paths)),
+        max_num_seqs=max(64, *args.requests),
+    )
+
+    async def one(
+        prompt: str, params: SamplingParams, adapter: str | None, start: float
+    ) -> tuple[int, float]:
+        first, tokens = None, 0
+        async for out in llm.generate(prompt, params, adapter):
+            tokens = len(out.outputs[0].token_ids)
+            first = first if first is not None or not tokens else time.time() - start
+        return tokens, first if first is not None else float("nan")
+
+    async def run(texts: list[str], names: list, params: SamplingParams) -> list[tuple[int, float]]:
+        start = time.time()
+        return await asyncio.gather(*(one(t, params, a, start) for t, a in zip(texts, names, strict=True)))
+
+    warm = [p.name for p in paths] + [None]
+    uvloop.run(run(["Hi"] * len(warm), warm, SamplingParams(max_tokens=2, temperature=0)))
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        _, n, k = line.split()
+        texts, names = workload(loaded.tokenizer, SimpleNamespace(requests=int(n), k=int(k)))
+        start = time.time()
+        outs = uvloop.run(run(texts, names, params))
+        seconds = time.time() - start
+        assert all(tokens == args.new_tokens for tokens, _ in outs)
+        result = {
+            "tok_s": len(outs) * args.new_tokens / seconds,
+            "ttft_p50_ms": 1000 * statistics.median(ttft for _, ttft in outs),
+            "prompt_tokens": sum(len(loaded.tokenizer.encode(t, add_special_tokens=False)) for t in texts),
+        }
+        print("RESULT " + json.dumps(result), flush=True)
+    llm.close()
+
+
 class EngineProcess:
     """The engine worker, driven over its stdin/stdout."""
 
-    def __init__(self, args: argparse.Namespace, adapter_dir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, adapter_dir: Path, system: str = "engine") -> None:
+        self.system = system  # "engine" (LLM.generate) | "async" (AsyncLLM streams, no HTTP)
         cmd = [sys.executable, __file__, "--engine-worker", "--adapter-dir", str(adapter_dir)]
+        cmd += ["--async-engine"] if system == "async" else []
         cmd += ["--dtype", args.dtype, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
         cmd += ["--requests", *map(str, args.requests), "--adapters", *map(str, args.adapters)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -127,7 +189,7 @@ class EngineProcess:
         self.proc.stdin.write(f"RUN {requests} {adapters}\n")
         self.proc.stdin.flush()
         r = json.loads(self._expect("RESULT "))
-        return Measured("engine", requests, adapters, r["tok_s"], r["ttft_p50_ms"], r["prompt_tokens"])
+        return Measured(self.system, requests, adapters, r["tok_s"], r["ttft_p50_ms"], r["prompt_tokens"])
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -243,7 +305,8 @@ def summarize(raw: Path) -> str:
 
 
 def table(rows: list[Measured], args: argparse.Namespace) -> str:
-    systems = ["engine", "server", *(["server-before"] if args.before else [])]
+    systems = ["engine", *(["async"] if args.async_engine else []), "server"]
+    systems += ["server-before"] if args.before else []
     head = "| streams | adapters | " + " | ".join(f"{x} tok/s" for x in systems)
     head += "".join(f" | {x} / engine" for x in systems[1:]) + "".join(
         f" | {x} TTFT p50 (ms)" for x in systems
@@ -296,6 +359,11 @@ def main() -> None:
     p.add_argument(
         "--before", type=Path, default=None, help="also the server of this checkout (a before/after column)"
     )
+    p.add_argument(
+        "--async-engine",
+        action="store_true",
+        help="also AsyncLLM in a process of its own, streams consumed by asyncio tasks (no HTTP)",
+    )
     p.add_argument("--profile", type=Path, default=None, help="record the server with py-spy (raw format)")
     p.add_argument("--gil", action="store_true", help="with --profile: only samples holding the GIL")
     p.add_argument("--json", type=Path, default=None, help="write every measurement here")
@@ -310,7 +378,11 @@ def main() -> None:
 
     adapter_dir = prepare_adapters(None, args.dtype, args.adapter_cache, max(args.adapters))
     paths = sorted(adapter_dir.glob("bench-*"))[: max(args.adapters)]
-    engine = EngineProcess(args, adapter_dir) if args.only != "server" else None
+    workers = {}
+    if args.only != "server":
+        workers["engine"] = EngineProcess(args, adapter_dir)
+        if args.async_engine:
+            workers["async"] = EngineProcess(args, adapter_dir, "async")
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     if args.only != "engine":
         roots = {"server": REPO, **({"server-before": args.before.resolve()} if args.before else {})}
@@ -319,15 +391,15 @@ def main() -> None:
             servers[name] = launch_server(args, {q.name: str(q) for q in paths}, root, log)
             warm_server(servers[name][1], max(args.adapters))
     spy = record(servers["server"][0].pid, args.profile, args.gil) if args.profile and servers else None
-    systems = [*(["engine"] if engine is not None else []), *servers]
+    systems = [*workers, *servers]
     rows: list[Measured] = []
     try:
         for r in range(args.rounds):
             for n in args.requests:
                 for k in args.adapters:
                     for system in systems[r % len(systems) :] + systems[: r % len(systems)]:  # rotated
-                        if system == "engine" and engine is not None:
-                            rows.append(engine.run(n, k))
+                        if system in workers:
+                            rows.append(workers[system].run(n, k))
                         else:
                             m = asyncio.run(run_server_async(servers[system][1], n, k, args.new_tokens))
                             rows.append(dataclasses.replace(m, system=system))
@@ -338,8 +410,8 @@ def main() -> None:
                             flush=True,
                         )
     finally:
-        if engine is not None:
-            engine.close()
+        for worker in workers.values():
+            worker.close()
         if spy is not None:
             stop_server(spy, 120)
         for proc, _ in servers.values():

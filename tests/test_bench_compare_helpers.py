@@ -227,3 +227,27 @@ def test_quantization_names_the_weights_and_the_results() -> None:
     cmd = lcc.blora_command(args, [], 1234)
     assert cmd[cmd.index("--quantization") + 1] == "int4"
     assert "--quantization" not in lcc.blora_command(lcc.parse_args([]), [], 1234)
+
+
+def test_serve_vs_engine_table_gives_each_system_its_ratio_to_the_engine() -> None:
+    from types import SimpleNamespace
+
+    from benchmarks import serve_vs_engine as sve
+
+    rows = [
+        sve.Measured(system, 32, 16, tok_s, ttft, 1200)
+        for system, tok_s, ttft in (
+            ("engine", 500.0, 100.0),
+            ("engine", 700.0, 120.0),
+            ("async", 590.0, 110.0),
+            ("server", 540.0, 130.0),
+        )
+    ]
+    args = SimpleNamespace(
+        dtype="bfloat16", threads=2, new_tokens=64, rounds=2, requests=[32], adapters=[16],
+        async_engine=True, before=None,
+    )  # fmt: skip
+    md = sve.table(rows, args)
+    assert "| streams | adapters | engine tok/s | async tok/s | server tok/s | async / engine |" in md
+    assert "| 32 | 16 | 600.0 | 590.0 | 540.0 | 0.983 | 0.900 | 110 | 110 | 130 |" in md
+    assert "async" not in sve.table(rows[:2], SimpleNamespace(**{**vars(args), "async_engine": False}))
