@@ -4,7 +4,9 @@ The rulebook: a quantized layer computes ``F.linear(x, dequantize(W))`` up to th
 activations; the model's logits stay within a stated tolerance of the unquantized model's; a LoRA
 adapter's term is the same A/B math as on the unquantized model (the adapters are never quantized); and
 the engine's greedy tokens equal PEFT's on the dequantized model. Shapes the kernels cannot take are refused
-before anything changes, naming the layer.
+before anything changes, naming the layer. The LM head is quantized to int8 (per vocabulary row) in every
+method; input embeddings tied to it read the same int8 table, and their lookup is exactly the dequantized
+rows.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from blora.lora.context import lora_batch
 from blora.lora.layers import LoraLinear
 from blora.models.quant import (
     QuantizationError,
+    QuantizedEmbedding,
     QuantizedLinear,
     _quantize_int4,
     dequantize_model,
@@ -80,13 +83,89 @@ def test_logits_close_to_unquantized_model(arch, method):
     count = quantize_model(quantized, method)
     assert count > 0 and is_quantized(quantized)
     head = quantized.get_output_embeddings()
-    assert type(head) is nn.Linear, "the LM head stays unquantized"
+    assert isinstance(head, QuantizedLinear) and head.method == "int8", "the LM head is quantized to int8"
     ids = tokenizer()("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
     with torch.no_grad():
         ref, got = model(ids).logits, quantized(ids).logits
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
     assert 0 < rel <= LOGIT_TOL[method]
     assert quantize_model(quantized, method) == 0  # idempotent
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", METHODS)
+def test_tied_head_and_embeddings_share_one_int8_table(arch, method):
+    """No float copy of the [vocab, hidden] table is left; the lookup is exactly the dequantized rows, the
+    head is ``F.linear`` over them (kernel tolerance)."""
+    model = tiny_model(arch)
+    float_head = model.get_output_embeddings().weight.detach().clone()
+    quantize_model(model, method)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert isinstance(head, QuantizedLinear) and head.method == "int8"
+    assert isinstance(embed, QuantizedEmbedding) and isinstance(embed, nn.Embedding)
+    assert embed.qweight.data_ptr() == head.qweight.data_ptr(), "one int8 table for both"
+    assert embed.scales.data_ptr() == head.scales.data_ptr()
+    vocab, hidden = float_head.shape
+    floats = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    assert not [t for t in floats if t.numel() >= vocab * hidden], "a float [vocab, hidden] table remains"
+    table = head.dequantize()
+    ids = torch.tensor([[0, 5, vocab - 1, 5], [17, 1, 2, 3]])
+    with torch.no_grad():
+        rows = embed(ids)
+    assert rows.dtype == float_head.dtype and torch.equal(rows, table[ids])
+    assert (table.float() - float_head.float()).abs().max() <= head.scales.float().max() / 2 + 1e-6
+    x = torch.randn(5, hidden)
+    with torch.no_grad():
+        ref = nn.functional.linear(x, table.float())
+        assert (head(x).float() - ref).abs().max() <= KERNEL_TOL * ref.abs().max()
+
+
+def test_untied_head_is_quantized_alone():
+    model = tiny_model("phi3")  # tie_word_embeddings=False
+    quantize_model(model, "int4")
+    assert isinstance(model.get_output_embeddings(), QuantizedLinear)
+    assert model.get_output_embeddings().method == "int8"
+    assert type(model.get_input_embeddings()) is nn.Embedding, "untied embeddings are left as they are"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", METHODS)
+def test_dequantized_model_is_tied_again_and_computes_the_same(arch, method):
+    """``dequantize_model`` gives plain modules, the head tied to the embeddings again; its logits are the
+    quantized model's up to the kernels' bfloat16 activations."""
+    model = tiny_model(arch)
+    quantize_model(model, method)
+    reference = copy.deepcopy(model)
+    assert dequantize_model(reference) > 0 and not is_quantized(reference)
+    head, embed = reference.get_output_embeddings(), reference.get_input_embeddings()
+    assert type(head) is nn.Linear and type(embed) is nn.Embedding and head.weight is embed.weight
+    assert torch.equal(embed.weight, model.get_input_embeddings().dequantize())
+    ids = tokenizer()("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 2 * KERNEL_TOL
+
+
+def test_lora_on_quantized_head_and_embeddings_equals_peft(tmp_path):
+    """LoRA on lm_head and embed_tokens wraps the int8 head and embeddings like the float ones."""
+    base = tiny_model("llama")
+    adapter = make_adapter(
+        base, tmp_path / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head", "embed_tokens"]
+    )
+    reference = copy.deepcopy(base)
+    quantize_model(reference, "int8")
+    dequantize_model(reference)
+    llm = LLM(copy.deepcopy(base), tokenizer=tokenizer(), adapters={"a": str(adapter)}, quantization="int8")
+    prompts, names = ["Hello there", "The cat sat on"], ["a", None]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0), adapters=names)
+    peft = PeftModel.from_pretrained(copy.deepcopy(reference), str(adapter)).eval()
+    for prompt, name, out in zip(prompts, names, outs, strict=True):
+        ids = tokenizer()(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            want = (peft if name else reference).generate(
+                ids, max_new_tokens=8, do_sample=False, pad_token_id=0
+            )
+        assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist(), (prompt, name)
 
 
 @pytest.mark.parametrize("method", METHODS)

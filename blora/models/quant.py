@@ -1,21 +1,31 @@
 """Weight-only quantized base linears (int8 per output channel, int4 in groups) that LoRA adapters wrap.
 
 ``quantize_model(model, "int8" | "int4")`` replaces every ``nn.Linear`` (and GPT-2 ``Conv1D``) of the model
-except its LM head by a ``QuantizedLinear``: the weights are stored as integers plus scales, activations stay
-in floating point, and ``LoraLinear`` wraps the quantized module like any linear, adding its adapters' terms in the model's dtype
-(the adapters themselves are never quantized). The LM head is left as it is: it is often tied to the
-input embeddings, which are not linears. The model families' own forwards (``blora.models.families``) run
-quantized models as well, q/k/v and gate/up as one kernel call each over a fused layer (``fuse_quantized``).
+by a ``QuantizedLinear``: the weights are stored as integers plus scales, activations stay in floating
+point, and ``LoraLinear`` wraps the quantized module like any linear, adding its adapters' terms in the
+model's dtype (the adapters themselves are never quantized). The LM head is quantized to int8 with one scale
+per vocabulary row whatever the method; when it is tied to the input embeddings, those become a
+``QuantizedEmbedding`` over the SAME int8 table (its lookup is exactly the dequantized rows), so the
+[vocab, hidden] table is held once in int8 instead of in the model's dtype (SmolLM2-135M: 28M of its 135M
+weights). ``dequantize_model`` turns all of them back into plain, tied modules (the reference PEFT runs on).
+The model families' own forwards (``blora.models.families``) run quantized models as well, q/k/v and gate/up
+as one kernel call each over a fused layer (``fuse_quantized``).
 
 Kernels: PyTorch's own packed matmuls, ``torch._weight_int8pack_mm`` (int8 weight, per-row scale) and
 ``torch._weight_int4pack_mm_for_cpu`` (int4 weight in groups along the input, a scale and zero per group),
-called with bfloat16 activations. Measured with ``benchmarks/quant_bench.py ops`` on a 2-core AVX2 CPU
-(SmolLM2-135M shapes): with float32 activations both ops take a scalar path, 10-20x slower than a float32
-``F.linear``; with bfloat16 activations int8 runs at 0.4-0.9x of float32 ``F.linear`` and 4-7x faster than
-bfloat16 ``F.linear`` (which this CPU emulates), int4 at 0.1-1.1x (slow at one row). torchao was measured
-too: its int8 weight-only tensor on CPU converts the int8 weight to float on every call (0.1x of float32 at
-one row) and its CPU int4 layout calls the same ``_weight_int4pack_mm_for_cpu`` through a tensor subclass,
-so it adds a dependency without a faster kernel.
+called with bfloat16 activations (with float32 activations both take a scalar path, 10-20x slower). Measured
+on a 2-core AMD EPYC with AVX512-BF16 (one thread, SmolLM2-135M's shapes, a decode
+step's 120 decoder GEMMs streamed from memory): at one row, bfloat16 oneDNN-prepacked GEMMs 15.9 ms for the
+212 MB of decoder weights, int8 12.3 ms for 106 MB; the 49152 x 576 LM head 2.1 ms in bfloat16 (prepacked),
+2.0 ms in int8, 1.1 ms in int4; at 32 rows the int8 head takes 24 ms against 10 ms in bfloat16. The integer
+kernels are compute-bound on this CPU (they convert every weight to float32 and reduce each output row
+horizontally): ~9 GB/s of weights against oneDNN's 13-30 GB/s in bfloat16, so halving the bytes buys less
+than 2x at one row, and at many rows oneDNN's native bfloat16 GEMM is faster (the fast forward then runs the
+LM head from a prepacked copy of its dequantized weight, ``FastDecoder.logits``). On an AVX2 CPU without
+native bfloat16 the int8 kernel ran 4-7x faster than bfloat16 ``F.linear``. torchao was measured too: its
+int8 weight-only tensor on CPU converts the int8 weight to float on every call and its CPU int4 layout calls
+the same ``_weight_int4pack_mm_for_cpu`` through a tensor subclass, so it adds a dependency without a faster
+kernel.
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ INT4_GROUP_SIZE = 32
 KERNEL_DTYPE = torch.bfloat16  # activations enter the integer kernels in this dtype (see the module doc)
 INT8_IN_MULTIPLE = 8  # the int8 kernel reads inputs in blocks of 8 columns
 INT4_OUT_MULTIPLE = 32  # the int4 packing stores outputs in blocks of 32 rows (``_int4_values`` reads them)
+# The LM head (and input embeddings tied to it) in every method: one int8 row per token serves the head's
+# kernel and an exact embedding lookup; an int4 table would need the kernel's packing undone per lookup.
+HEAD_METHOD = "int8"
 
 
 class LinearLike(Protocol):
@@ -136,6 +149,52 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, {self.method}{group}, "
             f"bias={self.bias is not None}"
         )
+
+
+class QuantizedEmbedding(nn.Embedding):
+    """Token embeddings read from an int8 table with one scale per row: ``y = dequantize(W)[ids]``, exactly
+    the dequantized rows (``q[ids] * scale[ids]`` in float32, then the model's dtype).
+
+    ``ids`` [...] -> [..., embedding_dim]. Made for input embeddings tied to the LM head (``tied_to``): the
+    head's int8 ``QuantizedLinear`` and this module hold the SAME ``qweight`` [vocab, dim] and ``scales``
+    [vocab], as llama.cpp's Q8_0 token embeddings serve both lookups. A subclass of ``nn.Embedding`` so
+    that code asking for an embedding (the LoRA wrappers, ``get_input_embeddings``) gets one; it has no
+    ``weight`` parameter: ``weight`` is a dequantized copy (allocates; for checks).
+    """
+
+    qweight: torch.Tensor  # buffers (registered in __init__)
+    scales: torch.Tensor
+
+    def __init__(
+        self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, padding_idx: int | None = None
+    ) -> None:
+        nn.Module.__init__(self)  # not nn.Embedding's: it would allocate a float weight
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.padding_idx, self.max_norm, self.norm_type = padding_idx, None, 2.0
+        self.scale_grad_by_freq, self.sparse, self.dtype = False, False, dtype
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def tied_to(cls, head: QuantizedLinear, padding_idx: int | None = None) -> QuantizedEmbedding:
+        """The embeddings over ``head``'s int8 table (an int8 ``QuantizedLinear`` [vocab, dim]; shared)."""
+        assert head.method == "int8" and head.bias is None
+        return cls(head.qweight, head.scales, head.dtype, padding_idx)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight[ids].float() * self.scales[ids].float()[..., None]
+        return rows.to(self.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The table [vocab, dim] the lookups read (a new tensor)."""
+        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype or self.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]  # nn.Embedding's is a parameter
+        return self.dequantize()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 (rows scaled)"
 
 
 def fuse_quantized(parts: list[QuantizedLinear]) -> QuantizedLinear | str:
@@ -297,22 +356,24 @@ def _dequantize_int4(q: torch.Tensor, scales: torch.Tensor, group: int) -> torch
 
 
 def quantize_model(model: nn.Module, method: str) -> int:
-    """Replace every ``nn.Linear`` / ``Conv1D`` of ``model`` except its LM head by a ``QuantizedLinear`` (in place);
-    returns how many were replaced. Checks every layer's shape before changing any. A model already
-    quantized with ``method`` is left as it is."""
+    """Replace every ``nn.Linear`` / ``Conv1D`` of ``model`` by a ``QuantizedLinear`` (in place); returns how
+    many were replaced. The decoder's linears take ``method``; the LM head takes int8 whatever ``method``
+    (``_head_plan``: and, when it is tied to the input embeddings, they become a ``QuantizedEmbedding`` over
+    the same int8 table). Checks every layer's shape before changing any. A model already quantized with
+    ``method`` is left as it is."""
     if method not in QUANTIZATION_METHODS:
         raise QuantizationError(
             f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or None), got {method!r}"
         )
-    done = {m.method for m in model.modules() if isinstance(m, QuantizedLinear)}
+    get_head = getattr(model, "get_output_embeddings", None)  # transformers' models have it
+    head = get_head() if get_head is not None else None
+    done = {m.method for m in model.modules() if isinstance(m, QuantizedLinear) and m is not head}
     if done:
         if done != {method}:
             raise QuantizationError(
                 f"the model is already quantized ({', '.join(sorted(done))}); load it again to use {method}"
             )
         return 0
-    get_head = getattr(model, "get_output_embeddings", None)  # transformers' models have it
-    head = get_head() if get_head is not None else None
     targets = [(n, m) for n, m in model.named_modules() if _quantizable(m) and m is not head]
     for name, linear in targets:
         if linear.weight.device.type != "cpu":
@@ -322,13 +383,62 @@ def quantize_model(model: nn.Module, method: str) -> int:
             )
         out_f, in_f = linear.weight.shape
         check_shape(name, *((out_f, in_f) if type(linear).__name__ == "Conv1D" else (in_f, out_f)), method)
+    plan = _head_plan(model, head)
     with torch.no_grad():
         for name, linear in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantizedLinear.from_linear(linear, method, name))
-    logger.info("blora: %d linear layers quantized to %s (LM head kept in %s)", len(targets), method,
-                "its dtype" if head is None else head.weight.dtype)  # fmt: skip
-    return len(targets)
+            _replace(model, name, QuantizedLinear.from_linear(linear, method, name))
+        if isinstance(plan, str):
+            logger.info("blora: %d linear layers quantized to %s; LM head kept as it is: %s",
+                        len(targets), method, plan)  # fmt: skip
+            return len(targets)
+        head_name, embed_name = plan
+        assert head is not None and _quantizable(head)  # _head_plan checked it
+        quant_head = QuantizedLinear.from_linear(head, HEAD_METHOD, head_name)
+        _replace(model, head_name, quant_head)
+        if embed_name is not None:
+            embed = model.get_submodule(embed_name)
+            assert isinstance(embed, nn.Embedding)  # _head_plan checked it
+            _replace(model, embed_name, QuantizedEmbedding.tied_to(quant_head, embed.padding_idx))
+    logger.info("blora: %d linear layers quantized to %s, LM head to %s%s", len(targets), method, HEAD_METHOD,
+                " (one table with the tied input embeddings)" if embed_name else "")  # fmt: skip
+    return len(targets) + 1
+
+
+def _head_plan(model: nn.Module, head: nn.Module | None) -> tuple[str, str | None] | str:
+    """(LM head name, name of the input embeddings tied to it or None) to quantize, or why the head stays as
+    it is. A tied head is quantized only with its embeddings (one int8 table for both: a separate int8 head
+    would add memory next to the float embeddings)."""
+    if head is None:
+        return "the model has no output embeddings"
+    if type(head) is not nn.Linear:
+        return f"it is a {type(head).__name__}, not an nn.Linear"
+    if head.weight.device.type != "cpu":
+        return f"its weight is on {head.weight.device}"
+    if head.in_features % INT8_IN_MULTIPLE:
+        return f"in_features={head.in_features} is not a multiple of {INT8_IN_MULTIPLE}"
+    names = {id(m): n for n, m in model.named_modules()}
+    head_name = names.get(id(head))
+    if head_name is None:
+        return "it is not a submodule of the model"
+    get_embed = getattr(model, "get_input_embeddings", None)
+    embed = get_embed() if get_embed is not None else None
+    if embed is None or embed.weight.untyped_storage().data_ptr() != head.weight.untyped_storage().data_ptr():
+        return head_name, None  # not tied: the head alone
+    if (
+        type(embed) is not nn.Embedding
+        or embed.max_norm is not None
+        or embed.weight.shape != head.weight.shape
+    ):
+        return f"it is tied to a {type(embed).__name__} that quantization does not replace"
+    embed_name = names.get(id(embed))
+    if embed_name is None:
+        return "its tied input embeddings are not a submodule of the model"
+    return head_name, embed_name
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
 
 
 def _quantizable(module: nn.Module) -> TypeGuard[LinearLike]:
@@ -336,19 +446,31 @@ def _quantizable(module: nn.Module) -> TypeGuard[LinearLike]:
 
 
 def dequantize_model(model: nn.Module) -> int:
-    """Turn every ``QuantizedLinear`` of ``model`` back into an ``nn.Linear`` holding its dequantized weight
-    (in place; returns how many): the model that PEFT or transformers can run as the quantized model's
-    reference."""
+    """Turn every ``QuantizedLinear`` of ``model`` back into an ``nn.Linear`` holding its dequantized weight,
+    and every ``QuantizedEmbedding`` into an ``nn.Embedding`` (in place; returns how many): the model that
+    PEFT or transformers can run as the quantized model's reference. A head and embeddings that shared one
+    int8 table share one dequantized weight again (tied, as before quantization)."""
+    tables: dict[int, nn.Embedding] = {}  # int8 table storage -> the restored embeddings
+    embeds = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedEmbedding)]
+    for name, e in embeds:
+        embedding = nn.Embedding(e.num_embeddings, e.embedding_dim, e.padding_idx, dtype=e.dtype)
+        with torch.no_grad():
+            embedding.weight.copy_(e.dequantize())
+        tables[e.qweight.untyped_storage().data_ptr()] = embedding
+        _replace(model, name, embedding)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name, q in targets:
         linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=q.dtype)
+        tied = tables.get(q.qweight.untyped_storage().data_ptr())
         with torch.no_grad():
-            linear.weight.copy_(q.dequantize())
+            if tied is not None and tied.weight.shape == (q.out_features, q.in_features):
+                linear.weight = tied.weight
+            else:
+                linear.weight.copy_(q.dequantize())
             if q.bias is not None:
                 linear.bias.copy_(q.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, linear)
-    return len(targets)
+        _replace(model, name, linear)
+    return len(targets) + len(embeds)
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -46,6 +46,11 @@ class Packed:
     ) -> torch.Tensor:
         if packed is None:
             return F.linear(x, weight, bias)
+        return Packed.matmul(x, packed, bias)
+
+    @staticmethod
+    def matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [N, in] times a prepacked weight (``Packed.of``) -> [N, out] (+ ``bias``)."""
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
