@@ -1,18 +1,20 @@
 """Quantized base models: engine tok/s and weight memory of int8 / int4 against float32 and bfloat16.
 
 ``engine`` (default): the embedded SmolLM2-135M-Instruct (or ``--model``) in four variants, float32,
-bfloat16, int8 and int4 (the quantized ones keep float32 for everything but the decoder's linears), each an
-``LLM`` built once; ``--requests 1 4 32`` concurrent greedy requests of ``--new-tokens`` tokens (1: memory
+bfloat16, int8 and int4 (the quantized ones quantize the bfloat16 model, the default dtype on a CPU with
+native bfloat16; ``--quant-dtype float32`` quantizes the float32 one), each an ``LLM`` built once; ``--requests 1 4 32`` concurrent greedy requests of ``--new-tokens`` tokens (1: memory
 bound decode, 32: compute bound), half of them on a LoRA adapter (rank 16 on every linear, ``--no-adapters``
 for base only). After a warm-up the variants run in alternation, ``--rounds`` times, so drifting load on a
 shared machine hits all alike; the table gives the median tok/s, the median of the per-round ratios to
-bfloat16 and to float32, and the bytes of the decoder's weights. ``--fast-path off`` runs every variant on
+bfloat16 and to float32, the bytes of the decoder layers' weights and of the whole model (each tensor's
+storage once: a tied head and embedding count once; the fast path's prepacked copies not included). ``--fast-path off`` runs every variant on
 transformers' modules instead of the model family's own forward (``LLM(fast_path=...)``); ``--fast-path
 both`` adds each quantized variant a second time on transformers' modules ("int8:off") and gives the ratio
 of the two; ``--variants`` picks some of the four.
 
 ``ops``: the kernels alone at the model's shapes (q/o 576x576, k/v 576x192, gate/up 576x1536, down
-1536x576), one row and 32 rows: ``F.linear`` in float32 and bfloat16, PyTorch's int8 / int4 packed matmuls
+1536x576; ``--head``: the LM head, 576x49152), one row and 32 rows: ``F.linear`` in float32 and bfloat16,
+bfloat16 on oneDNN-prepacked weights (what the fast forward runs), PyTorch's int8 / int4 packed matmuls
 with float32 and with bfloat16 activations, and torchao's int8 weight-only and CPU int4 tensors when torchao
 is importable (``pip install --no-deps torchao``; not a dependency). This is how ``blora.models.quant``
 picked its kernels.
@@ -21,7 +23,7 @@ llama.cpp's q8_0 / q4_0 on the same HTTP load: ``benchmarks/llamacpp_compare.py 
 ``blora serve --quantization int8|int4`` against ``llama-server`` on the same model as GGUF Q8_0 / Q4_0 (this
 script measures the engine only).
 
-Run: ``.venv/bin/python benchmarks/quant_bench.py [engine|ops] [--requests 1 4 32] [--rounds 3]``;
+Run: ``.venv/bin/python benchmarks/quant_bench.py [engine|ops] [--requests 1 4 32] [--rounds 3] [--threads N]``;
 the fast forward against transformers' modules on quantized models:
 ``quant_bench.py engine --variants int8 int4 --fast-path both --requests 1 32 --rounds 2``.
 """
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 
 VARIANTS = ("float32", "bfloat16", "int8", "int4")
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))  # (in, out) of SmolLM2-135M's linears
+HEAD_SHAPES = ((576, 49152),)  # its LM head (tied to the input embeddings)
 PROMPTS = (
     "Write a short story about a lighthouse keeper.",
     "Explain how a bicycle stays upright.",
@@ -59,9 +62,9 @@ def build_llms(args) -> dict[str, object]:
     llms = {}
     for name in variant_names(args):
         variant, _, off = name.partition(":")
-        source = loaded["bfloat16" if variant == "bfloat16" else "float32"]
-        model = copy.deepcopy(source.model)  # each LLM wraps its own copy
         quant = variant if variant in ("int8", "int4") else None
+        source = loaded[args.quant_dtype if quant else variant]
+        model = copy.deepcopy(source.model)  # each LLM wraps its own copy
         fast_path = "off" if off or args.fast_path == "off" else "auto"
         llms[name] = LLM(
             model, tokenizer=source.tokenizer, adapters=adapters, quantization=quant, max_num_seqs=64,
@@ -104,6 +107,15 @@ def weight_bytes(llm) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def model_bytes(llm) -> int:
+    """Bytes of all the model's parameters and buffers, each storage once (tied weights, fused views)."""
+    model = llm.engine.model
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()
+    }
+    return sum(storages.values())
+
+
 def run_once(llm, requests: int, new_tokens: int, with_adapters: bool) -> float:
     from blora import SamplingParams
 
@@ -122,6 +134,7 @@ def bench_engine(args) -> None:
     fast = {n: llm.engine.runner.fast is not None for n, llm in llms.items()}
     print(f"threads: {torch.get_num_threads()}; decoder weights (MB):", end="")
     print("".join(f"  {v} {weight_bytes(llm) / 1e6:.0f}" for v, llm in llms.items()))
+    print("whole model (MB):" + "".join(f"  {v} {model_bytes(llm) / 1e6:.0f}" for v, llm in llms.items()))
     print("family fast path:", ", ".join(f"{n} {'yes' if f else 'no'}" for n, f in fast.items()))
     pairs = [
         (a, b) for a in ("int8", "int4") for b in ("bfloat16", "float32", f"{a}:off") if {a, b} <= set(names)
@@ -146,12 +159,14 @@ def bench_engine(args) -> None:
 
 
 # -- ops ---------------------------------------------------------------------------------------------------
-def op_variants() -> dict[str, Callable[[dict[int, torch.Tensor]], object]]:
+def op_variants(shapes) -> dict[str, Callable[[dict[int, torch.Tensor]], object]]:
+    from blora.models.families.packing import Packed
     from blora.models.quant import INT4_GROUP_SIZE, _quantize_int4, _quantize_int8
 
     torch.manual_seed(0)
-    ws = [torch.randn(o, i) / i**0.5 for i, o in SHAPES]
+    ws = [torch.randn(o, i) / i**0.5 for i, o in shapes]
     wb = [w.bfloat16() for w in ws]
+    wp = [Packed.of(w) for w in wb]
     q8 = [_quantize_int8(w) for w in ws]
     q4 = [_quantize_int4(w, INT4_GROUP_SIZE) for w in ws]
     g = INT4_GROUP_SIZE
@@ -159,6 +174,9 @@ def op_variants() -> dict[str, Callable[[dict[int, torch.Tensor]], object]]:
     variants = {
         "fp32 F.linear": lambda x: [F.linear(x[w.shape[1]], w) for w in ws],
         "bf16 F.linear": lambda x: [F.linear(x[w.shape[1]].to(bf), w) for w in wb],
+        "bf16 prepacked": lambda x: [
+            Packed.matmul(x[w.shape[1]].to(bf), p) for w, p in zip(wb, wp, strict=True)
+        ],
         "int8 aten, fp32 x": lambda x: [
             torch._weight_int8pack_mm(x[q.shape[1]], q, s.float()) for q, s in q8
         ],
@@ -195,7 +213,7 @@ def torchao_variants(ws: list[torch.Tensor]) -> dict[str, Callable]:
 
 
 def bench_ops(args) -> None:
-    variants = op_variants()
+    variants = op_variants(HEAD_SHAPES if args.head else SHAPES)
     times = {(k, b): [] for k in variants for b in (1, 32)}
     for _ in range(args.rounds):
         for rows in (1, 32):
@@ -206,9 +224,8 @@ def bench_ops(args) -> None:
                 for _ in range(20):
                     fn(x)
                 times[(name, rows)].append((time.perf_counter() - start) / 20 * 1e6)
-    print(
-        f"threads: {torch.get_num_threads()}; the four SmolLM2 linears of one layer, median of {args.rounds}"
-    )
+    what = "the SmolLM2 LM head" if args.head else "the four SmolLM2 linears of one layer"
+    print(f"threads: {torch.get_num_threads()}; {what}, median of {args.rounds}")
     print("| kernel | 1 row (us) | vs fp32 | 32 rows (us) | vs fp32 |")
     print("|---|---:|---:|---:|---:|")
     base = {rows: statistics.median(times[("fp32 F.linear", rows)]) for rows in (1, 32)}
@@ -230,13 +247,25 @@ def main() -> None:
     parser.add_argument("--no-adapters", action="store_true", help="base-only requests")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument(
+        "--quant-dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="the dtype of the model the int8 / int4 variants quantize (activations, norms, adapters)",
+    )
+    parser.add_argument(
         "--fast-path",
         choices=["auto", "off", "both"],
         default="auto",
         help="the model family's own forward (auto), transformers' modules (off), or the quantized "
         "variants on both (engine mode)",
     )
+    parser.add_argument("--head", action="store_true", help="ops: the LM head's shape")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bench_ops(args) if args.mode == "ops" else bench_engine(args)
 
 
