@@ -112,17 +112,20 @@ class QuantizedLinear(nn.Module):
         return cls(in_f, out_f, method, qweight, scales, linear.bias, linear.weight.dtype, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == KERNEL_DTYPE == self.dtype and self.bias is None:
+            return self._kernel(x)  # a bfloat16 model's [N, in] rows: no reshape or cast (~6 us of 15 a call)
         shape = x.shape
-        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
-        if self.method == "int8":
-            y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
-        else:
-            assert self.group_size is not None  # int4 always has its group size
-            y = torch._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scales)
-        y = y.to(self.dtype)
+        y = self._kernel(x.reshape(-1, self.in_features).to(KERNEL_DTYPE)).to(self.dtype)
         if self.bias is not None:
             y.add_(self.bias)
         return y.view(*shape[:-1], self.out_features)
+
+    def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        """[N, in] in ``KERNEL_DTYPE`` -> [N, out] in ``KERNEL_DTYPE``."""
+        if self.method == "int8":
+            return torch._weight_int8pack_mm(flat, self.qweight, self.scales)
+        assert self.group_size is not None  # int4 always has its group size
+        return torch._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scales)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight the kernel computes with, [out, in] (a new tensor; for checks and DoRA norms)."""
