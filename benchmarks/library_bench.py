@@ -102,7 +102,9 @@ def alternate(
     """Warm every system up, then ``runs`` rounds, each round in the reverse order of the previous one."""
     times: dict[str, list[float]] = {name: [] for name in systems}
     order = list(systems)
-    with torch.inference_mode():
+    # no_grad, as ``generate`` runs itself; not inference_mode, whose tensors have no version counter, which
+    # library mode's shared q/k/v (gate/up) results need (``blora.lora.layers.SharedInput``)
+    with torch.no_grad():
         for fn in systems.values():
             fn()
         for _ in range(runs):
@@ -138,7 +140,7 @@ def _stepper(m, batch: dict[str, torch.Tensor], lora: bool = True) -> Callable[[
     ids, mask, slots = batch["input_ids"], batch["attention_mask"], batch["adapter_ids"]
 
     extra = {"adapter_ids": slots} if lora else {}
-    with torch.inference_mode():
+    with torch.no_grad():
         out = m(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
     state = [out.past_key_values, out.logits[:, -1:].argmax(-1), mask]
 

@@ -24,6 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from blora.lora.context import current_batch, lora_batch
+from blora.lora.layers import share_inputs
 from blora.lora.manager import LoraManager
 
 AdapterRef = str | Path | None
@@ -49,8 +50,11 @@ def load_loras(
     out on every call, which dominates small decode batches). The copy costs as much memory as the wrapped
     weights and is freed when the layer's last adapter is unloaded; float32 results differ from
     ``F.linear`` in summation order only (bfloat16: same bits). Skipped when the copy would take more than
-    half of the available memory. False: no copy, the base layers run as they are. The setting applies to
-    the model's adapters, those loaded now and later.
+    half of the available memory. Wrapped q/k/v (and gate/up) siblings share one prepacked concatenated
+    copy instead: the first of them called on an input runs all of their GEMMs and LoRAs at once
+    (``blora.lora.layers.SharedInput``; not under ``torch.inference_mode``, whose tensors cannot be
+    checked for in-place changes). False: no copy, the base layers run as they are. The setting applies
+    to the model's adapters, those loaded now and later.
     """
     items = adapters.items() if isinstance(adapters, dict) else ((str(a), a) for a in adapters)
     manager = LoraManager.attach(model)
@@ -58,6 +62,7 @@ def load_loras(
         manager.set_backend(lora_backend)
     manager.load_many([(str(name), source) for name, source in items], max_rank=max_rank)
     manager.set_packed_weights(packed_weights)
+    share_inputs(model)
     _patch(model)
     return model, {name: info.slot for name, info in manager.adapters.items()}
 
@@ -67,6 +72,7 @@ def unload_loras(model: nn.Module, names: Iterable[str]) -> None:
     manager = LoraManager.attach(model)
     for name in names:
         manager.unload(str(name))
+    share_inputs(model)
 
 
 def prepare_batch(

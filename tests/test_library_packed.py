@@ -57,6 +57,11 @@ def wrappers(model) -> list[LoraLinear]:
     return [m for m in model.modules() if isinstance(m, LoraLinear)]
 
 
+def packed_of(w: LoraLinear) -> torch.Tensor | None:
+    """The prepacked weight ``w``'s base GEMM runs on: its group's (q/k/v, gate/up) or its own."""
+    return w.shared.packed if w.shared is not None else w.packed
+
+
 def row_logits(model, rows, dirs, tok, lora_map) -> list[torch.Tensor]:
     batch = prepare_batch([(p, None if k is None else dirs[k]) for p, k in rows], tok, model, lora_map)
     with torch.no_grad():
@@ -87,8 +92,9 @@ def test_packed_rows_match_peft_and_base(fp32, tok):
     base, dirs, refs = fp32
     model, lora_map = load_loras(copy.deepcopy(base), list(dirs.values()))
     held = wrappers(model)
-    assert held and all(w.pack_base and w.packed is not None for w in held), "library mode did not pack"
-    assert all(w.packed is not w.base.weight and w.base.weight.layout == torch.strided for w in held)
+    assert held and all(w.pack_base and packed_of(w) is not None for w in held), "library mode did not pack"
+    assert all(packed_of(w) is not w.base.weight and w.base.weight.layout == torch.strided for w in held)
+    assert any(w.shared is not None for w in held), "no q/k/v or gate/up group"
     got = row_logits(model, ROWS, dirs, tok, lora_map)
     for i, ((_, key), ref) in enumerate(zip(ROWS, refs, strict=True)):
         err = rel_err(got[i], ref)
@@ -101,7 +107,10 @@ def test_packed_path_is_taken(fp32, tok, monkeypatch):
     model, lora_map = load_loras(copy.deepcopy(base), list(dirs.values()))
     before = row_logits(model, ROWS, dirs, tok, lora_map)
     for w in wrappers(model):
-        w.packed = Packed.of(torch.zeros_like(w.base.weight))
+        if w.shared is not None:
+            w.shared.packed = Packed.of(torch.zeros(w.shared.bounds[-1][1], w.in_features))
+        else:
+            w.packed = Packed.of(torch.zeros_like(w.base.weight))
     after = row_logits(model, ROWS, dirs, tok, lora_map)
     assert all(rel_err(a, b) > 1e-2 for a, b in zip(after, before, strict=True))
 
@@ -125,9 +134,9 @@ def test_unpacked_is_todays_path(fp32, tok):
             assert rel_err(got[i], refs[i]) < REL_TOL, i
     # switching it on for the same model packs the existing wrappers
     load_loras(model, {}, packed_weights=True)
-    assert all(w.packed is not None for w in wrappers(model))
+    assert all(packed_of(w) is not None for w in wrappers(model))
     load_loras(model, {}, packed_weights=False)
-    assert all(w.packed is None for w in wrappers(model))
+    assert all(w.packed is None and w.shared is None for w in wrappers(model))
     assert all(
         torch.equal(a, b) for a, b in zip(row_logits(model, ROWS, dirs, tok, lora_map), got, strict=True)
     )
@@ -137,21 +146,21 @@ def test_unload_frees_and_later_loads_pack(fp32, tok):
     base, dirs, refs = fp32
     model, lora_map = load_loras(copy.deepcopy(base), [dirs["attn"]])
     q = model.model.layers[0].self_attn.q_proj
-    assert isinstance(q, LoraLinear) and q.packed is not None
+    assert isinstance(q, LoraLinear) and packed_of(q) is not None
     model, lora_map = load_loras(model, [dirs["mlp"], dirs["all"]])  # wrappers added later are packed too
-    assert all(w.packed is not None for w in wrappers(model))
+    assert all(packed_of(w) is not None for w in wrappers(model))
     got = row_logits(model, ROWS, dirs, tok, lora_map)
     assert all(rel_err(g, r) < REL_TOL for g, r in zip(got, refs, strict=True))
     unload_loras(model, [dirs["all"], dirs["mlp"]])
     # q_proj keeps "attn"'s adapter (and its copy); layers with no adapter left hold none
-    assert all((w.packed is not None) == bool(w.pairs) for w in wrappers(model))
-    assert any(w.packed is None for w in wrappers(model)) and q.packed is not None
+    assert all((packed_of(w) is not None) == bool(w.pairs) for w in wrappers(model))
+    assert any(packed_of(w) is None for w in wrappers(model)) and packed_of(q) is not None
     unload_loras(model, [dirs["attn"]])
-    assert all(w.packed is None and not w.pack_base for w in wrappers(model))
+    assert all(w.packed is None and w.shared is None and not w.pack_base for w in wrappers(model))
     manager = LoraManager.attach(model)
     assert manager.packed_weights  # the setting stays: a later load packs again
     model, lora_map = load_loras(model, [dirs["attn"]])
-    assert q.packed is not None
+    assert packed_of(q) is not None
 
 
 def test_deepcopy_and_weight_change_repack(fp32, tok):
@@ -161,7 +170,7 @@ def test_deepcopy_and_weight_change_repack(fp32, tok):
     model, lora_map = load_loras(copy.deepcopy(base), list(dirs.values()))
     clone = copy.deepcopy(model)
     got = row_logits(clone, ROWS, dirs, tok, lora_map)
-    assert all(w.packed is not None for w in wrappers(clone))
+    assert all(packed_of(w) is not None for w in wrappers(clone))
     assert all(
         rel_err(g, r) < (REL_TOL if k else BASE_REL_TOL) for g, r, (_, k) in zip(got, refs, ROWS, strict=True)
     )
@@ -187,7 +196,7 @@ def test_bfloat16(tmp_path_factory, tok):
     dirs = make_dirs(base, tmp_path_factory.mktemp("packed_bf16"))
     refs = references(base, dirs, tok)
     model, lora_map = load_loras(copy.deepcopy(base), list(dirs.values()))
-    assert all(w.packed is not None and w.packed.dtype == torch.bfloat16 for w in wrappers(model))
+    assert all((p := packed_of(w)) is not None and p.dtype == torch.bfloat16 for w in wrappers(model))
     got = row_logits(model, ROWS, dirs, tok, lora_map)
     plain, plain_map = load_loras(copy.deepcopy(base), list(dirs.values()), packed_weights=False)
     unpacked = row_logits(plain, ROWS, dirs, tok, plain_map)

@@ -83,10 +83,13 @@ class LoraLinear(nn.Module):
         self.pack_base = False  # base(x) through ``packed`` (``pack``)
         self.packed: torch.Tensor | None = None  # the prepacked base weight, made from ``_packed_of``
         self._packed_of: tuple[int, int, torch.dtype] | None = None  # weight (data_ptr, _version, dtype)
+        self.shared: SharedInput | None = None  # library mode: projections called on the same input
+        self.shared_index = 0  # this wrapper's place in ``shared.members``
 
     def __getstate__(self) -> dict[str, Any]:  # ``copy.deepcopy`` / pickle: the copy packs its own weight
         state = self.__dict__.copy()
         state["packed"], state["_packed_of"] = None, None
+        state["_step"], state["_loras"] = None, {}  # bound kernel calls (ctypes) and caches: re-made on use
         return state
 
     def packable(self) -> bool:
@@ -137,8 +140,9 @@ class LoraLinear(nn.Module):
         """``base(x)``, on the packed weight where it applies to this call."""
         if not self.pack_base:
             return self.base(x)
-        base = self.base
-        weight = base.weight
+        # ``_modules`` / ``_parameters``, not attributes: ``nn.Module.__getattr__`` is slow per call
+        base: Any = self._modules["base"]
+        weight: torch.Tensor = base._parameters["weight"]
         if (
             x.dtype is not weight.dtype
             or x.device.type != "cpu"
@@ -150,7 +154,7 @@ class LoraLinear(nn.Module):
         if self._packed_of != (weight.data_ptr(), weight._version, weight.dtype) and not self.pack():
             return self.base(x)  # first call after a copy, or the weight changed, and it no longer packs
         x2d = x.reshape(-1, self.in_features)
-        y = Packed.linear(x2d, self.packed, weight, base.bias)
+        y = Packed.linear(x2d, self.packed, weight, base._parameters.get("bias"))
         return y.view(*x.shape[:-1], self.out_features)
 
     @property
@@ -193,8 +197,13 @@ class LoraLinear(nn.Module):
         self.version += 1
         self._loras.clear()
         self._step = None
+        if self.shared is not None:
+            self.shared.changed()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.shared
+        if shared is not None and (out := shared.output(self, x)) is not None:
+            return out
         y = self._base(x)
         batch = current_batch()
         if batch is None or not batch.any_adapter or not self.pairs:
@@ -287,3 +296,197 @@ class LoraLinear(nn.Module):
                 self._loras.pop(next(iter(self._loras)))
             self._loras[key] = loras
         return loras
+
+
+# Sibling projections that transformers' decoder layers call on one input tensor: attention q/k/v, MLP gate/up
+SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class SharedInput:
+    """Library mode's wrappers of projections a model calls on the same input (``SHARED_INPUT_NAMES``).
+
+    The first of them called on ``x`` runs the base GEMMs of all of them as one GEMM on a prepacked
+    concatenated weight (their own prepacked copies are dropped: no extra memory) and their LoRA in one
+    backend call (``LoraBackend.add_fused``: at decode, one CPU kernel call for q/k/v), returns its own
+    columns and keeps the others' (column views of one output). A kept result is handed out once, and only
+    to its projection's call on the same tensor object, unchanged since (version counter), in the same
+    ``lora_batch`` with the same weights (any ``set_lora`` / ``reset_lora`` drops it); any other call
+    computes afresh, so a model that calls the projections on different inputs, in another order or twice
+    gets the results of calling them one by one. Calls the fused path cannot take (autograd, another
+    dtype, an inference-mode tensor, which has no version counter, base hooks) run the wrapper's own path,
+    which then packs its own weight copy on first use.
+    """
+
+    def __init__(self, members: list[LoraLinear]) -> None:
+        self.members = members
+        self.bases: list[nn.Linear] = [m.base for m in members]
+        self.widths = [m.out_features for m in members]
+        self.bounds: list[tuple[int, int]] = []
+        start = 0
+        for width in self.widths:
+            self.bounds.append((start, start + width))
+            start += width
+        self.in_features = members[0].in_features
+        self.dtype = members[0].base.weight.dtype
+        self.packed: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self._packed_of: list[tuple[torch.Tensor | None, int, int]] = []  # (param, data_ptr, _version)
+        self._lora: tuple[LoraPlan, list[OutputSlice] | None] | None = None  # (plan, slices or None: extras)
+        self.forget()
+
+    def __getstate__(self) -> dict[str, Any]:  # ``copy.deepcopy`` / pickle: the copy packs its own weight
+        state = self.__dict__.copy()
+        state.update(packed=None, bias=None, _packed_of=[], _lora=None, _x=None, _batch=None, _kept={})
+        return state
+
+    @classmethod
+    def group(cls, members: list[LoraLinear]) -> SharedInput | None:
+        """A group over ``members`` (their own prepacked copies are freed), or None where they do not all
+        run prepacked base weights of one dtype and input width or the weights cannot be packed."""
+        if len(members) < 2 or any(not m.pack_base or not m.packable() for m in members):
+            return None
+        first = members[0]
+        if any(m.in_features != first.in_features or m.weight.dtype != first.weight.dtype for m in members):
+            return None
+        shared = cls(members)
+        if not shared.repack():
+            return None
+        for i, m in enumerate(members):
+            m.shared, m.shared_index = shared, i
+            m.packed, m._packed_of = None, None  # re-made by ``LoraLinear._base`` if a call falls back to it
+        return shared
+
+    def _params(self) -> list[torch.Tensor | None]:
+        params: list[torch.Tensor | None] = []
+        for base in self.bases:  # read from ``_parameters``: ``nn.Module.__getattr__`` is slow per call
+            params += [base._parameters["weight"], base._parameters.get("bias")]
+        return params
+
+    def _current(self) -> bool:
+        """Whether the packed weight and bias were made from the bases' parameters as they are now."""
+        params = self._params()
+        if len(params) != len(self._packed_of):
+            return False
+        for param, (made_of, ptr, version) in zip(params, self._packed_of, strict=True):
+            if param is not made_of or (
+                param is not None and (param._version != version or param.data_ptr() != ptr)
+            ):
+                return False
+        return True
+
+    def repack(self) -> bool:
+        """(Re)make the concatenated prepacked weight (and bias); False where it cannot be made."""
+        bases = self.bases
+        try:
+            with torch.no_grad():
+                self.packed = Packed.of(torch.cat([b.weight.detach() for b in bases]))
+        except (RuntimeError, AttributeError, NotImplementedError) as exc:  # op missing in this torch build
+            logger.info("blora: no prepacked shared-input weights (%s)", exc)
+            self.packed = None
+            return False
+        self.bias = None
+        if any(b.bias is not None for b in bases):
+            self.bias = torch.cat(
+                [b.bias.detach() if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases]
+            )
+        self._packed_of = [
+            (p, -1, -1) if p is None else (p, p.data_ptr(), p._version) for p in self._params()
+        ]
+        return True
+
+    def forget(self) -> None:
+        """Drop the kept results (and the input they were made from)."""
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._batch: Any = None
+        self._kept: dict[int, torch.Tensor] = {}
+
+    def changed(self) -> None:
+        """A member's adapters changed: drop the kept results and the bound LoRA work."""
+        self.forget()
+        self._lora = None
+
+    def output(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``member(x)``: its kept result when it was made from this very ``x``, else all members' results
+        made now (``member``'s returned, the others' kept); None where the fused path does not apply."""
+        index = member.shared_index
+        kept = self._kept.pop(index, None)
+        if (
+            kept is not None
+            and x is self._x
+            and not x.is_inference()
+            and x._version == self._version
+            and current_batch() is self._batch
+        ):
+            if not self._kept:
+                self._x = self._batch = None  # every result handed out: hold nothing
+            return kept
+        if (
+            x.dtype is not self.dtype
+            or x.is_inference()
+            or torch.is_grad_enabled()
+            or x.shape[-1] != self.in_features
+            or x.device.type != "cpu"
+            or not self._plain()
+        ):
+            self.forget()
+            return None
+        if (self.packed is None or not self._current()) and not self.repack():
+            self.forget()
+            return None
+        assert self.packed is not None  # made by ``repack`` above
+        x2d = x.reshape(-1, self.in_features)
+        y = Packed.matmul(x2d, self.packed, self.bias)
+        batch = current_batch()
+        if batch is not None and batch.any_adapter:
+            self._add_lora(y, x2d, batch)
+        outs = y.view(*x.shape[:-1], y.shape[-1]).split(self.widths, -1)
+        self._x, self._version, self._batch = x, x._version, batch
+        self._kept = {i: out for i, out in enumerate(outs) if i != index}
+        return outs[index]
+
+    def _plain(self) -> bool:
+        """No hooks on the base layers (the fused GEMM would skip them); every member still packed."""
+        for member, base in zip(self.members, self.bases, strict=True):
+            if base._forward_hooks or base._forward_pre_hooks or not member.pack_base:
+                return False
+        return True
+
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, batch: Any) -> None:
+        """Every member's LoRA on its columns of ``y`` [N, sum of widths]: one ``add_fused`` call (its
+        slices made once per plan); members with DoRA / LoRA-bias extras add their own part
+        (``LoraLinear.add_lora``)."""
+        plan = batch.plan(x.shape[0])
+        lora = self._lora
+        if lora is None or lora[0] is not plan:
+            parts = [(m, lo, hi) for m, (lo, hi) in zip(self.members, self.bounds, strict=True) if m.pairs]
+            slices = None
+            if not any(m.extras for m, _, _ in parts):
+                slices = [s for m, lo, hi in parts if (s := m.output_slice(plan, lo, hi)) is not None]
+            lora = self._lora = (plan, slices)
+        slices = lora[1]
+        if slices is None:
+            for m, (lo, hi) in zip(self.members, self.bounds, strict=True):
+                m.add_lora(y[:, lo:hi], x)
+        elif slices:
+            batch.backend.add_fused(y, x, plan, slices)
+
+
+def share_inputs(model: nn.Module) -> int:
+    """Group the model's wrapped ``SHARED_INPUT_NAMES`` siblings that run prepacked base weights
+    (``SharedInput``), replacing any earlier groups; a wrapper left out of every group packs its own weight
+    again. Returns how many groups there are."""
+    released = [m for m in model.modules() if isinstance(m, LoraLinear) and m.shared is not None]
+    for wrapper in released:
+        wrapper.shared = None
+    count = 0
+    for module in model.modules():
+        children = module._modules
+        for names in SHARED_INPUT_NAMES:
+            wrappers = [m for n in names if isinstance(m := children.get(n), LoraLinear)]
+            if SharedInput.group(wrappers) is not None:  # two or more of them wrapped
+                count += 1
+    for wrapper in released:
+        if wrapper.shared is None and wrapper.pack_base and wrapper.packed is None:
+            wrapper.pack()
+    return count
