@@ -15,7 +15,7 @@ import torch
 
 from blora import load_loras, prepare_batch
 from blora.lora.context import lora_batch
-from blora.lora.layers import LoraLinear
+from blora.lora.layers import LoraLinear, SharedInput
 from tests.helpers import make_adapter, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,3 +152,24 @@ def test_biases_and_their_changes(tmp_path, tok):
             check(grouped(**batch).logits, plain(**batch).logits, f"logits, step {step}")
             for model in (grouped, plain):
                 attn(model).k_proj.base.bias.mul_(3)
+
+
+def test_generate_takes_the_shared_path(models, tok, monkeypatch):
+    """``generate`` (no_grad, not inference mode) hands q/k/v results out from the shared GEMM; the tokens
+    match the ungrouped model's."""
+    grouped, plain = models
+    handed = []
+    output = SharedInput.output
+
+    def counting(self, member, x):
+        out = output(self, member, x)
+        handed.append(out is not None)
+        return out
+
+    monkeypatch.setattr(SharedInput, "output", counting)
+    batch = prepare_batch([("Hello there", None), ("Once upon a time", None)], tok, grouped, {})
+    batch["adapter_ids"] = torch.tensor([0, 1])
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    got = grouped.generate(**batch, **gen)
+    assert handed and all(handed), "a shared-input call fell back to the per-layer path"
+    assert torch.equal(got, plain.generate(**batch, **gen))
