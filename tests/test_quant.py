@@ -32,6 +32,7 @@ from blora.models.quant import (
     quantize_model,
 )
 from tests.helpers import make_adapter, targets, tiny_model, tokenizer
+from tests.test_adapter_kinds import make_kind_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,6 +166,38 @@ def test_lora_on_quantized_head_and_embeddings_equals_peft(tmp_path):
             want = (peft if name else reference).generate(
                 ids, max_new_tokens=8, do_sample=False, pad_token_id=0
             )
+        assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist(), (prompt, name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_modules_to_save_copies_of_the_quantized_head_and_embeddings_equal_peft(tmp_path, method):
+    """An adapter's own lm_head / embed_tokens (``modules_to_save``) runs as the float layer it trained for
+    its rows, next to the int8 head and embeddings the other rows read."""
+    base = tiny_model("llama")
+    dirs = {
+        "head": make_kind_adapter(base, tmp_path / "head", 1, r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        "emb": make_kind_adapter(base, tmp_path / "emb", 2, r=2, target_modules=["v_proj"], modules_to_save=["embed_tokens"]),
+    }  # fmt: skip
+    reference = copy.deepcopy(base)
+    quantize_model(reference, method)
+    dequantize_model(reference)
+    llm = LLM(
+        copy.deepcopy(base),
+        tokenizer=tokenizer(),
+        adapters={k: str(v) for k, v in dirs.items()},
+        quantization=method,
+    )
+    head = llm.engine.model.get_output_embeddings()
+    assert isinstance(getattr(head, "inner", head), QuantizedLinear)  # the base rows' head stays int8
+    prompts, names = ["Hello there", "The cat sat on", "Numbers: 1 2 3"], ["head", None, "emb"]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0), adapters=names)
+    for prompt, name, out in zip(prompts, names, outs, strict=True):
+        ids = tokenizer()(prompt, return_tensors="pt").input_ids
+        model = (
+            PeftModel.from_pretrained(copy.deepcopy(reference), str(dirs[name])).eval() if name else reference
+        )
+        with torch.no_grad():
+            want = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
         assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist(), (prompt, name)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from blora.lora.config import AdapterError, LoraConfig
 from blora.lora.layers import base_dtype_device, base_features
-from blora.lora.saved import is_token_wise
+from blora.lora.saved import copy_parameters, is_token_wise
 from blora.lora.weights import ModuleLora
 
 _NORM_CHUNK = 8192  # columns per step when computing DoRA's weight norm (bounds the temporary)
@@ -259,18 +259,18 @@ def prepare_saved(
             f"{key}: modules_to_save of a {type(module).__name__} is not supported in mixed batches (only "
             "linear, embedding and norm layers, whose copy can run for a subset of the tokens)"
         )
-    expected = dict(module.named_parameters(recurse=False))
+    expected = copy_parameters(module)
     if set(params) != set(expected):
         raise AdapterError(
             f"{key}: modules_to_save copy has parameters {sorted(params)}, the base module {sorted(expected)}"
         )
     out = {}
     for pname, tensor in params.items():
-        ref = expected[pname]
-        if tensor.shape != ref.shape:
+        shape, dtype, ref_device = expected[pname]
+        if tensor.shape != shape:
             raise AdapterError(
                 f"{key}: modules_to_save {pname} has shape {tuple(tensor.shape)}, the base module "
-                f"{tuple(ref.shape)}; the adapter was trained for a different base model"
+                f"{tuple(shape)}; the adapter was trained for a different base model"
             )
-        out[pname] = tensor.to(device=ref.device if device is None else device, dtype=ref.dtype, copy=True)
+        out[pname] = tensor.to(device=ref_device if device is None else device, dtype=dtype, copy=True)
     return out
