@@ -19,11 +19,15 @@ with float32 and with bfloat16 activations, and torchao's int8 weight-only and C
 is importable (``pip install --no-deps torchao``; not a dependency). This is how ``blora.models.quant``
 picked its kernels.
 
+``accuracy``: each variant's logits against the float32 model's on the chat prompts and float32's greedy
+continuations (teacher-forced): the largest difference relative to the largest logit, the share of
+positions whose top-1 token agrees, and the weight bytes (the README's quantization table).
+
 llama.cpp's q8_0 / q4_0 on the same HTTP load: ``benchmarks/llamacpp_compare.py --quantization int8|int4`` runs
 ``blora serve --quantization int8|int4`` against ``llama-server`` on the same model as GGUF Q8_0 / Q4_0 (this
 script measures the engine only).
 
-Run: ``.venv/bin/python benchmarks/quant_bench.py [engine|ops] [--requests 1 4 32] [--rounds 3] [--threads N]``;
+Run: ``.venv/bin/python benchmarks/quant_bench.py [engine|ops|accuracy] [--requests 1 4 32] [--rounds 3] [--threads N]``;
 the fast forward against transformers' modules on quantized models:
 ``quant_bench.py engine --variants int8 int4 --fast-path both --requests 1 32 --rounds 2``.
 """
@@ -237,9 +241,59 @@ def bench_ops(args) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+# -- accuracy ----------------------------------------------------------------------------------------------
+def bench_accuracy(args) -> None:
+    """Logits of each quantized variant against the float32 model on the chat prompts (teacher-forced over
+    each prompt and float32's greedy continuation): the largest |difference| relative to the largest |logit|
+    per prompt, and how often the top-1 tokens agree; weight bytes of the decoder layers and whole model."""
+    from blora.models import load_model
+    from blora.models.quant import quantize_model
+
+    source = load_model(args.model, dtype="float32", device="cpu")
+    tok, ref = source.tokenizer, source.model.eval()
+    seqs = []
+    for prompt in PROMPTS:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            seqs.append(ref.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0))
+    with torch.no_grad():
+        want = [ref(s).logits[0].float() for s in seqs]
+    print(
+        f"{args.model or 'the embedded SmolLM2'}: logits vs float32 over {len(PROMPTS)} chat prompts + {args.new_tokens} greedy tokens"
+    )
+    print("| variant | decoder bytes | model bytes | max |diff| / max |logit| | top-1 equal |")
+    print("|---|---:|---:|---:|---:|")
+    for variant in [v for v in args.variants if v != "float32"]:
+        quant = variant if variant in ("int8", "int4") else None
+        model = copy.deepcopy(source.model).to(torch.bfloat16 if quant else getattr(torch, variant))
+        if quant:
+            if args.quant_dtype == "float32":
+                model = model.float()
+            quantize_model(model, quant)
+        rel, equal, total = 0.0, 0, 0
+        with torch.no_grad():
+            for s, w in zip(seqs, want, strict=True):
+                got = model(s).logits[0].float()
+                rel = max(rel, ((got - w).abs().max() / w.abs().max()).item())
+                equal += int((got.argmax(-1) == w.argmax(-1)).sum())
+                total += w.shape[0]
+        layers = model.base_model.layers
+        decoder = sum(t.numel() * t.element_size() for t in [*layers.parameters(), *layers.buffers()])
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()
+        }
+        print(
+            f"| {variant} | {decoder / 1e6:.0f} MB | {sum(storages.values()) / 1e6:.0f} MB | {100 * rel:.1f}% "
+            f"| {100 * equal / total:.0f}% |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", nargs="?", choices=["engine", "ops"], default="engine")
+    parser.add_argument("mode", nargs="?", choices=["engine", "ops", "accuracy"], default="engine")
     parser.add_argument("--model", default=None, help="model path / .gguf (default: the embedded SmolLM2)")
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 4, 32])
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -266,7 +320,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench_ops(args) if args.mode == "ops" else bench_engine(args)
+    {"ops": bench_ops, "accuracy": bench_accuracy}.get(args.mode, bench_engine)(args)
 
 
 if __name__ == "__main__":
