@@ -119,13 +119,14 @@ def async_engine_worker(args: argparse.Namespace) -> None:
 
     from blora.bench.systems import workload
     from blora.engine import AsyncLLM, SamplingParams
-    from blora.models import load_model
 
     torch.set_num_threads(args.threads)
-    loaded = load_model(None, dtype=args.dtype)
     paths = sorted(Path(args.adapter_dir).glob("bench-*"))[: max(args.adapters)]
+    # The model is loaded by the engine thread, as ``blora serve`` does: a parallel op in this thread would
+    # start a second OpenMP team, and GNU OpenMP then stops its workers spinning between ops (AsyncLLM).
     llm = AsyncLLM(
-        loaded,
+        None,
+        dtype=args.dtype,
         adapters={p.name: str(p) for p in paths},
         max_loras=max(16, len(paths)),
         max_num_seqs=max(64, *args.requests),
@@ -150,7 +151,7 @@ def async_engine_worker(args: argparse.Namespace) -> None:
     print("READY", flush=True)
     for line in sys.stdin:
         _, n, k = line.split()
-        texts, names = workload(loaded.tokenizer, SimpleNamespace(requests=int(n), k=int(k)))
+        texts, names = workload(llm.tokenizer, SimpleNamespace(requests=int(n), k=int(k)))
         start = time.time()
         outs = uvloop.run(run(texts, names, params))
         seconds = time.time() - start
@@ -158,7 +159,7 @@ def async_engine_worker(args: argparse.Namespace) -> None:
         result = {
             "tok_s": len(outs) * args.new_tokens / seconds,
             "ttft_p50_ms": 1000 * statistics.median(ttft for _, ttft in outs),
-            "prompt_tokens": sum(len(loaded.tokenizer.encode(t, add_special_tokens=False)) for t in texts),
+            "prompt_tokens": sum(len(llm.tokenizer.encode(t, add_special_tokens=False)) for t in texts),
         }
         print("RESULT " + json.dumps(result), flush=True)
     llm.close()
