@@ -65,10 +65,14 @@ def systems_for(args, dtype: str, rows: int, loaded) -> dict[str, Callable[[], o
     plain.pop("adapter_ids")
     systems: dict[str, Callable[[], object]] = {BASELINE: lambda: base.generate(**plain, **gen)}
     models = {packed: copy.deepcopy(base) for packed in packed_modes(args)}
+    maps: dict[bool, dict[str, int]] = {packed: {} for packed in models}
     for label, (adapters, cycle) in adapter_sets(args, base, dtype).items():
         names = [cycle[i % len(cycle)] for i in range(rows)]
         for packed in models:
-            model, lora_map = load_loras(models[packed], adapters, packed_weights=packed)
+            # the sets of one workload share adapters: each model loads every one once
+            new = {name: path for name, path in adapters.items() if name not in maps[packed]}
+            model, lora_map = load_loras(models[packed], new, packed_weights=packed)
+            maps[packed] = lora_map
             batch = prepare_batch(list(zip(texts, names, strict=True)), tok, model, lora_map)
             name = f"blora library, {label}{'' if packed else ' (not packed)'}"
             systems[name] = lambda b=batch, m=model: m.generate(**b, **gen)
