@@ -153,6 +153,26 @@ def peft_logits(model: PreTrainedModel, adapter: Path | None, input_ids, attenti
         return peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+def assert_greedy_equals_peft(
+    outs, prompts: list[str], names: list[str | None], reference: PreTrainedModel, adapters: dict, tokens: int
+) -> None:
+    """Each engine output's greedy tokens equal ``generate`` of PEFT running its row's adapter alone on
+    ``reference`` (``adapters``: name -> directory), or of ``reference`` itself for a base row (None)."""
+    import copy
+
+    from peft import PeftModel
+
+    peft: dict[str, PreTrainedModel] = {}
+    for prompt, name, out in zip(prompts, names, outs, strict=True):
+        ids = tokenizer()(prompt, return_tensors="pt").input_ids
+        if name is not None and name not in peft:
+            peft[name] = PeftModel.from_pretrained(copy.deepcopy(reference), str(adapters[name])).eval()
+        model = reference if name is None else peft[name]
+        with torch.no_grad():
+            want = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist(), (prompt, name)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for test servers)."""
     import socket

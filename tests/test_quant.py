@@ -15,7 +15,6 @@ import copy
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
 
@@ -31,7 +30,7 @@ from blora.models.quant import (
     is_quantized,
     quantize_model,
 )
-from tests.helpers import make_adapter, targets, tiny_model, tokenizer
+from tests.helpers import assert_greedy_equals_peft, make_adapter, targets, tiny_model, tokenizer
 from tests.test_adapter_kinds import make_kind_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,14 +158,7 @@ def test_lora_on_quantized_head_and_embeddings_equals_peft(tmp_path):
     llm = LLM(copy.deepcopy(base), tokenizer=tokenizer(), adapters={"a": str(adapter)}, quantization="int8")
     prompts, names = ["Hello there", "The cat sat on"], ["a", None]
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0), adapters=names)
-    peft = PeftModel.from_pretrained(copy.deepcopy(reference), str(adapter)).eval()
-    for prompt, name, out in zip(prompts, names, outs, strict=True):
-        ids = tokenizer()(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            want = (peft if name else reference).generate(
-                ids, max_new_tokens=8, do_sample=False, pad_token_id=0
-            )
-        assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist(), (prompt, name)
+    assert_greedy_equals_peft(outs, prompts, names, reference, {"a": adapter}, 8)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -191,14 +183,7 @@ def test_modules_to_save_copies_of_the_quantized_head_and_embeddings_equal_peft(
     assert isinstance(getattr(head, "inner", head), QuantizedLinear)  # the base rows' head stays int8
     prompts, names = ["Hello there", "The cat sat on", "Numbers: 1 2 3"], ["head", None, "emb"]
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0), adapters=names)
-    for prompt, name, out in zip(prompts, names, outs, strict=True):
-        ids = tokenizer()(prompt, return_tensors="pt").input_ids
-        model = (
-            PeftModel.from_pretrained(copy.deepcopy(reference), str(dirs[name])).eval() if name else reference
-        )
-        with torch.no_grad():
-            want = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist(), (prompt, name)
+    assert_greedy_equals_peft(outs, prompts, names, reference, dirs, 8)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -244,13 +229,7 @@ def test_engine_greedy_equals_peft_on_dequantized_model(tmp_path, arch, method):
     prompts = ["Hello there", "The cat sat on", "Numbers: 1 2 3"]
     names = ["a", None, "a"]
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0), adapters=names)
-    peft = PeftModel.from_pretrained(copy.deepcopy(reference), str(adapter)).eval()
-    for prompt, name, out in zip(prompts, names, outs, strict=True):
-        ids = tokenizer()(prompt, return_tensors="pt").input_ids
-        ref_model = peft if name else reference
-        with torch.no_grad():
-            want = ref_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist(), (prompt, name)
+    assert_greedy_equals_peft(outs, prompts, names, reference, {"a": adapter}, 8)
 
 
 def test_int4_refuses_shapes_off_the_group_size():
@@ -289,12 +268,8 @@ def test_dora_on_a_quantized_base_equals_peft_on_the_dequantized_model(tmp_path)
     quantize_model(reference, "int8")
     dequantize_model(reference)
     llm = LLM(copy.deepcopy(base), tokenizer=tokenizer(), adapters={"d": str(adapter)}, quantization="int8")
-    out = llm.generate(["Hello there"], SamplingParams(max_tokens=8, temperature=0), adapters=["d"])[0]
-    peft = PeftModel.from_pretrained(reference, str(adapter)).eval()
-    ids = tokenizer()("Hello there", return_tensors="pt").input_ids
-    with torch.no_grad():
-        want = peft.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist()
+    outs = llm.generate(["Hello there"], SamplingParams(max_tokens=8, temperature=0), adapters=["d"])
+    assert_greedy_equals_peft(outs, ["Hello there"], ["d"], reference, {"d": adapter}, 8)
 
 
 def test_serve_flag_reaches_the_engine():

@@ -14,7 +14,6 @@ import copy
 
 import pytest
 import torch
-from peft import PeftModel
 from torch import nn
 
 from blora import LLM, SamplingParams
@@ -29,6 +28,7 @@ from blora.models.quant import (
     quantize_model,
 )
 from tests.helpers import (
+    assert_greedy_equals_peft,
     make_adapter,
     random_prompts,
     run_each_step_both_ways,
@@ -130,14 +130,7 @@ def test_engine_greedy_equals_peft_on_dequantized_model(tmp_path, method):
     names = ["a", None, "a"]
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0), adapters=names)
     assert llm.engine.runner.fast_steps > 0
-    peft = PeftModel.from_pretrained(copy.deepcopy(reference), str(adapter)).eval()
-    for prompt, name, out in zip(prompts, names, outs, strict=True):
-        ids = tokenizer()(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            want = (peft if name else reference).generate(
-                ids, max_new_tokens=8, do_sample=False, pad_token_id=0
-            )
-        assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist(), (prompt, name)
+    assert_greedy_equals_peft(outs, prompts, names, reference, {"a": adapter}, 8)
 
 
 def _mixed(kind: str) -> nn.Module:
