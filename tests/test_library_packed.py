@@ -108,7 +108,7 @@ def test_packed_path_is_taken(fp32, tok, monkeypatch):
     before = row_logits(model, ROWS, dirs, tok, lora_map)
     for w in wrappers(model):
         if w.shared is not None:
-            w.shared.packed = Packed.of(torch.zeros(w.shared.bounds[-1][1], w.in_features))
+            w.shared.packed = Packed.of(torch.zeros(sum(w.shared.widths), w.in_features))
         else:
             w.packed = Packed.of(torch.zeros_like(w.base.weight))
     after = row_logits(model, ROWS, dirs, tok, lora_map)

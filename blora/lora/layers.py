@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -298,6 +299,28 @@ class LoraLinear(nn.Module):
         return loras
 
 
+def add_fused_lora(
+    y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[nn.Module, int, int]], max_work: int | None = None
+) -> None:
+    """LoRA of the projections ``parts`` ((module, start, stop) columns of ``y`` [N, sum of widths]) sharing
+    the input ``x`` [N, in], in the current ``lora_batch``: one ``LoraBackend.add_fused`` call (at decode,
+    one CPU kernel call for q/k/v or gate/up); wrappers with DoRA / LoRA-bias extras add their own part.
+    Modules that are not LoRA wrappers, or hold no adapter, are skipped."""
+    batch = current_batch()
+    if batch is None or not batch.any_adapter:
+        return
+    lora = [(m, lo, hi) for m, lo, hi in parts if isinstance(m, LoraLinear) and m.pairs]
+    if not lora:
+        return
+    if any(m.extras for m, _, _ in lora):
+        for module, lo, hi in lora:
+            module.add_lora(y[:, lo:hi], x, max_work)
+        return
+    plan = batch.plan(x.shape[0])
+    slices = [s for m, lo, hi in lora if (s := m.output_slice(plan, lo, hi)) is not None]
+    batch.backend.add_fused(y, x, plan, slices, max_work)
+
+
 # Sibling projections that transformers' decoder layers call on one input tensor: attention q/k/v, MLP gate/up
 SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -321,22 +344,21 @@ class SharedInput:
         self.members = members
         self.bases: list[nn.Linear] = [m.base for m in members]
         self.widths = [m.out_features for m in members]
-        self.bounds: list[tuple[int, int]] = []
+        self.parts: list[tuple[nn.Module, int, int]] = []  # (member, its first and end column of the output)
         start = 0
-        for width in self.widths:
-            self.bounds.append((start, start + width))
+        for member, width in zip(members, self.widths, strict=True):
+            self.parts.append((member, start, start + width))
             start += width
         self.in_features = members[0].in_features
         self.dtype = members[0].base.weight.dtype
         self.packed: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self._packed_of: list[tuple[torch.Tensor | None, int, int]] = []  # (param, data_ptr, _version)
-        self._lora: tuple[LoraPlan, list[OutputSlice] | None] | None = None  # (plan, slices or None: extras)
         self.forget()
 
     def __getstate__(self) -> dict[str, Any]:  # ``copy.deepcopy`` / pickle: the copy packs its own weight
         state = self.__dict__.copy()
-        state.update(packed=None, bias=None, _packed_of=[], _lora=None, _x=None, _batch=None, _kept={})
+        state.update(packed=None, bias=None, _packed_of=[], _x=None, _batch=None, _kept={})
         return state
 
     @classmethod
@@ -402,9 +424,8 @@ class SharedInput:
         self._kept: dict[int, torch.Tensor] = {}
 
     def changed(self) -> None:
-        """A member's adapters changed: drop the kept results and the bound LoRA work."""
+        """A member's adapters changed: drop the kept results."""
         self.forget()
-        self._lora = None
 
     def output(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """``member(x)``: its kept result when it was made from this very ``x``, else all members' results
@@ -437,11 +458,9 @@ class SharedInput:
         assert self.packed is not None  # made by ``repack`` above
         x2d = x.reshape(-1, self.in_features)
         y = Packed.matmul(x2d, self.packed, self.bias)
-        batch = current_batch()
-        if batch is not None and batch.any_adapter:
-            self._add_lora(y, x2d, batch)
+        add_fused_lora(y, x2d, self.parts)
         outs = y.view(*x.shape[:-1], y.shape[-1]).split(self.widths, -1)
-        self._x, self._version, self._batch = x, x._version, batch
+        self._x, self._version, self._batch = x, x._version, current_batch()
         self._kept = {i: out for i, out in enumerate(outs) if i != index}
         return outs[index]
 
@@ -451,25 +470,6 @@ class SharedInput:
             if base._forward_hooks or base._forward_pre_hooks or not member.pack_base:
                 return False
         return True
-
-    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, batch: Any) -> None:
-        """Every member's LoRA on its columns of ``y`` [N, sum of widths]: one ``add_fused`` call (its
-        slices made once per plan); members with DoRA / LoRA-bias extras add their own part
-        (``LoraLinear.add_lora``)."""
-        plan = batch.plan(x.shape[0])
-        lora = self._lora
-        if lora is None or lora[0] is not plan:
-            parts = [(m, lo, hi) for m, (lo, hi) in zip(self.members, self.bounds, strict=True) if m.pairs]
-            slices = None
-            if not any(m.extras for m, _, _ in parts):
-                slices = [s for m, lo, hi in parts if (s := m.output_slice(plan, lo, hi)) is not None]
-            lora = self._lora = (plan, slices)
-        slices = lora[1]
-        if slices is None:
-            for m, (lo, hi) in zip(self.members, self.bounds, strict=True):
-                m.add_lora(y[:, lo:hi], x)
-        elif slices:
-            batch.backend.add_fused(y, x, plan, slices)
 
 
 def share_inputs(model: nn.Module) -> int:

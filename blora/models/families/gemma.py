@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from blora.engine import attention
+from blora.lora.layers import add_fused_lora
 from blora.models.families import Family, FastPathOptions, HFModule
-from blora.models.families.llama import FastDecoder, _fused_lora, _project
+from blora.models.families.llama import FastDecoder, _project
 from blora.models.families.llama import build as build_llama
 
 
@@ -87,7 +88,7 @@ class GemmaDecoder(FastDecoder):
             gemm = lay.gemm
             x = lay.in_norm(res)
             qkv = gemm["qkv"](x)
-            _fused_lora(qkv, x, [(getattr(attn, name), lo, hi) for name, lo, hi in self.qkv_parts], work)
+            add_fused_lora(qkv, x, [(getattr(attn, name), lo, hi) for name, lo, hi in self.qkv_parts], work)
             if lay.q_norm is not None and lay.k_norm is not None:  # Gemma 3
                 qkv[:, :q_end].view(n, h, d).copy_(lay.q_norm(qkv[:, :q_end].view(n, h, d)))
                 qkv[:, q_end:k_end].view(n, kvh, d).copy_(lay.k_norm(qkv[:, q_end:k_end].view(n, kvh, d)))
@@ -102,7 +103,7 @@ class GemmaDecoder(FastDecoder):
             res = res + lay.post_norm(o)
             x = pre_ff(res)
             gu = gemm["gu"](x)
-            _fused_lora(gu, x, [(getattr(mlp, name), lo, hi) for name, lo, hi in self.gu_parts], work)
+            add_fused_lora(gu, x, [(getattr(mlp, name), lo, hi) for name, lo, hi in self.gu_parts], work)
             act = mlp.act_fn(gu[:, :inter]) * gu[:, inter:]
             m = _project(mlp.down_proj, gemm["down"], act, work)
             res = res + post_ff(m)

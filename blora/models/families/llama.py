@@ -34,7 +34,6 @@ modules and config transformers built.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +41,7 @@ from torch import nn
 
 from blora import kernels
 from blora.engine import attention
-from blora.lora.context import current_batch
-from blora.lora.layers import LoraLinear
+from blora.lora.layers import LoraLinear, add_fused_lora
 from blora.models.families import Family, FastPathOptions, HFModule, structure_version
 from blora.models.families.packing import Gemm, Packed, fuse_linears
 from blora.models.quant import QuantizedLinear, fuse_quantized
@@ -237,7 +235,7 @@ class FastDecoder:
             attn, mlp = lay.attn, lay.mlp
             gemm = lay.gemm
             qkv = gemm["qkv"](x)
-            _fused_lora(qkv, x, [(getattr(attn, name), lo, hi) for name, lo, hi in self.qkv_parts], work)
+            add_fused_lora(qkv, x, [(getattr(attn, name), lo, hi) for name, lo, hi in self.qkv_parts], work)
             if lay.q_norm is not None and lay.k_norm is not None:  # Qwen3: torch ops (module docstring)
                 qkv[:, :q_end].view(n, h, d).copy_(lay.q_norm(qkv[:, :q_end].view(n, h, d)))
                 qkv[:, q_end:k_end].view(n, kvh, d).copy_(lay.k_norm(qkv[:, q_end:k_end].view(n, kvh, d)))
@@ -251,7 +249,7 @@ class FastDecoder:
             o = _project(attn.o_proj, gemm["o"], out.view(n, h * d), work)
             x = kernel.rms_norm(o, lay.post_norm.weight, lay.post_norm.variance_epsilon, residual=res)
             gu = gemm["gu"](x)
-            _fused_lora(gu, x, [(getattr(mlp, name), lo, hi) for name, lo, hi in self.gu_parts], work)
+            add_fused_lora(gu, x, [(getattr(mlp, name), lo, hi) for name, lo, hi in self.gu_parts], work)
             m = _project(mlp.down_proj, gemm["down"], kernel.silu_mul(gu, self.inter), work)
             norm: HFModule = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
             x = kernel.rms_norm(m, norm.weight, norm.variance_epsilon, residual=res)
@@ -278,27 +276,6 @@ def _project(module: nn.Module, gemm: Gemm, x: torch.Tensor, max_work: int) -> t
     if isinstance(module, LoraLinear):
         module.add_lora(y, x, max_work)
     return y
-
-
-def _fused_lora(
-    y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[nn.Module, int, int]], max_work: int
-) -> None:
-    """LoRA of the projections ``parts`` ((module, start, stop) columns of ``y``) sharing the input ``x``:
-    one ``LoraBackend.add_fused`` call (at decode, one CPU kernel call for q/k/v or gate/up); wrappers with
-    DoRA / LoRA-bias extras add their own part."""
-    batch = current_batch()
-    if batch is None or not batch.any_adapter:
-        return
-    lora = [(m, lo, hi) for m, lo, hi in parts if isinstance(m, LoraLinear) and m.pairs]
-    if not lora:
-        return
-    if any(m.extras for m, _, _ in lora):
-        for module, lo, hi in lora:
-            module.add_lora(y[:, lo:hi], x, max_work)
-        return
-    plan = batch.plan(x.shape[0])
-    slices = [s for m, lo, hi in lora if (s := m.output_slice(plan, lo, hi)) is not None]
-    batch.backend.add_fused(y, x, plan, slices, max_work)
 
 
 def _gemms(bases: dict[str, Linear], qkv: tuple[str, ...], gate_up: tuple[str, ...]) -> dict[str, Gemm] | str:
