@@ -104,16 +104,15 @@ def make_adapter(model) -> Path:
     return path
 
 
-def weight_bytes(llm) -> int:
+def weight_bytes(model) -> int:
     """Bytes of the decoder layers' parameters and buffers (what quantization shrinks)."""
-    layers = llm.engine.model.base_model.layers
+    layers = model.base_model.layers
     tensors = [*layers.parameters(), *layers.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def model_bytes(llm) -> int:
+def model_bytes(model) -> int:
     """Bytes of all the model's parameters and buffers, each storage once (tied weights, fused views)."""
-    model = llm.engine.model
     storages = {
         t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()
     }
@@ -137,8 +136,11 @@ def bench_engine(args) -> None:
     names = list(llms)
     fast = {n: llm.engine.runner.fast is not None for n, llm in llms.items()}
     print(f"threads: {torch.get_num_threads()}; decoder weights (MB):", end="")
-    print("".join(f"  {v} {weight_bytes(llm) / 1e6:.0f}" for v, llm in llms.items()))
-    print("whole model (MB):" + "".join(f"  {v} {model_bytes(llm) / 1e6:.0f}" for v, llm in llms.items()))
+    print("".join(f"  {v} {weight_bytes(llm.engine.model) / 1e6:.0f}" for v, llm in llms.items()))
+    print(
+        "whole model (MB):"
+        + "".join(f"  {v} {model_bytes(llm.engine.model) / 1e6:.0f}" for v, llm in llms.items())
+    )
     print("family fast path:", ", ".join(f"{n} {'yes' if f else 'no'}" for n, f in fast.items()))
     pairs = [
         (a, b) for a in ("int8", "int4") for b in ("bfloat16", "float32", f"{a}:off") if {a, b} <= set(names)
@@ -268,10 +270,8 @@ def bench_accuracy(args) -> None:
     print("|---|---:|---:|---:|---:|")
     for variant in [v for v in args.variants if v != "float32"]:
         quant = variant if variant in ("int8", "int4") else None
-        model = copy.deepcopy(source.model).to(torch.bfloat16 if quant else getattr(torch, variant))
+        model = copy.deepcopy(source.model).to(getattr(torch, args.quant_dtype if quant else variant))
         if quant:
-            if args.quant_dtype == "float32":
-                model = model.float()
             quantize_model(model, quant)
         rel, equal, total = 0.0, 0, 0
         with torch.no_grad():
@@ -280,13 +280,8 @@ def bench_accuracy(args) -> None:
                 rel = max(rel, ((got - w).abs().max() / w.abs().max()).item())
                 equal += int((got.argmax(-1) == w.argmax(-1)).sum())
                 total += w.shape[0]
-        layers = model.base_model.layers
-        decoder = sum(t.numel() * t.element_size() for t in [*layers.parameters(), *layers.buffers()])
-        storages = {
-            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()
-        }
         print(
-            f"| {variant} | {decoder / 1e6:.0f} MB | {sum(storages.values()) / 1e6:.0f} MB | {100 * rel:.1f}% "
+            f"| {variant} | {weight_bytes(model) / 1e6:.0f} MB | {model_bytes(model) / 1e6:.0f} MB | {100 * rel:.1f}% "
             f"| {100 * equal / total:.0f}% |"
         )
 

@@ -79,58 +79,38 @@ def engine_worker(args: argparse.Namespace) -> None:
         return
     import torch
 
-    from blora.bench.systems import workload
     from blora.engine import LLM, SamplingParams
     from blora.models import load_model
 
     torch.set_num_threads(args.threads)
     loaded = load_model(None, dtype=args.dtype)
-    paths = sorted(Path(args.adapter_dir).glob("bench-*"))[: max(args.adapters)]
-    llm = LLM(
-        loaded,
-        adapters={p.name: str(p) for p in paths},
-        max_loras=max(16, len(paths)),
-        max_num_seqs=max(64, *args.requests),
-    )
-    warm = [p.name for p in paths] + [None]
+    llm = LLM(loaded, **engine_kwargs(args))
+    warm = warm_adapters(args)
     llm.generate(["Hi"] * len(warm), SamplingParams(max_tokens=2, temperature=0), adapters=warm)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    print("READY", flush=True)
-    for line in sys.stdin:
-        _, n, k = line.split()
-        texts, names = workload(loaded.tokenizer, SimpleNamespace(requests=int(n), k=int(k)))
+
+    def timed(texts: list[str], names: list[str | None]) -> tuple[float, list[float], int]:
         with torch.inference_mode():
             start = time.time()
             outs = llm.generate(texts, params, adapters=names)
             seconds = time.time() - start
         assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outs)
         ttft = [o.metrics.first_token_time - start for o in outs]
-        result = {
-            "tok_s": len(outs) * args.new_tokens / seconds,
-            "ttft_p50_ms": 1000 * statistics.median(ttft),
-            "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
-        }
-        print("RESULT " + json.dumps(result), flush=True)
+        return seconds, ttft, sum(len(o.prompt_token_ids) for o in outs)
+
+    serve_runs(args, loaded.tokenizer, timed)
 
 
 def async_engine_worker(args: argparse.Namespace) -> None:
     import torch
     import uvloop
 
-    from blora.bench.systems import workload
     from blora.engine import AsyncLLM, SamplingParams
 
     torch.set_num_threads(args.threads)
-    paths = sorted(Path(args.adapter_dir).glob("bench-*"))[: max(args.adapters)]
     # The model is loaded by the engine thread, as ``blora serve`` does: a parallel op in this thread would
     # start a second OpenMP team, and GNU OpenMP then stops its workers spinning between ops (AsyncLLM).
-    llm = AsyncLLM(
-        None,
-        dtype=args.dtype,
-        adapters={p.name: str(p) for p in paths},
-        max_loras=max(16, len(paths)),
-        max_num_seqs=max(64, *args.requests),
-    )
+    llm = AsyncLLM(None, dtype=args.dtype, **engine_kwargs(args))
 
     async def one(
         prompt: str, params: SamplingParams, adapter: str | None, start: float
@@ -145,24 +125,57 @@ def async_engine_worker(args: argparse.Namespace) -> None:
         start = time.time()
         return await asyncio.gather(*(one(t, params, a, start) for t, a in zip(texts, names, strict=True)))
 
-    warm = [p.name for p in paths] + [None]
+    warm = warm_adapters(args)
     uvloop.run(run(["Hi"] * len(warm), warm, SamplingParams(max_tokens=2, temperature=0)))
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    print("READY", flush=True)
-    for line in sys.stdin:
-        _, n, k = line.split()
-        texts, names = workload(llm.tokenizer, SimpleNamespace(requests=int(n), k=int(k)))
+
+    def timed(texts: list[str], names: list[str | None]) -> tuple[float, list[float], int]:
         start = time.time()
         outs = uvloop.run(run(texts, names, params))
         seconds = time.time() - start
         assert all(tokens == args.new_tokens for tokens, _ in outs)
+        prompt_tokens = sum(len(llm.tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+        return seconds, [ttft for _, ttft in outs], prompt_tokens
+
+    serve_runs(args, llm.tokenizer, timed)
+    llm.close()
+
+
+def adapter_paths(args: argparse.Namespace) -> list[Path]:
+    return sorted(Path(args.adapter_dir).glob("bench-*"))[: max(args.adapters)]
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The engine settings both workers share (and the server gets as flags, ``launch_server``)."""
+    paths = adapter_paths(args)
+    return dict(
+        adapters={p.name: str(p) for p in paths},
+        max_loras=max(16, len(paths)),
+        max_num_seqs=max(64, *args.requests),
+    )
+
+
+def warm_adapters(args: argparse.Namespace) -> list[str | None]:
+    """One warm-up request per adapter (they load on first use) and one on the base model."""
+    return [p.name for p in adapter_paths(args)] + [None]
+
+
+def serve_runs(args: argparse.Namespace, tokenizer, timed) -> None:
+    """Print READY, then for each ``RUN <requests> <adapters>`` line on stdin one timed run of the workload
+    (``timed(texts, adapter names)`` -> seconds, each request's TTFT in seconds, prompt tokens) as RESULT."""
+    from blora.bench.systems import workload
+
+    print("READY", flush=True)
+    for line in sys.stdin:
+        _, n, k = line.split()
+        texts, names = workload(tokenizer, SimpleNamespace(requests=int(n), k=int(k)))
+        seconds, ttft, prompt_tokens = timed(texts, names)
         result = {
-            "tok_s": len(outs) * args.new_tokens / seconds,
-            "ttft_p50_ms": 1000 * statistics.median(ttft for _, ttft in outs),
-            "prompt_tokens": sum(len(llm.tokenizer.encode(t, add_special_tokens=False)) for t in texts),
+            "tok_s": len(texts) * args.new_tokens / seconds,
+            "ttft_p50_ms": 1000 * statistics.median(ttft),
+            "prompt_tokens": prompt_tokens,
         }
         print("RESULT " + json.dumps(result), flush=True)
-    llm.close()
 
 
 class EngineProcess:
