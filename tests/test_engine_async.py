@@ -167,6 +167,31 @@ def test_stats_fields():
         llm.close()
 
 
+def test_reset_prefix_cache_waits_for_no_running_request():
+    """Refused (False) while a stream holds blocks; once it is done, the repeated prompt is computed again."""
+    llm = new_llm()
+    prompt, params = PROMPTS[1] * 3, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+    async def main():
+        await consume(llm, prompt, params)
+        hits = llm.engine.stats()["prefix_cache_hits_total"]
+        stream = llm.generate(prompt, params)
+        await stream.__anext__()  # running: its blocks are held
+        assert not await llm.reset_prefix_cache()
+        async for _ in stream:
+            pass
+        assert llm.engine.stats()["prefix_cache_hits_total"] > hits  # it found the first run's blocks
+        hits = llm.engine.stats()["prefix_cache_hits_total"]
+        assert await llm.reset_prefix_cache()
+        await consume(llm, prompt, params)
+        assert llm.engine.stats()["prefix_cache_hits_total"] == hits
+
+    try:
+        asyncio.run(main())
+    finally:
+        llm.close()
+
+
 def test_heap_trimmed_when_the_engine_goes_idle(monkeypatch):
     """After work, the idle engine gives the allocator's free memory back (RSS does not ratchet up)."""
     import blora.engine.async_llm as async_llm

@@ -127,6 +127,23 @@ def test_hits_are_counted_per_adapter_identity(dirs):
     )
 
 
+def test_reset_makes_the_next_run_cold_with_the_same_outputs(dirs):
+    """``LLM.reset_prefix_cache`` between two ``generate`` calls on the same prompts: the second computes
+    every prompt again (no hit) and gives the same tokens; without the reset it hits."""
+    llm = LLM(tiny_model("llama"), tokenizer=tokenizer(), adapters=dirs, block_size=BS)
+
+    def hits_of_one_run() -> tuple[int, list]:
+        before = llm.stats()["prefix_cache_hits_total"]
+        outs = llm.generate(PROMPTS, GREEDY, adapters=ADAPTERS)
+        return llm.stats()["prefix_cache_hits_total"] - before, [o.outputs[0].token_ids for o in outs]
+
+    first, tokens = hits_of_one_run()  # hits within the run: prompts that share SYSTEM and adapter
+    warm, same = hits_of_one_run()
+    assert warm > first and same == tokens
+    assert llm.reset_prefix_cache()
+    assert hits_of_one_run() == (first, tokens)
+
+
 def test_replacing_an_adapter_invalidates_its_blocks(dirs):
     engine = build_engine(tiny_model("llama"), tokenizer=tokenizer(), adapters=dirs, block_size=BS)
     fresh = build_engine(

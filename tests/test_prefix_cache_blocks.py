@@ -151,3 +151,21 @@ def test_a_block_being_computed_is_waited_for_not_computed_twice():
     assert bm.computing_next(b, computed)
     bm.free(a)  # preempted before computing it: nobody computes it any more
     assert not bm.computing_next(b, computed) and len(bm.computed_blocks(b)) == 1
+
+
+def test_reset_forgets_cached_blocks_only_when_none_is_held():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    a = make_seq(list(range(10)), "", 0)
+    run(bm, a)
+    held = make_seq(list(range(10)), "", 1)
+    assert run(bm, held) == a.block_table[:2]
+    bm.free(a)
+    assert not bm.reset_prefix_cache()  # `held` still holds blocks: nothing changes
+    assert bm.computed_blocks(make_seq(list(range(10)), "", 2)) == held.block_table[:2]
+    bm.free(held)
+    assert bm.num_cached_blocks == 2 and bm.reset_prefix_cache()
+    assert bm.num_cached_blocks == 0 and bm.num_free_blocks == 8 and bm.usage == 0.0
+    again = make_seq(list(range(10)), "", 3)
+    assert run(bm, again) == []  # computed from scratch, then cached again
+    assert bm.num_cached_blocks == 2 and len(set(bm._free) | set(again.block_table)) == 8
+    assert bm.stats.hits == 2 * BS  # the counters are kept

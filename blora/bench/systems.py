@@ -67,6 +67,7 @@ def run_engine(loaded, args, paths) -> Run:
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
 
     def run() -> dict:
+        llm.reset_prefix_cache()  # every timed run computes its prompts, as transformers and PEFT do
         start = time.time()
         outs = llm.generate(texts, params, adapters=names)
         seconds = time.time() - start

@@ -227,6 +227,11 @@ class AsyncLLM:
         """Snapshot taken by the engine thread after its latest step (see ``LLMEngine.stats``)."""
         return dict(self._stats)
 
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt block (in the engine thread); False, changing nothing, while requests
+        hold blocks."""
+        return await self._call(self.engine.reset_prefix_cache)
+
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
         """Stop accepting requests, let running ones finish for up to ``drain_timeout`` s, abort the rest."""
         self._accepting = False

@@ -190,6 +190,20 @@ class BlockManager:
                 self._hash_of[block] = key
         seq.num_cached_blocks = max(seq.num_cached_blocks, full)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's ``reset_prefix_cache``): later sequences compute their prompts
+        from scratch, as on a cold start (benchmarks that repeat the same prompts call it between timed
+        runs). Only while no sequence holds blocks; returns False, changing nothing, otherwise. The hit
+        counters are kept (they count since the manager was created)."""
+        if any(self._refs):
+            return False
+        self._free.extend(reversed(self._evictable))  # those blocks' K/V is never read again
+        self._evictable.clear()
+        self._hash_of.clear()
+        self._cached.clear()
+        self._computing.clear()
+        return True
+
     def free(self, seq: Sequence) -> None:
         """Release all of ``seq``'s blocks (cached ones stay shareable until evicted); the sequence forgets
         them (the scheduler resets its ``num_computed_tokens``)."""

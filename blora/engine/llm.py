@@ -124,6 +124,12 @@ class LLM:
         """The engine's counters and state (``LLMEngine.stats``), e.g. ``prefix_cache_hit_rate``."""
         return self.engine.stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt block, so the next ``generate`` computes its prompts from scratch (a
+        cold start: benchmarks that repeat prompts call it between timed runs). True once done (always
+        between ``generate`` calls)."""
+        return self.engine.reset_prefix_cache()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

@@ -318,6 +318,11 @@ class LLMEngine:
         if req.adapter is not None:
             self.store.release(req.adapter, req.request_id)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache's blocks (``BlockManager.reset_prefix_cache``); False, changing nothing,
+        while requests hold blocks."""
+        return self.block_manager.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._pending)
 
