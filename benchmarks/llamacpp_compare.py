@@ -17,10 +17,10 @@ tied LM head, norms, attention, the adapters) stays in ``--dtype``, float32 by d
 quantize the tied token embedding / LM head too (Q8_0 in both files), and its Q8_0 / Q4_0 matmuls quantize
 the activations to 8 bits per block.
 
-The load (this process, aiohttp, ``serve_load.stream_chat``): streaming ``/v1/chat/completions`` with
-``blora bench``'s prompts (the servers apply the same chat template), greedy, exactly ``--new-tokens``
-tokens (EOS ignored), ``N`` requests in flight at a time (a closed loop over ``max(N, --min-requests)``
-requests; request ``i`` uses adapter ``i % k``). Prompt caching is off in both
+The load (this process, ``serve_load.stream_chat``: a raw asyncio client, a connection per request):
+streaming ``/v1/chat/completions`` with ``blora bench``'s prompts (the servers apply the same chat
+template), greedy, exactly ``--new-tokens`` tokens (EOS ignored), ``N`` requests in flight at a time (a
+closed loop over ``max(N, --min-requests)`` requests; request ``i`` uses adapter ``i % k``). Prompt caching is off in both
 (``--no-enable-prefix-caching``, ``cache_prompt: false``), as the rounds repeat the same prompts;
 ``--prefix-caching`` leaves it on in both. For each setting (adapters x concurrency) the two servers
 alternate within a round, the order flipping each round; reported: medians over rounds of output tok/s
@@ -369,27 +369,21 @@ def request_adapters(requests: int, k: int) -> list[int | None]:
 
 async def run_load(server: Server, concurrency: int, k: int, args: argparse.Namespace) -> Measured:
     """``max(concurrency, --min-requests)`` requests, ``concurrency`` in flight at a time."""
-    import aiohttp
-
     from blora.bench.workload import prompts
 
     total = max(concurrency, args.min_requests)
     messages, adapters = prompts(total), request_adapters(total, k)
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(session, i: int):
-        async with gate:
+    async def one(i: int):
+        async with gate:  # a connection per request (stream_chat)
             return await stream_chat(
-                session, server.url, server.body(adapters[i]), messages[i], args.new_tokens, label=server.name
+                server.url, server.body(adapters[i]), messages[i], args.new_tokens, label=server.name
             )
 
-    # A connection per request: llama-server closes kept-alive connections after a few requests, and a
-    # request sent on one it is closing fails (ServerDisconnectedError).
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as s:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(s, i) for i in range(total)))
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(total)))
+    seconds = time.perf_counter() - start
     if any(r.completion_tokens != args.new_tokens for r in results):
         raise RuntimeError(f"{server.name}: not every stream made {args.new_tokens} tokens")
     ttft_ms = 1000 * pct([r.ttft_s for r in results], 50)
@@ -416,48 +410,44 @@ async def check_outputs(servers: list[Server], k: int, tokens: int, tokenizer) -
     difference of the two servers' logprobs over those tokens, and on each server the largest logprob change
     an adapter makes against the base model over the tokens both share (0 where an adapter is not applied);
     the rows."""
-    import aiohttp
-
     from blora.bench.workload import prompts
 
     message, rows, base = prompts(1)[0], [], None
-    connector = aiohttp.TCPConnector(force_close=True)  # as in run_load
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as s:
-        for adapter in [None, *range(k)]:
-            outs = [
-                await stream_chat(
-                    s, srv.url, srv.body(adapter), message, tokens, ignore_eos=False, collect_text=True,
-                    logprobs=True, label=srv.name,
-                )
-                for srv in servers
-            ]  # fmt: skip
-            ids = [tokenizer.encode(o.text or "", add_special_tokens=False) for o in outs]
-            agree = common_prefix(*ids)
-            row = {
-                "adapter": "base" if adapter is None else f"bench-{adapter:03d}",
-                "prompt_tokens": [o.prompt_tokens for o in outs],
-                "completion_tokens": [o.completion_tokens for o in outs],
-                "agreeing_tokens": agree,
-                "max_logprob_diff": max_gap(outs[0].logprobs, outs[1].logprobs, agree),
-            }
-            line = (
-                f"  {row['adapter']}: first {agree} of {len(ids[0])} / {len(ids[1])} tokens agree, max |logprob "
-                f"difference| {row['max_logprob_diff']:.2g}"
+    for adapter in [None, *range(k)]:
+        outs = [
+            await stream_chat(
+                srv.url, srv.body(adapter), message, tokens, ignore_eos=False, collect_text=True,
+                logprobs=True, label=srv.name,
             )
-            if base is None:
-                base = (outs, ids)
-            else:
-                shared = [common_prefix(i, bi) for i, bi in zip(ids, base[1], strict=True)]
-                row["vs_base_agreeing_tokens"] = shared
-                row["vs_base_max_logprob_change"] = [
-                    max_gap(o.logprobs, b.logprobs, n) for o, b, n in zip(outs, base[0], shared, strict=True)
-                ]
-                line += "; against base (blora / llama.cpp): " + " / ".join(
-                    f"{n} tokens agree, max |logprob change| {x:.2g}"
-                    for n, x in zip(shared, row["vs_base_max_logprob_change"], strict=True)
-                )
-            rows.append(row)
-            print(line, flush=True)
+            for srv in servers
+        ]  # fmt: skip
+        ids = [tokenizer.encode(o.text or "", add_special_tokens=False) for o in outs]
+        agree = common_prefix(*ids)
+        row = {
+            "adapter": "base" if adapter is None else f"bench-{adapter:03d}",
+            "prompt_tokens": [o.prompt_tokens for o in outs],
+            "completion_tokens": [o.completion_tokens for o in outs],
+            "agreeing_tokens": agree,
+            "max_logprob_diff": max_gap(outs[0].logprobs, outs[1].logprobs, agree),
+        }
+        line = (
+            f"  {row['adapter']}: first {agree} of {len(ids[0])} / {len(ids[1])} tokens agree, max |logprob "
+            f"difference| {row['max_logprob_diff']:.2g}"
+        )
+        if base is None:
+            base = (outs, ids)
+        else:
+            shared = [common_prefix(i, bi) for i, bi in zip(ids, base[1], strict=True)]
+            row["vs_base_agreeing_tokens"] = shared
+            row["vs_base_max_logprob_change"] = [
+                max_gap(o.logprobs, b.logprobs, n) for o, b, n in zip(outs, base[0], shared, strict=True)
+            ]
+            line += "; against base (blora / llama.cpp): " + " / ".join(
+                f"{n} tokens agree, max |logprob change| {x:.2g}"
+                for n, x in zip(shared, row["vs_base_max_logprob_change"], strict=True)
+            )
+        rows.append(row)
+        print(line, flush=True)
     return rows
 
 

@@ -9,8 +9,8 @@ Both load the embedded SmolLM2 default as ``blora serve`` does, in ``--dtype`` (
   ``generate`` stream read by an asyncio task: the server's engine thread and hand-off without HTTP, which
   splits the server's cost into the threaded engine's and the HTTP layer's;
 - server: ``python -m blora.server`` (uvicorn, one process) with the same adapters as ``--lora-modules``;
-  the load generator is this process (aiohttp, one connection per request, ``serve_load.stream_chat``:
-  lines scanned without parsing JSON except the usage chunk): every request streams ``/v1/chat/completions`` with the same prompt's user
+  the load generator is this process (``serve_load.stream_chat``: a raw asyncio client, one connection per
+  request, that keeps the bytes and parses each stream once it has ended): every request streams ``/v1/chat/completions`` with the same prompt's user
   message (the server applies the same template) to its adapter.
 
 Every request generates exactly ``--new-tokens`` tokens (greedy, EOS ignored). For each setting (concurrent
@@ -239,22 +239,15 @@ def record(pid: int, out: Path, gil: bool) -> subprocess.Popen:
 
 
 async def run_server_async(url: str, requests: int, adapters: int, new_tokens: int) -> Measured:
-    import aiohttp
-
     from blora.bench.workload import prompts
 
     messages = prompts(requests)
     models = [BASE if adapters == 0 else f"bench-{i % adapters:03d}" for i in range(requests)]
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as s:
-        start = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                stream_chat(s, url, {"model": m}, msg, new_tokens)
-                for m, msg in zip(models, messages, strict=True)
-            )
-        )
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    results = await asyncio.gather(
+        *(stream_chat(url, {"model": m}, msg, new_tokens) for m, msg in zip(models, messages, strict=True))
+    )
+    seconds = time.perf_counter() - start
     if any(r.completion_tokens != new_tokens for r in results):
         tokens = [r.completion_tokens for r in results]
         raise RuntimeError(f"a stream did not generate {new_tokens} tokens: {tokens}")
@@ -353,11 +346,8 @@ def warm_server(url: str, adapters: int) -> None:
 
 
 async def _warm(url: str, models: list[str]) -> None:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as s:
-        for m in models:
-            await stream_chat(s, url, {"model": m}, "Hi", 2)
+    for m in models:
+        await stream_chat(url, {"model": m}, "Hi", 2)
 
 
 def main() -> None:

@@ -130,7 +130,7 @@ BLORA_STREAM = _sse(
 
 def _stream_from(lines: list[bytes], status: int = 200, **kw) -> tuple[sl.Streamed, dict]:
     """``sl.stream_chat`` against an in-process server answering ``lines``; (its result, the body sent)."""
-    from aiohttp import ClientSession, web
+    from aiohttp import web
 
     seen: dict = {}
 
@@ -154,9 +154,8 @@ def _stream_from(lines: list[bytes], status: int = 200, **kw) -> tuple[sl.Stream
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         try:
-            async with ClientSession() as session:
-                fields = {"model": "base", "lora": [{"id": 1, "scale": 1.0}]}
-                return await sl.stream_chat(session, f"http://127.0.0.1:{port}", fields, "Hi", 3, **kw)
+            fields = {"model": "base", "lora": [{"id": 1, "scale": 1.0}]}
+            return await sl.stream_chat(f"http://127.0.0.1:{port}", fields, "Hi", 3, **kw)
         finally:
             await runner.cleanup()
 
@@ -251,3 +250,33 @@ def test_serve_vs_engine_table_gives_each_system_its_ratio_to_the_engine() -> No
     assert "| streams | adapters | engine tok/s | async tok/s | server tok/s | async / engine |" in md
     assert "| 32 | 16 | 600.0 | 590.0 | 540.0 | 0.983 | 0.900 | 110 | 110 | 130 |" in md
     assert "async" not in sve.table(rows[:2], SimpleNamespace(**{**vars(args), "async_engine": False}))
+
+
+@pytest.mark.parametrize("stream", [LLAMA_STREAM, BLORA_STREAM], ids=["llama.cpp", "blora"])
+def test_first_content_is_seen_wherever_the_reads_split_the_bytes(stream: list[bytes]) -> None:
+    """``_SSEReader`` notes the first token when the read holding the first non-empty content's first byte
+    arrives, for every split of the stream into two reads (the marker straddling them included), and never
+    on the role chunk's empty or null content alone."""
+    raw = b"".join(stream[:2] + stream[-3:])  # the role chunk, ONE content chunk, finish, usage, [DONE]
+    first = raw.index(b'"content":"He"') + len(b'"content":"')  # the byte that shows content follows
+    loop = asyncio.new_event_loop()
+    try:
+        for cut in range(1, len(raw)):
+            reader = sl._SSEReader(b"", 0.0, loop.create_future())
+            reader.data_received(raw[:cut])
+            assert (reader.ttft is not None) == (cut > first), cut
+            reader.data_received(raw[cut:])
+            assert reader.ttft is not None and b"".join(reader.parts) == raw
+    finally:
+        loop.close()
+
+
+def test_http_lines_undo_chunked_encoding() -> None:
+    body = b"data: {}\n\ndata: [DONE]\n\n"
+    chunked = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 5]), body[i : i + 5]) for i in range(0, len(body), 5)
+    )
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked + b"0\r\n\r\n"
+    assert sl._http_lines(raw) == (200, body.splitlines(keepends=True))
+    plain = b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\nnope"
+    assert sl._http_lines(plain) == (404, [b"nope"])
