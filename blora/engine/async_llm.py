@@ -16,7 +16,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from blora.engine.client import EngineLimits
@@ -33,10 +32,29 @@ log = logging.getLogger(__name__)
 TRIM_INTERVAL_S = 1.0  # at most one heap trim per second, when the engine goes idle
 
 
-@dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    """One request's outputs on their way from the engine thread to its ``generate`` on the event loop.
+
+    A deque and at most one waiting future instead of an ``asyncio.Queue``: a queue's ``put``/``get`` do
+    bookkeeping (unfinished-task counts, getter and putter lists, a loop lookup) that a one-consumer
+    unbounded channel does not need, on every streamed token.
+    """
+
+    __slots__ = ("loop", "items", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: deque = deque()  # RequestOutput, or the exception that ends the stream
+        self.waiter: asyncio.Future | None = None  # set while ``generate`` waits for an item
+
+    def put(self, item) -> None:
+        """Append ``item`` and wake the waiting consumer (on the event loop)."""
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class AsyncLLM:
@@ -148,7 +166,7 @@ class AsyncLLM:
         else:
             self.engine.check_params(sampling_params)  # cheap and thread-safe: refused here, not in a step
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
@@ -157,7 +175,10 @@ class AsyncLLM:
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
+                while not stream.items:
+                    stream.waiter = waiter = stream.loop.create_future()
+                    await waiter
+                item = stream.items.popleft()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -299,12 +320,12 @@ class AsyncLLM:
                 self._deliver(request_id, exc)
             return
         self._stats = self.engine.stats()
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         with self._lock:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+                    by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             _call_soon(loop, _put_all, items)
 
@@ -318,7 +339,7 @@ class AsyncLLM:
         with self._lock:
             stream = self._streams.get(request_id)
         if stream is not None:
-            _call_soon(stream.loop, _put_all, [(stream.queue, item)])
+            _call_soon(stream.loop, _put_all, [(stream, item)])
 
     def _abort_all(self) -> None:
         for request_id in list(self.engine.requests):
@@ -329,9 +350,9 @@ class AsyncLLM:
         self._stopped = True
 
 
-def _put_all(items) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+def _put_all(items: list[tuple[_Stream, object]]) -> None:
+    for stream, item in items:
+        stream.put(item)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
