@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # json.dumps(str, ensure_ascii=False) without the encoder object
 from typing import Any
 
 from blora.server.protocol import (
@@ -125,7 +126,9 @@ class StreamState:
         result = []
         for comp in output.outputs:
             index = prompt_index * self.n + comp.index
-            st = self.states.setdefault(index, ChoiceState())
+            st = self.states.get(index)
+            if st is None:
+                st = self.states[index] = ChoiceState()
             if st.finished:
                 continue
             finish = comp.finish_reason or ("stop" if output.finished else None)
@@ -157,7 +160,7 @@ class TextChunk:
         return cls(head, tail)
 
     def fill(self, text: str) -> str:
-        return self.head + json.dumps(text, ensure_ascii=False) + self.tail
+        return self.head + encode_basestring(text) + self.tail
 
 
 class TextChunks:
