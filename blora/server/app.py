@@ -270,8 +270,8 @@ async def _listen_for_disconnect(request: Request) -> None:
 def with_cancellation(handler: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Awaitable[Any]]:
     """Cancel the handler (and so abort its engine requests) if the client disconnects while it runs.
 
-    Streaming responses are covered here until their first output; after that Starlette cancels the
-    stream on disconnect and the stream's cleanup aborts the engine requests.
+    Streaming responses are covered here until their first output; after that the SSE response
+    (``serving.SSEResponse``) stops writing on disconnect and its cleanup aborts the engine requests.
     """
 
     @functools.wraps(handler)
