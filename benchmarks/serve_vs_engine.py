@@ -16,11 +16,13 @@ Both load the embedded SmolLM2 default as ``blora serve`` does, in ``--dtype`` (
 Every request generates exactly ``--new-tokens`` tokens (greedy, EOS ignored). For each setting (concurrent
 requests x distinct adapters) the engine and the server alternate within a round (the order flips each
 round); the table gives medians over rounds of output tok/s (all requests submitted at once, wall time
-to the last token), the ratio server / engine, and TTFT p50 (engine: the request's first token time from
-the ``generate`` call; server: the first content chunk from the request's send).
+to the last token), of the per-round ratio server / engine (the machine's speed drifts between rounds),
+and of TTFT p50 (engine: the request's first token time from the ``generate`` call; server: the first
+content chunk from the request's send).
 
     .venv/bin/python benchmarks/serve_vs_engine.py                       # 32 and 128 streams, 0 and 16
     .venv/bin/python benchmarks/serve_vs_engine.py --rounds 5 --json bench_results/serve_vs_engine.json
+    .venv/bin/python benchmarks/serve_vs_engine.py --table bench_results/serve_vs_engine.json  # its table again
     .venv/bin/python benchmarks/serve_vs_engine.py --only server --profile /tmp/server.raw  # + py-spy
     git worktree add /tmp/before <commit>    # before/after: that checkout's server in the same rounds
     .venv/bin/python benchmarks/serve_vs_engine.py --before /tmp/before
@@ -320,24 +322,40 @@ def table(rows: list[Measured], args: argparse.Namespace) -> str:
     )
     lines = [
         f"{args.dtype}, {args.threads} threads, {args.new_tokens} new tokens per request, medians of "
-        f"{args.rounds} alternated rounds\n",
+        f"{args.rounds} alternated rounds (ratios: median of each round's ratio)\n",
         head + " |",
         "|---" * (2 + 2 * len(systems) + len(systems) - 1) + "|",
     ]
     for n in args.requests:
         for k in args.adapters:
 
-            def med(system: str, field: str, n: int = n, k: int = k) -> float:
-                values = [
+            def values(system: str, field: str, n: int = n, k: int = k) -> list[float]:
+                """The system's measurements of this setting, in round order."""
+                return [
                     getattr(r, field) for r in rows if (r.system, r.requests, r.adapters) == (system, n, k)
                 ]
-                return statistics.median(values) if values else float("nan")
 
-            tok = [med(x, "tok_s") for x in systems]
-            cells = [f"{t:.1f}" for t in tok] + [f"{t / tok[0]:.3f}" for t in tok[1:]]
-            cells += [f"{med(x, 'ttft_p50_ms'):.0f}" for x in systems]
+            def med(xs: list[float]) -> float:
+                return statistics.median(xs) if xs else float("nan")
+
+            tok = {x: values(x, "tok_s") for x in systems}
+            # each round's ratio to the engine of the same round: the machine drifts between rounds
+            ratios = [med([a / b for a, b in zip(tok[x], tok["engine"], strict=False)]) for x in systems[1:]]
+            cells = [f"{med(tok[x]):.1f}" for x in systems] + [f"{q:.3f}" for q in ratios]
+            cells += [f"{med(values(x, 'ttft_p50_ms')):.0f}" for x in systems]
             lines.append(f"| {n} | {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table_of(saved: list[dict], args: argparse.Namespace) -> str:
+    """``table`` of the measurements a run wrote with ``--json`` (pass the run's ``--dtype``)."""
+    rows = [Measured(**r) for r in saved]
+    systems = {r.system for r in rows}
+    args.requests = list(dict.fromkeys(r.requests for r in rows))
+    args.adapters = list(dict.fromkeys(r.adapters for r in rows))
+    args.async_engine, args.before = "async" in systems, "server-before" in systems
+    args.rounds = sum(r.system == "engine" for r in rows) // (len(args.requests) * len(args.adapters))
+    return table(rows, args)
 
 
 def warm_server(url: str, adapters: int) -> None:
@@ -371,11 +389,15 @@ def main() -> None:
     p.add_argument("--profile", type=Path, default=None, help="record the server with py-spy (raw format)")
     p.add_argument("--gil", action="store_true", help="with --profile: only samples holding the GIL")
     p.add_argument("--json", type=Path, default=None, help="write every measurement here")
+    p.add_argument("--table", type=Path, default=None, help="print the table of a --json file and exit")
     p.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--adapter-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.engine_worker:
         engine_worker(args)
+        return
+    if args.table:
+        print(table_of(json.loads(args.table.read_text()), args))
         return
 
     from blora.bench.throughput import prepare_adapters
