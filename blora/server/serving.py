@@ -510,7 +510,7 @@ class Serving:
 
         The chunks rendered from one engine output go out in one write, as do the closing ones (usage and
         ``[DONE]``): the same bytes in fewer HTTP chunks, none held back waiting for another output. A
-        single engine request (one prompt, any ``n``) is read straight from its stream, without ``merge``.
+        single engine request (one prompt, any ``n``) is read from ``Job.outputs``, without ``merge``.
         """
 
         async def produce(write: Write) -> None:
@@ -521,18 +521,9 @@ class Serving:
                     await write(gen.encode(opening))
                 if len(gen.jobs) == 1:
                     job = gen.jobs[0]
-                    finished = False
-                    if job.first is not None:
-                        out = await job.first
-                        job.observe(out)
-                        finished = out.finished
+                    async for out in job.outputs():
                         if chunks := render(job, state, out):
                             await write(gen.encode(chunks))
-                    if not finished:
-                        async for out in job.stream:
-                            job.observe(out)
-                            if chunks := render(job, state, out):
-                                await write(gen.encode(chunks))
                 else:
                     async for job, out in merge(gen.jobs):
                         if chunks := render(job, state, out):
