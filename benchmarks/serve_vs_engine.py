@@ -154,6 +154,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         adapters={p.name: str(p) for p in paths},
         max_loras=max(16, len(paths)),
         max_num_seqs=max(64, *args.requests),
+        stream_interval=args.stream_interval,
     )
 
 
@@ -188,6 +189,7 @@ class EngineProcess:
         cmd = [sys.executable, __file__, "--engine-worker", "--adapter-dir", str(adapter_dir)]
         cmd += ["--async-engine"] if system == "async" else []
         cmd += ["--dtype", args.dtype, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+        cmd += ["--stream-interval", str(args.stream_interval)]
         cmd += ["--requests", *map(str, args.requests), "--adapters", *map(str, args.adapters)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         self.proc = subprocess.Popen(
@@ -224,6 +226,8 @@ def launch_server(
            "--dtype", args.dtype, "--threads", str(args.threads), "--max-queue", "-1",
            "--max-num-seqs", str(max(64, *args.requests)), "--max-loras", str(max(16, len(adapters))),
            "--log-level", "warning"]  # fmt: skip
+    if args.stream_interval != 1:
+        cmd += ["--stream-interval", str(args.stream_interval)]
     if adapters:
         cmd += ["--lora-modules", *(f"{k}={v}" for k, v in adapters.items())]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(root))
@@ -374,6 +378,9 @@ def main() -> None:
     p.add_argument("--adapters", type=int, nargs="+", default=[0, 16], help="distinct adapters (0: base)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--stream-interval", type=int, default=1, help="the server's (and AsyncLLM's) --stream-interval"
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--adapter-cache", type=Path, default=Path("/tmp/blora-bench-adapters"))

@@ -5,6 +5,8 @@ requests get only their final output, and each chunk of the plan carries its ada
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from blora.engine import LLM, RequestOutput, RequestOutputKind, SamplingParams
@@ -83,6 +85,34 @@ def test_deltas_are_each_increment_once_and_add_up(llm, with_stop):
     if with_stop:
         reasons = [o.outputs[i].stop_reason for outs in emitted.values() for o in outs[-1:] for i in range(2)]
         assert stop[0] in reasons, "the stop string must end at least one completion"
+
+
+def test_stream_interval_sends_the_first_token_then_every_n_and_the_same_completions(llm, monkeypatch):
+    stop = stop_strings(llm)
+    llm.reset_prefix_cache()  # both runs compute their prompts: the same arithmetic, the same logprobs
+    every = run(llm, params(stop), RequestOutputKind.CUMULATIVE)
+    monkeypatch.setattr(llm.engine, "config", dataclasses.replace(llm.engine.config, stream_interval=4))
+    llm.reset_prefix_cache()
+    grouped = run(llm, params(stop), RequestOutputKind.CUMULATIVE)
+    for one, four in zip(every.values(), grouped.values(), strict=True):
+        for a, b in zip(one[-1].outputs, four[-1].outputs, strict=True):
+            assert (b.text, b.token_ids, b.logprobs, b.finish_reason, b.stop_reason) == (
+                a.text, a.token_ids, a.logprobs, a.finish_reason, a.stop_reason,
+            )  # fmt: skip
+        for out in four[:-1]:  # each output: some choice's first token (not held back), or >= 4 new ones
+            firsts = [c for c in out.outputs if c.delta_token_ids and c.delta_token_ids == c.token_ids]
+            assert all(len(c.token_ids) == 1 for c in firsts)
+            assert firsts or max(len(c.delta_token_ids) for c in out.outputs) >= 4, out.outputs
+        assert len(four) < len(one)
+        for index in range(2):  # the deltas still add up to the completion
+            c = four[-1].outputs[index]
+            assert "".join(o.outputs[index].delta_text for o in four) == c.text
+            assert [t for o in four for t in o.outputs[index].delta_token_ids] == c.token_ids
+
+
+def test_stream_interval_below_one_is_refused():
+    with pytest.raises(ValueError, match="stream_interval must be >= 1"):
+        LLM(tiny_model("llama"), tokenizer=tokenizer(), stream_interval=0)
 
 
 def test_final_only_emits_the_final_output_alone(llm):

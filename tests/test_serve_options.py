@@ -32,12 +32,13 @@ def test_engine_args_build_the_engine_they_describe(tmp_path):
     model = save_tiny_model("llama", tmp_path / "model")
     args = parse(str(model), "--max-model-len", "96", "--max-loras", "3", "--max-num-seqs", "5",
                  "--max-lora-rank", "8", "--num-kv-blocks", "40", "--no-enable-prefix-caching",
-                 "--lora-backend", "torch", "--seed", "7", "--dtype", "float32", "--device", "cpu")  # fmt: skip
+                 "--lora-backend", "torch", "--seed", "7", "--dtype", "float32", "--device", "cpu",
+                 "--stream-interval", "3")  # fmt: skip
     built = engine_args(args)
     assert built.model == str(model) and built.dtype == "float32" and built.device == "cpu"
     expected = dataclasses.replace(
         EngineConfig(), max_model_len=96, max_loras=3, max_num_seqs=5, max_lora_rank=8, num_kv_blocks=40,
-        enable_prefix_caching=False, lora_backend="torch", seed=7,
+        enable_prefix_caching=False, lora_backend="torch", seed=7, stream_interval=3,
     )  # fmt: skip
     assert built.config == expected
     llm = LLM(**built.kwargs())  # every field reaches the engine's config
@@ -86,6 +87,8 @@ def test_the_entry_points_share_the_options():
         blora_main(["serve", "--replicas", "2"])
     with pytest.raises(SystemExit, match="needs --adapter-root"):
         blora_main(["serve", "--allow-runtime-adapters"])
+    with pytest.raises(SystemExit, match="--stream-interval must be >= 1"):
+        blora_main(["serve", "--stream-interval", "0"])
 
 
 def test_options_module_loads_nothing_heavy():

@@ -476,7 +476,9 @@ def test_metrics_moved(server):
 
 @pytest.fixture(scope="module")
 def small(work):
-    s = launch(work, "--max-num-seqs", "1", "--max-queue", "1", "--drain-timeout", "2")
+    s = launch(
+        work, "--max-num-seqs", "1", "--max-queue", "1", "--drain-timeout", "2", "--stream-interval", "4"
+    )
     yield s
     s.stop()
 
@@ -490,6 +492,20 @@ def long_stream(server: Server, max_tokens: int):
         stream=True,
         extra_body={"ignore_eos": True},
     )
+
+
+def test_stream_interval_sends_the_first_token_then_four_at_a_time(small, reference):
+    """``--stream-interval 4``: the first token alone (time to first token unchanged), then chunks of 4 new
+    tokens, the rest with the end; the text is the greedy completion."""
+    expected = greedy(reference, [PROMPTS[1]], [None], max_tokens=10)[0]
+    stream = small.client().completions.create(
+        model=NAME, prompt=PROMPTS[1], max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = [c for c in stream if c.choices]
+    assert [c.usage.completion_tokens for c in chunks] == [1, 5, 9, 10]
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_full_queue_answers_429_with_retry_after(small):

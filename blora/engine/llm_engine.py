@@ -59,7 +59,9 @@ class EngineConfig:
     are adapters, resolved by name on first use), ``cpu_cache_bytes`` (host cache of prepared adapters),
     ``prefetch_depth`` (distinct adapters of waiting requests loaded ahead; default ``max_loras``).
     ``enable_prefix_caching``: reuse the K/V of full blocks of earlier requests with the same leading tokens
-    and the same adapter (``blora.engine.block_manager``)."""
+    and the same adapter (``blora.engine.block_manager``). ``stream_interval``: a streaming request's outputs
+    carry this many new tokens each (its first token and its end come at once): fewer, larger outputs cost
+    the server less per token (vLLM's ``--stream-interval``)."""
 
     max_loras: int = 16
     max_num_seqs: int = 64
@@ -75,6 +77,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # adapters in the host cache (None: bounded by cpu_cache_bytes only)
     prefetch_depth: int | None = None
     enable_prefix_caching: bool = True
+    stream_interval: int = 1
     # How the forward runs (docs/engine.md), resolved once when the engine starts:
     lora_backend: str = "auto"  # "auto", "cpu" (C++ kernel + GEMMs), "torch", ... (blora.lora.backends)
     cpu_kernel: bool = True  # the C++ kernels (LoRA, decode attention, fast path); False: PyTorch ops only
@@ -95,6 +98,10 @@ class LLMEngine:
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, adapters=None) -> None:
         self.config = config = config or EngineConfig()
+        if config.stream_interval < 1:
+            raise ValueError(
+                f"stream_interval must be >= 1 (tokens per streamed output), got {config.stream_interval}"
+            )
         if config.quantization is not None:  # before anything reads or wraps the base linears
             quantize_model(model, config.quantization)
         self.model = model
@@ -423,13 +430,14 @@ class LLMEngine:
         self.generation_tokens_total += update.num_generated
         outputs = self._fail_requests(update.failed)
         now = time.time()
+        interval = self.config.stream_interval
         for req in update.progressed.values():
             req.metrics.first_token_time = req.metrics.first_token_time or now
             if req.finished:
                 req.metrics.finished_time = now
                 self.requests.pop(req.request_id, None)
                 self._release(req)
-            if req.finished or req.streams:
+            if req.finished or (req.streams and (interval == 1 or req.stream_due(interval))):
                 outputs.append(req.take_output())
         return outputs
 

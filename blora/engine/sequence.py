@@ -194,6 +194,18 @@ class Request:
         """Whether an output is emitted after every step that made progress (else only the final one)."""
         return self.output_kind is RequestOutputKind.CUMULATIVE
 
+    def stream_due(self, interval: int) -> bool:
+        """With a stream interval above 1: whether a streaming request's next output is due, i.e. one of its
+        sequences holds ``interval`` unsent tokens, or its first tokens are not sent yet (the time to first
+        token does not wait for the interval)."""
+        first = False
+        for seq in self.seqs:
+            pending = len(seq.pending.token_ids)
+            if pending >= interval:
+                return True
+            first = first or (pending > 0 and pending == seq.num_output_tokens)
+        return first
+
     def take_output(self) -> RequestOutput:
         """The request's output now, each sequence's increment drained into its ``delta_*`` fields (the
         engine calls this once per emitted output, so each increment is emitted exactly once)."""

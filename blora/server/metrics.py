@@ -194,7 +194,7 @@ class ServerMetrics:
         lat, req, tpot = LATENCY_BUCKETS, VLLM_REQUEST_BUCKETS, VLLM_TPOT_BUCKETS
         h = self._histogram
         self.ttft = h("time_to_first_token_seconds", "Time to first token (server arrival to first token).", lat, VLLM_TTFT_BUCKETS)  # fmt: skip
-        self.itl = h("inter_token_latency_seconds", "Time between consecutive token deliveries.", lat, tpot, also="time_per_output_token_seconds")  # fmt: skip
+        self.itl = h("inter_token_latency_seconds", "Time between consecutive output tokens as delivered (with --stream-interval N: each delivery's gap over its tokens).", lat, tpot, also="time_per_output_token_seconds")  # fmt: skip
         self.tpot = h("request_time_per_output_token_seconds", "(e2e - ttft) / (output tokens - 1) per request.", lat, tpot)  # fmt: skip
         self.e2e = h("e2e_request_latency_seconds", "End-to-end request latency.", lat, req)
         self.queue = h("request_queue_time_seconds", "Time from arrival at the engine to its first step.", lat, req)  # fmt: skip
@@ -249,14 +249,16 @@ class RequestTimer:
         self.first: float | None = None
         self.last: float | None = None
 
-    def on_tokens(self) -> None:
+    def on_tokens(self, new: int = 1) -> None:
+        """``new`` tokens delivered now (more than one with ``--stream-interval``: their mean gap is
+        observed, once per delivery)."""
         now = time.monotonic()
         name = self.m.model_name
         if self.first is None:
             self.first = now
             self.m.ttft.labels(name).observe(now - self.arrival)
         elif self.last is not None:
-            self.m.itl.labels(name).observe(now - self.last)
+            self.m.itl.labels(name).observe((now - self.last) / new)
         self.last = now
 
     def on_params(self, n: int, max_tokens: int) -> None:

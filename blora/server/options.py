@@ -218,6 +218,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="reuse the KV cache of full prompt blocks of earlier requests with the same tokens and the same "
            "adapter (default: on; --no-enable-prefix-caching or --no-prefix-caching turns it off)")  # fmt: skip
     a("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
+    a("--stream-interval", type=int, default=EngineConfig.stream_interval,
+      help="new tokens per streamed chunk; the first token and the end are sent at once (default: 1, every "
+           "token; larger values cost the server less per token at the price of a burstier stream)")  # fmt: skip
     a("--seed", type=int, default=EngineConfig.seed, help="engine seed for requests without their own seed")
     a("--lora-backend", default=EngineConfig.lora_backend,
       help="how the LoRA math runs: auto | cpu (C++ kernel + GEMMs) | torch (PyTorch ops) (default: auto)")  # fmt: skip
@@ -321,6 +324,10 @@ def check_args(args: argparse.Namespace) -> None:
         given.append("--no-adapter-affinity")
     if given and not getattr(args, "ray", False):
         raise SystemExit(f"{', '.join(given)} only apply with --ray")
+    if args.stream_interval < 1:
+        raise SystemExit(
+            f"--stream-interval must be >= 1 (new tokens per streamed chunk), got {args.stream_interval}"
+        )
     if args.max_body_mb <= 0 or (args.max_prompt_chars is not None and args.max_prompt_chars < 1):
         raise SystemExit("--max-body-mb and --max-prompt-chars must be positive")
     if getattr(args, "replicas", None) is not None and args.replicas < 1:
@@ -461,6 +468,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
         enable_prefix_caching=args.enable_prefix_caching,
+        stream_interval=args.stream_interval,
         lora_backend=args.lora_backend,
         fast_path=args.fast_path,
         cpu_kernel=args.cpu_kernel,

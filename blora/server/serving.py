@@ -93,7 +93,7 @@ class Job:
             new += len(c.delta_token_ids)
         if new:
             self.tokens_seen += new
-            self.timer.on_tokens()
+            self.timer.on_tokens(new)
         if out.finished:
             self.final = out
             outputs = [(len(c.token_ids), c.finish_reason) for c in out.outputs]
