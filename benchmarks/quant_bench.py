@@ -166,8 +166,9 @@ def bench_engine(args) -> None:
 
 # -- ops ---------------------------------------------------------------------------------------------------
 def op_variants(shapes) -> dict[str, Callable[[dict[int, torch.Tensor]], object]]:
+    from blora import kernels
     from blora.models.families.packing import Packed
-    from blora.models.quant import INT4_GROUP_SIZE, _quantize_int4, _quantize_int8
+    from blora.models.quant import INT4_GROUP_SIZE, _quantize_int4, _quantize_int8, to_blocks
 
     torch.manual_seed(0)
     ws = [torch.randn(o, i) / i**0.5 for i, o in shapes]
@@ -194,6 +195,12 @@ def op_variants(shapes) -> dict[str, Callable[[dict[int, torch.Tensor]], object]
             torch._weight_int4pack_mm_for_cpu(x[p.shape[1] * 2].to(bf), p, g, sz) for p, sz in q4
         ],
     }
+    kernel = kernels.get()
+    if kernel is not None and all(o % 16 == 0 for _, o in shapes):
+        blocks = [(to_blocks(q), s) for q, s in q8]
+        variants["int8 blora, bf16 x"] = lambda x: [
+            kernel.int8_linear(x[b.shape[1]].to(bf), b, s) for b, s in blocks
+        ]
     variants.update(torchao_variants(ws))
     return variants
 

@@ -103,7 +103,7 @@ class LLMEngine:
                 f"stream_interval must be >= 1 (tokens per streamed output), got {config.stream_interval}"
             )
         if config.quantization is not None:  # before anything reads or wraps the base linears
-            quantize_model(model, config.quantization)
+            quantize_model(model, config.quantization, kernel=config.cpu_kernel)
         self.model = model
         self.tokenizer = tokenizer
         self.max_model_len, num_blocks = size_kv_cache(model, config)

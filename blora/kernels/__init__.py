@@ -41,7 +41,7 @@ import torch
 logger = logging.getLogger("blora")
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-ABI_VERSION = 6
+ABI_VERSION = 7
 # An adapter's tokens go through the kernel while tokens x rank stays at or under this; above it a GEMM pair
 # wins (measured, bf16 and fp32: r=64 crosses over at 16-32 tokens, r=8 beyond 128). Prefill goes to GEMMs.
 MAX_WORK = 2048
@@ -92,6 +92,9 @@ class CpuKernel:
             fn.restype = None
             self._attn[dtype] = fn
         self.native_vector = bool(lib.blora_native_vector())
+        self._int8_linear = lib.blora_int8_linear_bf16
+        self._int8_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64]
+        self._int8_linear.restype = None
         self._elementwise: dict[tuple[str, torch.dtype], Callable[..., None]] = {}
         signatures = {
             "rms_norm": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_float, i64]),
@@ -230,6 +233,20 @@ class CpuKernel:
             key.data_ptr(), value.data_ptr(), key.stride(1), key.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
             k_cache.shape[1], slots.data_ptr(), n, kvh, d,
         )  # fmt: skip
+
+    def int8_linear(self, x: torch.Tensor, qblocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """``x`` [M, K] bfloat16 (unit column stride) times an int8 weight in blocks of 16 output rows,
+        ``qblocks`` [N/16, K, 16] contiguous, with ``scales`` [N] bfloat16 -> new [M, N] bfloat16:
+        ``round(scale[n] * sum_k x[m, k] * q[n, k])`` with float32 products and sums."""
+        m, k = x.shape
+        n = qblocks.shape[0] * qblocks.shape[2]
+        y = x.new_empty(m, n)
+        scratch = torch.empty(m * k, dtype=torch.float32)
+        self._int8_linear(
+            x.data_ptr(), x.stride(0), m, k, qblocks.data_ptr(), scales.data_ptr(), n, y.data_ptr(), n,
+            scratch.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return y
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """``x.argmax(-1)`` for ``x`` [N, V] (unit column stride): first maximum, or first NaN, per row."""

@@ -11,21 +11,24 @@ weights). ``dequantize_model`` turns all of them back into plain, tied modules (
 The model families' own forwards (``blora.models.families``) run quantized models as well, q/k/v and gate/up
 as one kernel call each over a fused layer (``fuse_quantized``).
 
-Kernels: PyTorch's own packed matmuls, ``torch._weight_int8pack_mm`` (int8 weight, per-row scale) and
-``torch._weight_int4pack_mm_for_cpu`` (int4 weight in groups along the input, a scale and zero per group),
-called with bfloat16 activations (with float32 activations both take a scalar path, 10-20x slower). Measured
-on a 2-core AMD EPYC with AVX512-BF16 (one thread, SmolLM2-135M's shapes, a decode
-step's 120 decoder GEMMs streamed from memory): at one row, bfloat16 oneDNN-prepacked GEMMs 15.9 ms for the
-212 MB of decoder weights, int8 12.3 ms for 106 MB; the 49152 x 576 LM head 2.1 ms in bfloat16 (prepacked),
-2.0 ms in int8, 1.1 ms in int4; at 32 rows the int8 head takes 24 ms against 10 ms in bfloat16. The integer
-kernels are compute-bound on this CPU (they convert every weight to float32 and reduce each output row
-horizontally): ~9 GB/s of weights against oneDNN's 13-30 GB/s in bfloat16, so halving the bytes buys less
-than 2x at one row, and at many rows oneDNN's native bfloat16 GEMM is faster (the fast forward then runs the
-LM head from a prepacked copy of its dequantized weight, ``FastDecoder.logits``). On an AVX2 CPU without
-native bfloat16 the int8 kernel ran 4-7x faster than bfloat16 ``F.linear``. torchao was measured too: its
-int8 weight-only tensor on CPU converts the int8 weight to float on every call and its CPU int4 layout calls
-the same ``_weight_int4pack_mm_for_cpu`` through a tensor subclass, so it adds a dependency without a faster
-kernel.
+Kernels: int8 layers run blora's own kernel (``blora.kernels``, ``CpuKernel.int8_linear``) over the weight
+stored in blocks of 16 output rows (``to_blocks``: for each input column the 16 rows' values side by side),
+which streams the weights in order and yields 16 outputs per vector with no horizontal sum; each bfloat16
+activation times int8 weight product is exact in float32, the float32 sum is scaled once per output.
+Measured on a 2-core AMD EPYC with AVX512-BF16 (2 threads, weights streamed from memory): at one row
+1.2-1.7x faster than ``torch._weight_int8pack_mm`` over [out, in] rows, and faster at every batch size
+up to 512 rows; a whole decode step at one request went from 1.32x to 1.74x the bfloat16 model's tok/s on
+SmolLM2-135M and from 1.22x to 2.04x at the Qwen2.5-0.5B shape. Layers whose output size is not a multiple
+of 16, and engines with ``cpu_kernel=False`` (or no compiler), keep [out, in] rows and PyTorch's kernel.
+int4 layers run ``torch._weight_int4pack_mm_for_cpu`` (int4 weight in groups along the input, a scale and
+zero per group). Both PyTorch kernels are called with bfloat16 activations (with float32 activations they
+take a scalar path, 10-20x slower), and blora's reads bfloat16 too: float32 models' activations are rounded
+to bfloat16 on the way in and the output converted back. At many rows (prefill, 32 concurrent requests)
+oneDNN's native bfloat16 GEMM outruns every integer kernel on this CPU, which converts each weight to
+float before multiplying (the fast forward runs the LM head from a prepacked copy of its dequantized weight
+there, ``FastDecoder.logits``). torchao was measured too: its int8 weight-only tensor on CPU converts the
+int8 weight to float on every call and its CPU int4 layout calls the same ``_weight_int4pack_mm_for_cpu``
+through a tensor subclass, so it adds a dependency without a faster kernel.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ QUANTIZATION_METHODS = ("int8", "int4")
 # 4.4% of the float32 model with 32, 58% with 64).
 INT4_GROUP_SIZE = 32
 KERNEL_DTYPE = torch.bfloat16  # activations enter the integer kernels in this dtype (see the module doc)
-INT8_IN_MULTIPLE = 8  # the int8 kernel reads inputs in blocks of 8 columns
+INT8_IN_MULTIPLE = 8  # PyTorch's int8 kernel reads inputs in blocks of 8 columns
+# Output rows per block of the blocked int8 layout that blora's own kernel reads (``blora.kernels``,
+# ``CpuKernel.int8_linear``): qweight [out/16, in, 16]; layers whose out_features is not a multiple keep [out, in].
+INT8_BLOCK = 16
 INT4_OUT_MULTIPLE = 32  # the int4 packing stores outputs in blocks of 32 rows (``_int4_values`` reads them)
 # The LM head (and input embeddings tied to it) in every method: one int8 row per token serves the head's
 # kernel and an exact embedding lookup; an int4 table would need the kernel's packing undone per lookup.
@@ -88,28 +94,36 @@ class QuantizedLinear(nn.Module):
         bias: torch.Tensor | None,
         dtype: torch.dtype,
         group_size: int | None = None,
+        blocked: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.method, self.group_size, self.dtype = method, group_size, dtype
+        self.blocked = blocked  # int8 in blocks of INT8_BLOCK rows, for blora's kernel
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)  # int8: [out]; int4: [in/G, out, 2] (scale, zero)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: LinearLike, method: str, name: str = "") -> QuantizedLinear:
+    def from_linear(
+        cls, linear: LinearLike, method: str, name: str = "", kernel: bool = True
+    ) -> QuantizedLinear:
         """Quantize the weight of ``linear`` (an ``nn.Linear`` or GPT-2's ``Conv1D``) by rounding to nearest;
-        ``name`` labels the layer in errors."""
+        ``name`` labels the layer in errors. ``kernel``: int8 layers whose rows fit the blocked layout run
+        blora's kernel where it is built (else PyTorch's)."""
         conv1d = type(linear).__name__ == "Conv1D"  # GPT-2's linear, weight [in, out]
         w = linear.weight.detach().float()
         w = w.t() if conv1d else w
         out_f, in_f = w.shape
         check_shape(name or "linear", in_f, out_f, method)
+        blocked = False
         if method == "int8":
             qweight, scales, group = *_quantize_int8(w), None
+            if kernel and out_f % INT8_BLOCK == 0 and _kernel() is not None:
+                qweight, blocked = to_blocks(qweight), True
         else:
             qweight, scales, group = *_quantize_int4(w, INT4_GROUP_SIZE), INT4_GROUP_SIZE
-        return cls(in_f, out_f, method, qweight, scales, linear.bias, linear.weight.dtype, group)
+        return cls(in_f, out_f, method, qweight, scales, linear.bias, linear.weight.dtype, group, blocked)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype == KERNEL_DTYPE == self.dtype and self.bias is None:
@@ -122,15 +136,21 @@ class QuantizedLinear(nn.Module):
 
     def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """[N, in] in ``KERNEL_DTYPE`` -> [N, out] in ``KERNEL_DTYPE``."""
+        if self.blocked:
+            kernel = _kernel()
+            if kernel is not None:
+                return kernel.int8_linear(
+                    flat if flat.stride(1) == 1 else flat.contiguous(), self.qweight, self.scales
+                )
         if self.method == "int8":
-            return torch._weight_int8pack_mm(flat, self.qweight, self.scales)
+            return torch._weight_int8pack_mm(flat, self.int8_rows(), self.scales)
         assert self.group_size is not None  # int4 always has its group size
         return torch._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scales)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight the kernel computes with, [out, in] (a new tensor; for checks and DoRA norms)."""
         if self.method == "int8":
-            w = self.qweight.float() * self.scales.float()[:, None]
+            w = self.int8_rows().float() * self.scales.float()[:, None]
         else:
             assert self.group_size is not None
             w = _dequantize_int4(self._int4_values(), self.scales, self.group_size)
@@ -142,12 +162,17 @@ class QuantizedLinear(nn.Module):
         weight (DoRA norms, dtype / device checks) sees what the kernel multiplies by. Allocates."""
         return self.dequantize()
 
+    def int8_rows(self) -> torch.Tensor:
+        """The int8 weight as [out, in] rows (a copy when it is stored in blocks)."""
+        return from_blocks(self.qweight) if self.blocked else self.qweight
+
     def _int4_values(self) -> torch.Tensor:
         """The 0..15 values [out, in] (as float) of the packed weight (``_unpack_int4``)."""
         return _unpack_int4(self.qweight, self.out_features, self.in_features).float()
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
+        group += f", blocks of {INT8_BLOCK} rows" if self.blocked else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {self.method}{group}, "
             f"bias={self.bias is not None}"
@@ -169,10 +194,16 @@ class QuantizedEmbedding(nn.Embedding):
     scales: torch.Tensor
 
     def __init__(
-        self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, padding_idx: int | None = None
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        dtype: torch.dtype,
+        padding_idx: int | None = None,
+        blocked: bool = False,
     ) -> None:
         nn.Module.__init__(self)  # not nn.Embedding's: it would allocate a float weight
-        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.num_embeddings, self.embedding_dim = scales.shape[0], qweight.shape[1]
+        self.blocked = blocked  # the head's blocked layout: qweight [vocab/16, dim, 16]
         self.padding_idx, self.max_norm, self.norm_type = padding_idx, None, 2.0
         self.scale_grad_by_freq, self.sparse, self.dtype = False, False, dtype
         self.register_buffer("qweight", qweight)
@@ -182,15 +213,16 @@ class QuantizedEmbedding(nn.Embedding):
     def tied_to(cls, head: QuantizedLinear, padding_idx: int | None = None) -> QuantizedEmbedding:
         """The embeddings over ``head``'s int8 table (an int8 ``QuantizedLinear`` [vocab, dim]; shared)."""
         assert head.method == "int8" and head.bias is None
-        return cls(head.qweight, head.scales, head.dtype, padding_idx)
+        return cls(head.qweight, head.scales, head.dtype, padding_idx, head.blocked)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qweight[ids].float() * self.scales[ids].float()[..., None]
-        return rows.to(self.dtype)
+        q = self.qweight[ids // INT8_BLOCK, :, ids % INT8_BLOCK] if self.blocked else self.qweight[ids]
+        return (q.float() * self.scales[ids].float()[..., None]).to(self.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The table [vocab, dim] the lookups read (a new tensor)."""
-        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype or self.dtype)
+        q = from_blocks(self.qweight) if self.blocked else self.qweight
+        return (q.float() * self.scales.float()[:, None]).to(dtype or self.dtype)
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]  # nn.Embedding's is a parameter
@@ -220,9 +252,9 @@ def fuse_quantized(parts: list[QuantizedLinear]) -> QuantizedLinear | str:
       +20% on the fused projections' int4 bytes (0.5 + 0.125 byte per weight -> 0.75).
     """
     first = parts[0]
-    kinds = {(p.method, p.group_size, p.in_features, p.dtype, p.qweight.device) for p in parts}
+    kinds = {(p.method, p.group_size, p.in_features, p.dtype, p.qweight.device, p.blocked) for p in parts}
     if len(kinds) > 1:
-        return "its parts differ in quantization method, group size, input size, dtype or device"
+        return "its parts differ in quantization method, group size, input size, dtype, device or layout"
     if len(parts) == 1:
         return first
     if first.method == "int8":
@@ -240,12 +272,16 @@ def fuse_quantized(parts: list[QuantizedLinear]) -> QuantizedLinear | str:
         )
     out_features = sum(p.out_features for p in parts)
     fused = QuantizedLinear(
-        first.in_features, out_features, first.method, qweight, scales, bias, first.dtype, first.group_size
-    )
+        first.in_features, out_features, first.method, qweight, scales, bias, first.dtype, first.group_size,
+        first.blocked,
+    )  # fmt: skip
     start = 0
     for p in parts:
         stop = start + p.out_features
-        rows = qweight[start:stop]  # int8 [rows, in]; int4 [rows, in/2] bytes
+        # int8 [rows, in] or whole blocks [rows/16, in, 16] (a blocked part's rows are a multiple of 16);
+        # int4 [rows, in/2] bytes
+        block = INT8_BLOCK if first.blocked else 1
+        rows = qweight[start // block : stop // block]
         if first.method == "int8" or torch.equal(rows, p.qweight):
             p.qweight = rows
         if first.method == "int8":
@@ -264,6 +300,24 @@ def fused_extra_bytes(fused: QuantizedLinear, parts: list[QuantizedLinear]) -> i
     if fused.method == "int4":
         extra += fused.scales.numel() * fused.scales.element_size()
     return extra
+
+
+def to_blocks(q: torch.Tensor) -> torch.Tensor:
+    """int8 rows [out, in] -> blocks [out/16, in, 16] (``INT8_BLOCK`` rows side by side per input column)."""
+    out_f, in_f = q.shape
+    return q.view(out_f // INT8_BLOCK, INT8_BLOCK, in_f).transpose(1, 2).contiguous()
+
+
+def from_blocks(qb: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``to_blocks``: [out/16, in, 16] -> [out, in] (a copy)."""
+    blocks, in_f, width = qb.shape
+    return qb.transpose(1, 2).reshape(blocks * width, in_f)
+
+
+def _kernel():  # blora.kernels.CpuKernel | None (imported here: the kernels build on first use)
+    from blora import kernels
+
+    return kernels.get()
 
 
 def check_shape(name: str, in_features: int, out_features: int, method: str) -> None:
@@ -358,12 +412,12 @@ def _dequantize_int4(q: torch.Tensor, scales: torch.Tensor, group: int) -> torch
     return ((q.reshape(out_f, in_f // group, group) - 8) * scale + zero).reshape(out_f, in_f)
 
 
-def quantize_model(model: nn.Module, method: str) -> int:
+def quantize_model(model: nn.Module, method: str, kernel: bool = True) -> int:
     """Replace every ``nn.Linear`` / ``Conv1D`` of ``model`` by a ``QuantizedLinear`` (in place); returns how
     many were replaced. The decoder's linears take ``method``; the LM head takes int8 whatever ``method``
     (``_head_plan``: and, when it is tied to the input embeddings, they become a ``QuantizedEmbedding`` over
     the same int8 table). Checks every layer's shape before changing any. A model already quantized with
-    ``method`` is left as it is."""
+    ``method`` is left as it is. ``kernel=False``: int8 layers run PyTorch's kernel, not blora's."""
     if method not in QUANTIZATION_METHODS:
         raise QuantizationError(
             f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or None), got {method!r}"
@@ -389,14 +443,14 @@ def quantize_model(model: nn.Module, method: str) -> int:
     plan = _head_plan(model, head)
     with torch.no_grad():
         for name, linear in targets:
-            _replace(model, name, QuantizedLinear.from_linear(linear, method, name))
+            _replace(model, name, QuantizedLinear.from_linear(linear, method, name, kernel))
         if isinstance(plan, str):
             logger.info("blora: %d linear layers quantized to %s; LM head kept as it is: %s",
                         len(targets), method, plan)  # fmt: skip
             return len(targets)
         head_name, embed_name = plan
         assert head is not None and _quantizable(head)  # _head_plan checked it
-        quant_head = QuantizedLinear.from_linear(head, HEAD_METHOD, head_name)
+        quant_head = QuantizedLinear.from_linear(head, HEAD_METHOD, head_name, kernel)
         _replace(model, head_name, quant_head)
         if embed_name is not None:
             embed = model.get_submodule(embed_name)

@@ -737,11 +737,95 @@ void argmax_rows(const T* x, int64_t xs, int64_t n, int64_t v, int64_t* out, int
     for (int64_t i = 0; i < n; ++i) out[i] = argmax_row(x + i * xs, v);
 }
 
+
+// int8 weight-only linear (blora.models.quant): y[m, n] = round(scale[n] * sum_k x[m, k] * q[n, k]) with x
+// bfloat16 [M, K] (row stride xs), q int8 in blocks of 16 output rows, qb [N/16][K][16] (the 16 rows of a
+// block side by side for each input column), scale bfloat16 [N], y bfloat16 [M, N] (row stride ys). Each
+// product of a bfloat16 and an int8 value is exact in float32, the sums are float32, the scale multiplies
+// the sum once. The blocked layout streams the weights in order and gives 16 outputs per vector without a
+// horizontal sum: measured at Qwen2.5-0.5B's decode shapes (2 threads, weights from memory), one row
+// 1.2-1.7x faster than torch._weight_int8pack_mm over [N, K] rows, and faster at every batch size up to 512
+// rows (it converts each weight to float once per 4 rows). xf: scratch of M * K floats.
+constexpr int64_t kQBlock = 16;
+
+template <int MT>
+void int8_block_generic(const float* xf, int64_t K, const int8_t* w, const uint16_t* sc, uint16_t* y, int64_t ys) {
+    for (int m = 0; m < MT; ++m) {
+        float acc[kQBlock] = {};
+        const float* xm = xf + m * K;
+        for (int64_t k = 0; k < K; ++k) {
+            const float xv = xm[k];
+            const int8_t* wk = w + k * kQBlock;
+            for (int64_t j = 0; j < kQBlock; ++j) acc[j] += xv * static_cast<float>(wk[j]);
+        }
+        for (int64_t j = 0; j < kQBlock; ++j) y[m * ys + j] = f32_to_bf16(acc[j] * bf16_to_f32(sc[j]));
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(BLORA_GENERIC)
+constexpr int kQAhead = 8192;  // bytes of the weight stream prefetched ahead (measured: 8192-16384 best)
+
+template <int MT>
+void int8_block(const float* xf, int64_t K, const int8_t* w, const uint16_t* sc, uint16_t* y, int64_t ys) {
+    __m512 acc[MT][4];  // four partial sums per row: independent multiply-adds in flight
+    for (int m = 0; m < MT; ++m)
+        for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + k * kQBlock) + kQAhead, _MM_HINT_T0);
+        for (int u = 0; u < 4; ++u) {
+            const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (k + u) * kQBlock));
+            const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+            for (int m = 0; m < MT; ++m) acc[m][u] = _mm512_fmadd_ps(_mm512_set1_ps(xf[m * K + k + u]), wv, acc[m][u]);
+        }
+    }
+    for (; k < K; ++k) {
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * kQBlock))));
+        for (int m = 0; m < MT; ++m) acc[m][0] = _mm512_fmadd_ps(_mm512_set1_ps(xf[m * K + k]), wv, acc[m][0]);
+    }
+    const __m512 scale = load16(sc, 0xffff);
+    for (int m = 0; m < MT; ++m) {
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+        store16(y + m * ys, _mm512_mul_ps(sum, scale), 0xffff);
+    }
+}
+#else
+template <int MT>
+void int8_block(const float* xf, int64_t K, const int8_t* w, const uint16_t* sc, uint16_t* y, int64_t ys) {
+    int8_block_generic<MT>(xf, K, w, sc, y, ys);
+}
+#endif
+
+void int8_linear(const uint16_t* x, int64_t xs, int64_t M, int64_t K, const int8_t* qb, const uint16_t* sc,
+                 int64_t N, uint16_t* y, int64_t ys, float* xf, int64_t threads) {
+    const int64_t blocks = N / kQBlock;
+#pragma omp parallel num_threads(threads) if (M * N * K >= 65536)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t k = 0; k < K; ++k) xf[m * K + k] = bf16_to_f32(x[m * xs + k]);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; ++b) {
+            const int8_t* w = qb + b * K * kQBlock;
+            for (int64_t t = 0; t < M; t += 4) {  // 4 rows per pass over the block (from L1/L2 after the first)
+                const float* xt = xf + t * K;
+                uint16_t* yt = y + t * ys + b * kQBlock;
+                switch (M - t < 4 ? M - t : 4) {
+                    case 1: int8_block<1>(xt, K, w, sc + b * kQBlock, yt, ys); break;
+                    case 2: int8_block<2>(xt, K, w, sc + b * kQBlock, yt, ys); break;
+                    case 3: int8_block<3>(xt, K, w, sc + b * kQBlock, yt, ys); break;
+                    default: int8_block<4>(xt, K, w, sc + b * kQBlock, yt, ys); break;
+                }
+            }
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
-int blora_lora_abi_version() { return 6; }
+int blora_lora_abi_version() { return 7; }
 
 void blora_lora_add_f32(const float* x, int64_t xs, float* y, int64_t ys, int64_t in, int64_t n,
                         const int64_t* adapters, const int64_t* offsets, const int64_t* rows, int64_t threads) {
@@ -751,6 +835,12 @@ void blora_lora_add_f32(const float* x, int64_t xs, float* y, int64_t ys, int64_
 void blora_lora_add_bf16(const uint16_t* x, int64_t xs, uint16_t* y, int64_t ys, int64_t in, int64_t n,
                          const int64_t* adapters, const int64_t* offsets, const int64_t* rows, int64_t threads) {
     run<uint16_t>(x, xs, y, ys, in, n, adapters, offsets, rows, threads);
+}
+
+void blora_int8_linear_bf16(const uint16_t* x, int64_t xs, int64_t m, int64_t k, const int8_t* qb,
+                            const uint16_t* scales, int64_t n, uint16_t* y, int64_t ys, float* scratch,
+                            int64_t threads) {
+    int8_linear(x, xs, m, k, qb, scales, n, y, ys, scratch, threads);
 }
 }
 
