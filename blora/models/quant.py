@@ -19,7 +19,8 @@ Measured on a 2-core AMD EPYC with AVX512-BF16 (2 threads, weights streamed from
 1.2-1.7x faster than ``torch._weight_int8pack_mm`` over [out, in] rows, and faster at every batch size
 up to 512 rows; a whole decode step at one request went from 1.32x to 1.74x the bfloat16 model's tok/s on
 SmolLM2-135M and from 1.22x to 2.04x at the Qwen2.5-0.5B shape. Layers whose output size is not a multiple
-of 16, and engines with ``cpu_kernel=False`` (or no compiler), keep [out, in] rows and PyTorch's kernel.
+of 16, engines with ``cpu_kernel=False`` and CPUs without AVX-512 (or without a compiler) keep [out, in] rows
+and PyTorch's kernel.
 int4 layers run ``torch._weight_int4pack_mm_for_cpu`` (int4 weight in groups along the input, a scale and
 zero per group). Both PyTorch kernels are called with bfloat16 activations (with float32 activations they
 take a scalar path, 10-20x slower), and blora's reads bfloat16 too: float32 models' activations are rounded
@@ -119,7 +120,7 @@ class QuantizedLinear(nn.Module):
         blocked = False
         if method == "int8":
             qweight, scales, group = *_quantize_int8(w), None
-            if kernel and out_f % INT8_BLOCK == 0 and _kernel() is not None:
+            if kernel and out_f % INT8_BLOCK == 0 and _vector_kernel():
                 qweight, blocked = to_blocks(qweight), True
         else:
             qweight, scales, group = *_quantize_int4(w, INT4_GROUP_SIZE), INT4_GROUP_SIZE
@@ -318,6 +319,13 @@ def _kernel():  # blora.kernels.CpuKernel | None (imported here: the kernels bui
     from blora import kernels
 
     return kernels.get()
+
+
+def _vector_kernel() -> bool:
+    """Whether the kernel was built with its AVX-512 path, the one measured faster than PyTorch's (its
+    portable path is checked for correctness, not speed: other CPUs keep PyTorch's kernel)."""
+    kernel = _kernel()
+    return kernel is not None and kernel.native_vector
 
 
 def check_shape(name: str, in_features: int, out_features: int, method: str) -> None:

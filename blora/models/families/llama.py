@@ -47,10 +47,11 @@ from blora.models.families.packing import Gemm, Packed, fuse_linears
 from blora.models.quant import QuantizedLinear, fuse_quantized
 
 Linear = nn.Linear | QuantizedLinear  # what a projection of the fast forward is (a LoRA wrapper's base)
-# Rows up to which an int8 LM head runs its integer kernel (``FastDecoder.logits``). Measured on SmolLM2's
-# 49152 x 576 head, AVX512-BF16 EPYC, one thread: int8 2.0 / 2.2 / 6.7 / 24 ms at 1 / 4 / 8 / 32 rows,
-# the prepacked bfloat16 copy 2.1 / 2.6 / 4.1 / 10 ms.
-HEAD_INT8_MAX_ROWS = 4
+# Rows up to which an int8 LM head runs its integer kernel (``FastDecoder.logits``). Measured on an
+# AVX512-BF16 EPYC, 2 threads, blora's int8 kernel against the prepacked bfloat16 copy: SmolLM2's 49152 x 576
+# head 0.81 / 1.00 / 2.09 / 3.56 ms at 1 / 4 / 8 / 16 rows against 1.62 / 1.92 / 2.41 / 2.98 ms; Qwen2.5's
+# 151936 x 896 head 3.3 / 3.5 / 6.5 / 12.8 ms against 7.3 / 6.7 / 7.9 / 9.3 ms.
+HEAD_INT8_MAX_ROWS = 8
 
 logger = logging.getLogger("blora")
 
@@ -258,7 +259,7 @@ class FastDecoder:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The LM head over ``hidden`` [B, hidden] with its packed copy, or None (the runner calls the head
         module: it was wrapped, e.g. an lm_head LoRA, or has no packed copy). An int8 head runs its own
-        kernel up to ``HEAD_INT8_MAX_ROWS`` rows (as fast as the bfloat16 copy, reading half the bytes) and
+        kernel up to ``HEAD_INT8_MAX_ROWS`` rows (faster than the bfloat16 copy: half the bytes) and
         the packed copy of its dequantized weight above (oneDNN's bfloat16 GEMM outruns the int8 kernel
         there); both compute ``F.linear(hidden, dequantize(W))``."""
         head = self.model.get_output_embeddings()
