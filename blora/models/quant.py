@@ -75,7 +75,8 @@ class QuantizedLinear(nn.Module):
     """Weight-only quantized drop-in for ``nn.Linear``: ``y = x @ dequantize(W).T + b``.
 
     ``x`` [..., in_features] in the model's dtype -> ``y`` [..., out_features] in the same dtype.
-    int8: ``W = q * scale[:, None]`` with ``q`` int8 [out, in], ``scale`` [out].
+    int8: ``W = q * scale[:, None]`` with ``q`` int8 [out, in], ``scale`` [out]; ``qweight`` holds ``q`` in
+    blocks of 16 rows, [out/16, in, 16], when ``blocked`` (blora's kernel; ``int8_rows`` gives [out, in]).
     int4: ``W[:, g*G:(g+1)*G] = (q[:, g*G:(g+1)*G] - 8) * scale[g] + zero[g]`` with ``q`` in 0..15 packed two
     per byte, ``scale`` / ``zero`` [in/G, out] for groups of ``G = group_size`` input columns.
     Semantics: ``torch.nn.functional.linear(x, self.dequantize(), self.bias)`` (activations and outputs are
@@ -315,10 +316,15 @@ def from_blocks(qb: torch.Tensor) -> torch.Tensor:
     return qb.transpose(1, 2).reshape(blocks * width, in_f)
 
 
-def _kernel():  # blora.kernels.CpuKernel | None (imported here: the kernels build on first use)
-    from blora import kernels
+_KERNEL: list = []  # [blora.kernels.CpuKernel | None] once looked up: read on every int8 layer call
 
-    return kernels.get()
+
+def _kernel():  # blora.kernels.CpuKernel | None (imported here: the kernels build on first use)
+    if not _KERNEL:
+        from blora import kernels
+
+        _KERNEL.append(kernels.get())
+    return _KERNEL[0]
 
 
 def _vector_kernel() -> bool:
