@@ -20,6 +20,7 @@ adapters the first time also does. Reproduce (a quiet machine; results in bench_
     .venv/bin/python benchmarks/real_shapes.py                         # both shapes, default dtype
     .venv/bin/python benchmarks/real_shapes.py --dtype bfloat16 --rounds 3
     .venv/bin/python benchmarks/real_shapes.py --shapes qwen2.5-0.5b --skip-peft
+    .venv/bin/python benchmarks/real_shapes.py --skip-peft --no-prefix-caching   # the adapters' own cost
     .venv/bin/python benchmarks/real_shapes.py --quick                 # 2 layers, 8 x 8: a pipeline check
 """
 
@@ -204,6 +205,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quicker check)")
     p.add_argument("--skip-peft", action="store_true", help="leave out PEFT mixed")
+    p.add_argument(
+        "--no-prefix-caching", action="store_true",
+        help="the engine without its prefix cache: base rows then share no system-prompt blocks either, so "
+        "16 adapters / base is the adapters' own cost",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="2 layers, 8 requests x 8 tokens, 1 run")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "blora-real-shapes")
     p.add_argument("--out", type=Path, default=REPO / "bench_results" / "real_shapes", help="OUT.json/.md")
@@ -221,13 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = args.dtype or str(resolve_dtype(None, resolve_device("cpu"))).removeprefix("torch.")
     args.threads = args.threads or torch.get_num_threads()
     harness = SimpleNamespace(
-        requests=args.requests, max_tokens=args.new_tokens, threads=args.threads, runs=args.runs
-    )
+        requests=args.requests, max_tokens=args.new_tokens, threads=args.threads, runs=args.runs,
+        no_prefix_caching=args.no_prefix_caching,
+    )  # fmt: skip
     plan = [(s, 0 if s in ("transformers", "engine") else args.adapters) for s in SYSTEMS]
     plan = [(s, k) for s, k in plan if not (args.skip_peft and s.startswith("peft"))]
     print(
         f"real shapes {', '.join(args.shapes)}: {args.requests} requests x {args.new_tokens} new tokens, "
-        f"{args.dtype}, {args.threads} threads, {args.runs} runs x {args.rounds} rounds per system",
+        f"{args.dtype}, {args.threads} threads, {args.runs} runs x {args.rounds} rounds per system"
+        + (", engine without prefix caching" if args.no_prefix_caching else ""),
         flush=True,
     )
     rows: list[Row] = []

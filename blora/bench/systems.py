@@ -61,7 +61,11 @@ def run_engine(loaded, args, paths) -> Run:
 
     texts, names = workload(loaded.tokenizer, args)
     adapters = {p.name: str(p) for p in paths[: args.k]}
-    llm = LLM(loaded, adapters=adapters, max_loras=max(16, args.k), max_num_seqs=max(64, len(texts)))
+    caching = not getattr(args, "no_prefix_caching", False)
+    llm = LLM(
+        loaded, adapters=adapters, max_loras=max(16, args.k), max_num_seqs=max(64, len(texts)),
+        enable_prefix_caching=caching,
+    )  # fmt: skip
     warm = list(dict.fromkeys(names))  # loads every adapter (they load on first use)
     llm.generate(["Hi"] * len(warm), SamplingParams(max_tokens=2, temperature=0), adapters=warm)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)

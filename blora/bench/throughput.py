@@ -64,6 +64,7 @@ def measure(system: str, dtype: str, k: int, args, model: str | None, adapter_di
     cmd += ["--k", str(k), "--requests", str(args.requests), "--new-tokens", str(args.max_tokens)]
     cmd += ["--threads", str(args.threads), "--adapter-dir", str(adapter_dir), "--runs", str(args.runs)]
     cmd += ["--model", model] if model else []
+    cmd += ["--no-prefix-caching"] if getattr(args, "no_prefix_caching", False) else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -172,6 +173,7 @@ def _child_main(argv: list[str]) -> None:
     p.add_argument("--adapter-dir", required=True)
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--model", default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
     child(p.parse_args(argv))
 
 
