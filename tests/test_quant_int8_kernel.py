@@ -18,6 +18,7 @@ from torch import nn
 from blora import LLM, SamplingParams, kernels
 from blora.models.quant import (
     INT8_BLOCK,
+    INT8_GEMM_ROWS,
     QuantizedEmbedding,
     QuantizedLinear,
     from_blocks,
@@ -53,6 +54,29 @@ def test_kernel_is_the_scaled_float_sum(generic, rows, in_f, out_f):
     exact = (x.double() @ q.double().t()) * scales.double()
     assert y.shape == (rows, out_f) and y.dtype == torch.bfloat16
     assert ((y.double() - exact).abs() <= 2 * ULP * exact.abs() + 1e-6 * exact.abs().max()).all()
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_dequantized_blocks_are_the_layers_dequantized_weight(generic):
+    kernel = kernels.get(generic=generic)
+    assert kernel is not None
+    quant = QuantizedLinear.from_linear(linear(48, 40), "int8")
+    assert quant.blocked
+    assert torch.equal(kernel.int8_dequantize(quant.qweight, quant.scales), quant.dequantize())
+
+
+def test_prefill_sized_batches_run_the_bfloat16_gemm_over_the_dequantized_weight():
+    """From ``INT8_GEMM_ROWS`` rows the layer is exactly ``F.linear`` over its dequantized bfloat16 weight;
+    below, the int8 kernel (within a bfloat16 step of it)."""
+    quant = QuantizedLinear.from_linear(linear(96), "int8")
+    torch.manual_seed(3)
+    for rows in (INT8_GEMM_ROWS - 1, INT8_GEMM_ROWS, INT8_GEMM_ROWS + 37):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        ref = nn.functional.linear(x, quant.dequantize())
+        if rows >= INT8_GEMM_ROWS:
+            assert torch.equal(quant(x), ref)
+        else:
+            assert (quant(x).float() - ref.float()).abs().max() <= 2 * ULP * ref.float().abs().max()
 
 
 def test_blocks_round_trip_and_keep_each_row():

@@ -95,6 +95,9 @@ class CpuKernel:
         self._int8_linear = lib.blora_int8_linear_bf16
         self._int8_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64]
         self._int8_linear.restype = None
+        self._int8_dequantize = lib.blora_int8_dequantize_bf16
+        self._int8_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, i64]
+        self._int8_dequantize.restype = None
         self._elementwise: dict[tuple[str, torch.dtype], Callable[..., None]] = {}
         signatures = {
             "rms_norm": ([ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_float, i64]),
@@ -247,6 +250,15 @@ class CpuKernel:
             scratch.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return y
+
+    def int8_dequantize(self, qblocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """The weight of ``int8_linear`` as new bfloat16 rows [N, K]: ``round(q[n, k] * scale[n])``."""
+        blocks, k, width = qblocks.shape
+        out = torch.empty(blocks * width, k, dtype=torch.bfloat16)
+        self._int8_dequantize(
+            qblocks.data_ptr(), scales.data_ptr(), blocks * width, k, out.data_ptr(), torch.get_num_threads()
+        )
+        return out
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """``x.argmax(-1)`` for ``x`` [N, V] (unit column stride): first maximum, or first NaN, per row."""

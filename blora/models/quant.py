@@ -18,8 +18,9 @@ activation times int8 weight product is exact in float32, the float32 sum is sca
 Measured on a 2-core AMD EPYC with AVX512-BF16 (2 threads, weights streamed from memory): at one row
 1.2-1.7x faster than ``torch._weight_int8pack_mm`` over [out, in] rows, and faster at every batch size
 up to 512 rows; a whole decode step at one request went from 1.32x to 1.74x the bfloat16 model's tok/s on
-SmolLM2-135M and from 1.22x to 2.04x at the Qwen2.5-0.5B shape. Layers whose output size is not a multiple
-of 16, engines with ``cpu_kernel=False`` and CPUs without AVX-512 (or without a compiler) keep [out, in] rows
+SmolLM2-135M and from 1.22x to 2.04x at the Qwen2.5-0.5B shape. From 128 rows (prefill chunks) the
+layer dequantizes its blocks to bfloat16 in C++ and runs oneDNN's GEMM instead (1.4-2x faster there).
+Layers whose output size is not a multiple of 16, engines with ``cpu_kernel=False`` and CPUs without AVX-512 (or without a compiler) keep [out, in] rows
 and PyTorch's kernel.
 int4 layers run ``torch._weight_int4pack_mm_for_cpu`` (int4 weight in groups along the input, a scale and
 zero per group). Both PyTorch kernels are called with bfloat16 activations (with float32 activations they
@@ -53,6 +54,11 @@ INT8_IN_MULTIPLE = 8  # PyTorch's int8 kernel reads inputs in blocks of 8 column
 # Output rows per block of the blocked int8 layout that blora's own kernel reads (``blora.kernels``,
 # ``CpuKernel.int8_linear``): qweight [out/16, in, 16]; layers whose out_features is not a multiple keep [out, in].
 INT8_BLOCK = 16
+# Rows from which a blocked int8 layer dequantizes its weight to bfloat16 (C++, ``CpuKernel.int8_dequantize``)
+# and runs oneDNN's GEMM instead of the int8 kernel, which is compute-bound there (it converts every weight
+# once per 4 rows). Measured, 2 threads, 896 -> 9728: 3.00 / 6.06 / 25.3 ms (kernel) against 2.93 / 4.34 /
+# 12.9 ms at 64 / 128 / 512 rows; 4864 -> 896: 1.70 / 3.48 / 14.7 against 1.67 / 3.19 / 7.9 ms.
+INT8_GEMM_ROWS = 128
 INT4_OUT_MULTIPLE = 32  # the int4 packing stores outputs in blocks of 32 rows (``_int4_values`` reads them)
 # The LM head (and input embeddings tied to it) in every method: one int8 row per token serves the head's
 # kernel and an exact embedding lookup; an int4 table would need the kernel's packing undone per lookup.
@@ -140,6 +146,8 @@ class QuantizedLinear(nn.Module):
         """[N, in] in ``KERNEL_DTYPE`` -> [N, out] in ``KERNEL_DTYPE``."""
         if self.blocked:
             kernel = _kernel()
+            if kernel is not None and flat.shape[0] >= INT8_GEMM_ROWS:  # a prefill chunk
+                return nn.functional.linear(flat, kernel.int8_dequantize(self.qweight, self.scales))
             if kernel is not None:
                 return kernel.int8_linear(
                     flat if flat.stride(1) == 1 else flat.contiguous(), self.qweight, self.scales

@@ -821,6 +821,22 @@ void int8_linear(const uint16_t* x, int64_t xs, int64_t M, int64_t K, const int8
     }
 }
 
+// The blocked int8 weight dequantized to bfloat16 rows, out [N, K] = round(q * scale) (exactly
+// QuantizedLinear.dequantize): for batches large enough that oneDNN's bfloat16 GEMM over it beats the
+// int8 kernel, which converts every weight once per 4 rows.
+void int8_dequantize(const int8_t* qb, const uint16_t* sc, int64_t N, int64_t K, uint16_t* out, int64_t threads) {
+    const int64_t blocks = N / kQBlock;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int8_t* w = qb + b * K * kQBlock;
+        for (int64_t j = 0; j < kQBlock; ++j) {
+            const float s = bf16_to_f32(sc[b * kQBlock + j]);
+            uint16_t* o = out + (b * kQBlock + j) * K;
+            for (int64_t k = 0; k < K; ++k) o[k] = f32_to_bf16(static_cast<float>(w[k * kQBlock + j]) * s);
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -841,6 +857,11 @@ void blora_int8_linear_bf16(const uint16_t* x, int64_t xs, int64_t m, int64_t k,
                             const uint16_t* scales, int64_t n, uint16_t* y, int64_t ys, float* scratch,
                             int64_t threads) {
     int8_linear(x, xs, m, k, qb, scales, n, y, ys, scratch, threads);
+}
+
+void blora_int8_dequantize_bf16(const int8_t* qb, const uint16_t* scales, int64_t n, int64_t k, uint16_t* out,
+                                int64_t threads) {
+    int8_dequantize(qb, scales, n, k, out, threads);
 }
 }
 
