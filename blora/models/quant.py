@@ -20,8 +20,8 @@ Measured on a 2-core AMD EPYC with AVX512-BF16 (2 threads, weights streamed from
 up to 512 rows; a whole decode step at one request went from 1.32x to 1.74x the bfloat16 model's tok/s on
 SmolLM2-135M and from 1.22x to 2.04x at the Qwen2.5-0.5B shape. From 128 rows (prefill chunks) the
 layer dequantizes its blocks to bfloat16 in C++ and runs oneDNN's GEMM instead (1.4-2x faster there).
-Layers whose output size is not a multiple of 16, engines with ``cpu_kernel=False`` and CPUs without AVX-512 (or without a compiler) keep [out, in] rows
-and PyTorch's kernel.
+Layers whose output size is not a multiple of 16, engines with ``cpu_kernel=False`` and CPUs without
+AVX-512 (or without a compiler) keep [out, in] rows and PyTorch's kernel.
 int4 layers run ``torch._weight_int4pack_mm_for_cpu`` (int4 weight in groups along the input, a scale and
 zero per group). Both PyTorch kernels are called with bfloat16 activations (with float32 activations they
 take a scalar path, 10-20x slower), and blora's reads bfloat16 too: float32 models' activations are rounded
@@ -144,14 +144,12 @@ class QuantizedLinear(nn.Module):
 
     def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """[N, in] in ``KERNEL_DTYPE`` -> [N, out] in ``KERNEL_DTYPE``."""
-        if self.blocked:
-            kernel = _kernel()
-            if kernel is not None and flat.shape[0] >= INT8_GEMM_ROWS:  # a prefill chunk
+        if self.blocked and (kernel := _kernel()) is not None:
+            if flat.shape[0] >= INT8_GEMM_ROWS:  # a prefill chunk
                 return nn.functional.linear(flat, kernel.int8_dequantize(self.qweight, self.scales))
-            if kernel is not None:
-                return kernel.int8_linear(
-                    flat if flat.stride(1) == 1 else flat.contiguous(), self.qweight, self.scales
-                )
+            return kernel.int8_linear(
+                flat if flat.stride(1) == 1 else flat.contiguous(), self.qweight, self.scales
+            )
         if self.method == "int8":
             return torch._weight_int8pack_mm(flat, self.int8_rows(), self.scales)
         assert self.group_size is not None  # int4 always has its group size
@@ -174,7 +172,7 @@ class QuantizedLinear(nn.Module):
 
     def int8_rows(self) -> torch.Tensor:
         """The int8 weight as [out, in] rows (a copy when it is stored in blocks)."""
-        return from_blocks(self.qweight) if self.blocked else self.qweight
+        return int8_rows(self.qweight, self.blocked)
 
     def _int4_values(self) -> torch.Tensor:
         """The 0..15 values [out, in] (as float) of the packed weight (``_unpack_int4``)."""
@@ -231,8 +229,9 @@ class QuantizedEmbedding(nn.Embedding):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The table [vocab, dim] the lookups read (a new tensor)."""
-        q = from_blocks(self.qweight) if self.blocked else self.qweight
-        return (q.float() * self.scales.float()[:, None]).to(dtype or self.dtype)
+        return (int8_rows(self.qweight, self.blocked).float() * self.scales.float()[:, None]).to(
+            dtype or self.dtype
+        )
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]  # nn.Embedding's is a parameter
@@ -322,6 +321,11 @@ def from_blocks(qb: torch.Tensor) -> torch.Tensor:
     """The inverse of ``to_blocks``: [out/16, in, 16] -> [out, in] (a copy)."""
     blocks, in_f, width = qb.shape
     return qb.transpose(1, 2).reshape(blocks * width, in_f)
+
+
+def int8_rows(qweight: torch.Tensor, blocked: bool) -> torch.Tensor:
+    """An int8 table as [out, in] rows, whichever layout it is stored in (a copy when blocked)."""
+    return from_blocks(qweight) if blocked else qweight
 
 
 _KERNEL: list = []  # [blora.kernels.CpuKernel | None] once looked up: read on every int8 layer call
