@@ -146,7 +146,7 @@ def test_kernel_layer_sizes_and_row_strides(dtype, in_f, out_f, generic):
 @pytest.mark.parametrize("generic", [False, True], ids=["native", "generic"])
 @pytest.mark.parametrize("in_f,out_f", [(33, 1000), (200, 70), (2048, 130)])
 def test_kernel_many_tokens_per_adapter_each_element(dtype, in_f, out_f, generic):
-    """Adapters with prefill-sized token counts (the kernel's tiled path from 8 tokens: blocks of 4 plus
+    """Adapters with prefill-sized token counts (in the kernel's tiled path: blocks of 4 tokens plus
     tails, column tiles of 64 plus a tail) next to decode-sized ones, ranks 8/16/64 and an odd 17, inputs
     whose width is not a multiple of 16 or 32. Checked element by element: the only error allowed is the
     final rounding of ``y`` (bfloat16: half an ulp), so a dropped product or a row added twice fails."""
