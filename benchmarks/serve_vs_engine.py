@@ -60,7 +60,9 @@ BASE = "base"
 class Measured:
     """One timed run of one system on one setting."""
 
-    system: str  # "engine" | "server" | "server-before" (the --before checkout's server)
+    system: (
+        str  # "engine" | "async" | "server" | "server-before" (--before's) | "server-inproc" (--in-process)
+    )
     requests: int
     adapters: int
     tok_s: float
@@ -181,7 +183,7 @@ def serve_runs(args: argparse.Namespace, tokenizer, timed) -> None:
         print("RESULT " + json.dumps(result), flush=True)
 
 
-class EngineProcess:
+class EngineWorker:
     """The engine worker, driven over its stdin/stdout."""
 
     def __init__(self, args: argparse.Namespace, adapter_dir: Path, system: str = "engine") -> None:
@@ -218,9 +220,10 @@ class EngineProcess:
 
 
 def launch_server(
-    args: argparse.Namespace, adapters: dict[str, str], root: Path, log: Path
+    args: argparse.Namespace, adapters: dict[str, str], root: Path, log: Path, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, str]:
-    """``python -m blora.server`` of the checkout at ``root`` with the engine worker's limits."""
+    """``python -m blora.server`` of the checkout at ``root`` with the engine worker's limits (and ``extra``
+    flags)."""
     port = free_port()
     cmd = [sys.executable, "-m", "blora.server", "--served-model-name", BASE, "--port", str(port),
            "--dtype", args.dtype, "--threads", str(args.threads), "--max-queue", "-1",
@@ -228,6 +231,7 @@ def launch_server(
            "--log-level", "warning"]  # fmt: skip
     if args.stream_interval != 1:
         cmd += ["--stream-interval", str(args.stream_interval)]
+    cmd += extra
     if adapters:
         cmd += ["--lora-modules", *(f"{k}={v}" for k, v in adapters.items())]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(root))
@@ -320,6 +324,7 @@ def summarize(raw: Path) -> str:
 def table(rows: list[Measured], args: argparse.Namespace) -> str:
     systems = ["engine", *(["async"] if args.async_engine else []), "server"]
     systems += ["server-before"] if args.before else []
+    systems += ["server-inproc"] if args.in_process else []
     head = "| streams | adapters | " + " | ".join(f"{x} tok/s" for x in systems)
     head += "".join(f" | {x} / engine" for x in systems[1:]) + "".join(
         f" | {x} TTFT p50 (ms)" for x in systems
@@ -358,6 +363,7 @@ def table_of(saved: list[dict], args: argparse.Namespace) -> str:
     args.requests = list(dict.fromkeys(r.requests for r in rows))
     args.adapters = list(dict.fromkeys(r.adapters for r in rows))
     args.async_engine, args.before = "async" in systems, "server-before" in systems
+    args.in_process = "server-inproc" in systems
     args.rounds = sum(r.system == "engine" for r in rows) // (len(args.requests) * len(args.adapters))
     return table(rows, args)
 
@@ -389,6 +395,11 @@ def main() -> None:
         "--before", type=Path, default=None, help="also the server of this checkout (a before/after column)"
     )
     p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also the server with --no-engine-process (engine thread and HTTP in one process)",
+    )
+    p.add_argument(
         "--async-engine",
         action="store_true",
         help="also AsyncLLM in a process of its own, streams consumed by asyncio tasks (no HTTP)",
@@ -413,15 +424,19 @@ def main() -> None:
     paths = sorted(adapter_dir.glob("bench-*"))[: max(args.adapters)]
     workers = {}
     if args.only != "server":
-        workers["engine"] = EngineProcess(args, adapter_dir)
+        workers["engine"] = EngineWorker(args, adapter_dir)
         if args.async_engine:
-            workers["async"] = EngineProcess(args, adapter_dir, "async")
+            workers["async"] = EngineWorker(args, adapter_dir, "async")
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     if args.only != "engine":
-        roots = {"server": REPO, **({"server-before": args.before.resolve()} if args.before else {})}
-        for name, root in roots.items():
+        roots = {"server": (REPO, ())}
+        if args.before:
+            roots["server-before"] = (args.before.resolve(), ())
+        if args.in_process:
+            roots["server-inproc"] = (REPO, ("--no-engine-process",))
+        for name, (root, extra) in roots.items():
             log = Path(tempfile.gettempdir()) / f"blora-serve-vs-engine-{name}.log"
-            servers[name] = launch_server(args, {q.name: str(q) for q in paths}, root, log)
+            servers[name] = launch_server(args, {q.name: str(q) for q in paths}, root, log, extra)
             warm_server(servers[name][1], max(args.adapters))
     spy = record(servers["server"][0].pid, args.profile, args.gil) if args.profile and servers else None
     systems = [*workers, *servers]

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from blora.engine import LLM
 from blora.engine.llm_engine import EngineConfig
@@ -43,6 +44,34 @@ def test_engine_args_build_the_engine_they_describe(tmp_path):
     assert built.config == expected
     llm = LLM(**built.kwargs())  # every field reaches the engine's config
     assert llm.engine.config == expected and llm.max_model_len == 96
+
+
+def test_the_engine_runs_in_its_own_process_unless_told(tmp_path, monkeypatch):
+    from blora.server import cli
+
+    built = []
+
+    class Fake:
+        def __init__(self, adapters=None, threads=None, log_level=None, **kwargs):
+            built.append((type(self).__name__, adapters, threads, log_level, kwargs["max_loras"]))
+
+    class EngineProcess(Fake):
+        pass
+
+    class AsyncLLM(Fake):
+        def __init__(self, adapters=None, **kwargs):
+            super().__init__(adapters, torch.get_num_threads(), None, **kwargs)
+
+    monkeypatch.setattr("blora.engine.process.EngineProcess", EngineProcess)
+    monkeypatch.setattr("blora.engine.AsyncLLM", AsyncLLM)
+    before = torch.get_num_threads()
+    try:
+        cli.build_engine(parse("--threads", "1", "--max-loras", "3", "--lora-modules", "a=/x"))
+        assert torch.get_num_threads() == before  # the child sets its own threads
+        cli.build_engine(parse("--no-engine-process", "--threads", "1", "--log-level", "debug"))
+    finally:
+        torch.set_num_threads(before)
+    assert built == [("EngineProcess", {"a": "/x"}, 1, "INFO", 3), ("AsyncLLM", None, 1, None, 16)]
 
 
 def test_server_config_and_generation_defaults(tmp_path):

@@ -5,6 +5,7 @@ from blora.engine.llm import LLM
 from blora.engine.llm_engine import EngineConfig, LLMEngine
 from blora.engine.lora_request import LoRARequest
 from blora.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
+from blora.engine.process import EngineDeadError, EngineProcess
 from blora.engine.sampling_params import SamplingParams
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "LLM",
     "CompletionOutput",
     "EngineConfig",
+    "EngineDeadError",
+    "EngineProcess",
     "LLMEngine",
     "LoRARequest",
     "RequestMetrics",

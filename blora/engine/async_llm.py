@@ -56,6 +56,13 @@ class _Stream:
             if not waiter.done():
                 waiter.set_result(None)
 
+    async def get(self):
+        """The next item (waiting for it): a ``RequestOutput`` or the exception that ends the stream."""
+        while not self.items:
+            self.waiter = waiter = self.loop.create_future()
+            await waiter
+        return self.items.popleft()
+
 
 class AsyncLLM:
     """Continuous-batching engine for concurrent callers; the constructor takes ``LLM``'s arguments."""
@@ -175,10 +182,7 @@ class AsyncLLM:
         finished = False
         try:
             while not finished:
-                while not stream.items:
-                    stream.waiter = waiter = stream.loop.create_future()
-                    await waiter
-                item = stream.items.popleft()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -257,7 +261,7 @@ class AsyncLLM:
         """Stop accepting requests, let running ones finish for up to ``drain_timeout`` s, abort the rest."""
         self._accepting = False
         deadline = time.monotonic() + drain_timeout
-        while self._streams and time.monotonic() < deadline and not self._stopped:
+        while self._has_streams() and time.monotonic() < deadline and not self._stopped:
             await asyncio.sleep(0.02)
         if not self._stopped:
             await self._call(self._abort_all)
@@ -295,7 +299,7 @@ class AsyncLLM:
                 self._step()
                 busy = True
             else:
-                self._stats = self.engine.stats()
+                self._idle_stats()
                 if busy and time.monotonic() - trimmed_at >= TRIM_INTERVAL_S:
                     release_free_memory()  # idle now: RSS does not ratchet up to the largest step
                     busy, trimmed_at = False, time.monotonic()
@@ -320,6 +324,10 @@ class AsyncLLM:
                 self._deliver(request_id, exc)
             return
         self._stats = self.engine.stats()
+        self._hand_over(outputs)
+
+    def _hand_over(self, outputs: list[RequestOutput]) -> None:
+        """Pass a step's outputs to their streams (each on its event loop)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         with self._lock:
             for out in outputs:
@@ -328,6 +336,14 @@ class AsyncLLM:
                     by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             _call_soon(loop, _put_all, items)
+
+    def _idle_stats(self) -> None:
+        """The stats snapshot once the engine has nothing to run (aborts and unloads change them too)."""
+        self._stats = self.engine.stats()
+
+    def _has_streams(self) -> bool:
+        """Whether a request's outputs are still being read (a drain waits for none)."""
+        return bool(self._streams)
 
     def _add(self, request_id, prompt, params, adapter, arrival_time) -> None:
         try:

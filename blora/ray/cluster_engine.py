@@ -36,9 +36,9 @@ from blora.engine.client import EngineLimits
 from blora.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from blora.engine.sampling_params import SamplingParamError, SamplingParams
 from blora.engine.structured import StructuredOutputs
+from blora.engine.wire import Unpacker
 from blora.lora import AdapterInUseError
 from blora.ray.registry import ClusterState
-from blora.ray.wire import Unpacker
 from blora.server.errors import APIError
 
 logger = logging.getLogger("blora.ray")

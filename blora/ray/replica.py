@@ -28,7 +28,7 @@ from typing import Any
 
 from ray import serve
 
-from blora.ray.wire import Packed, Packer
+from blora.engine.wire import Packed, Packer
 
 logger = logging.getLogger("blora.ray")
 
@@ -63,7 +63,7 @@ class _Resident:
 
 @serve.deployment(name="EngineReplica")
 class EngineReplica:
-    """One engine; generation requests stream packed outputs (``blora.ray.wire``) back to the ingress."""
+    """One engine; generation requests stream packed outputs (``blora.engine.wire``) back to the ingress."""
 
     # Ray Serve awaits an async constructor of a deployment (the engine loads in a thread meanwhile)
     async def __init__(self, engine_kwargs: dict, registry: Any, options: ReplicaOptions) -> None:  # type: ignore[misc]

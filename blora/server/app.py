@@ -354,7 +354,8 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        """200, or 503 once the engine can run nothing more (its process died: restart the server)."""
+        return Response(status_code=503 if getattr(engine, "dead", False) else 200)
 
     @app.get("/ping")
     @app.post("/ping")

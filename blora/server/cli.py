@@ -26,10 +26,25 @@ logger = logging.getLogger("blora.server")
 
 
 def build_engine(args: argparse.Namespace) -> EngineClient:
-    """The engine the options describe, serving ``--lora-modules`` from the start."""
+    """The engine the options describe, serving ``--lora-modules`` from the start: in a child process
+    (``--engine-process``, the default) or in this one."""
+    adapters = dict(args.lora_modules) or None
+    if args.engine_process:
+        from blora.engine.process import EngineProcess
+
+        return EngineProcess(
+            adapters=adapters,
+            threads=args.threads,
+            log_level=args.log_level.upper(),
+            **engine_args(args).kwargs(),
+        )
     from blora.engine import AsyncLLM
 
-    return AsyncLLM(adapters=dict(args.lora_modules) or None, **engine_args(args).kwargs())
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return AsyncLLM(adapters=adapters, **engine_args(args).kwargs())
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -47,10 +62,6 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     engine = build_engine(args)
     config = server_config(args, sampling_defaults=sampling_defaults(args))
     name = config.served_model_name

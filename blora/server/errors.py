@@ -8,6 +8,7 @@
 | 413 | request body over the limit (32 MiB; bytes received, chunked too) | invalid_request_error / body_too_large |
 | 429 | the bounded request queue is full (with ``Retry-After``) | rate_limit_error / queue_full |
 | 503 | the server is draining for shutdown | server_error / shutting_down |
+| 503 | the engine's process has died (restart the server) | server_error / engine_dead |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from blora.engine.process import EngineDeadError
 from blora.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("blora.server")
@@ -149,6 +151,10 @@ async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> 
     return error_response(exc.status_code, str(exc.detail), error_type, headers=exc.headers)
 
 
+async def _engine_dead_handler(request: Request, exc: EngineDeadError) -> JSONResponse:
+    return error_response(503, str(exc), "server_error", code="engine_dead")
+
+
 async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, f"Internal server error: {type(exc).__name__}", "server_error")
@@ -158,6 +164,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(APIError, _api_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(EngineDeadError, _engine_dead_handler)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_handler)
 
 

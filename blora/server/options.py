@@ -244,6 +244,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
     a("--device", default=None, help="cpu | cuda | mps (default: best available)")
     a("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    a("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+      help="run the engine in a process of its own, HTTP and streaming in this one, so they never wait for "
+           "each other's GIL (default); --no-engine-process keeps both in one process (Ray replicas are "
+           "processes of their own either way)")  # fmt: skip
     a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     a("--enable-log-requests", action="store_true", help="log one line per request (id, model, sizes)")
     a("--disable-log-requests", action="store_true", help="do not log requests (the default)")
