@@ -22,6 +22,12 @@ adapters the first time also does. Reproduce (a quiet machine; results in bench_
     .venv/bin/python benchmarks/real_shapes.py --shapes qwen2.5-0.5b --skip-peft
     .venv/bin/python benchmarks/real_shapes.py --skip-peft --no-prefix-caching   # the adapters' own cost
     .venv/bin/python benchmarks/real_shapes.py --quick                 # 2 layers, 8 x 8: a pipeline check
+    .venv/bin/python benchmarks/real_shapes.py --alternate 6 --no-prefix-caching  # 16 adapters / base, one process
+
+``--alternate N``: instead of the systems above, one engine in this process runs the workload base-only and
+with the adapters alternately, N rounds each (the order flips every round), and prints each round's times
+and the median of the per-round ratios: the machine drifts between processes and minutes, not between two
+runs in a row.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -210,6 +217,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the engine without its prefix cache: base rows then share no system-prompt blocks either, so "
         "16 adapters / base is the adapters' own cost",
     )  # fmt: skip
+    p.add_argument(
+        "--alternate", type=int, default=0, metavar="N",
+        help="one engine in this process, base-only and with the adapters alternated N rounds (16 adapters / "
+        "base only)",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="2 layers, 8 requests x 8 tokens, 1 run")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "blora-real-shapes")
     p.add_argument("--out", type=Path, default=REPO / "bench_results" / "real_shapes", help="OUT.json/.md")
@@ -217,6 +229,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.layers, args.requests, args.new_tokens, args.runs = args.layers or 2, 8, 8, 1
     return args
+
+
+def alternate(args: argparse.Namespace, model_dir: Path, adapter_dir: Path) -> None:
+    """``--alternate``: base-only and ``args.adapters`` adapters through one ``LLM``, alternated rounds."""
+    from blora.bench.systems import workload
+    from blora.engine import LLM, SamplingParams
+    from blora.models import load_model
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(str(model_dir), dtype=args.dtype, device="cpu")
+    paths = sorted(adapter_dir.glob("bench-*"))[: args.adapters]
+    llm = LLM(
+        loaded, adapters={p.name: str(p) for p in paths}, max_loras=max(16, args.adapters),
+        max_num_seqs=max(64, args.requests), enable_prefix_caching=not args.no_prefix_caching,
+    )  # fmt: skip
+    runs = {0: workload(loaded.tokenizer, SimpleNamespace(requests=args.requests, k=0))}
+    runs[args.adapters] = workload(loaded.tokenizer, SimpleNamespace(requests=args.requests, k=args.adapters))
+    warm = [p.name for p in paths] + [None]  # adapters load on first use
+    llm.generate(["Hi"] * len(warm), SamplingParams(max_tokens=2, temperature=0), adapters=warm)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    seconds: dict[int, list[float]] = {k: [] for k in runs}
+    for r in range(args.alternate):
+        for k in list(runs)[:: 1 if r % 2 == 0 else -1]:
+            if not args.no_prefix_caching:
+                llm.engine.reset_prefix_cache()  # every run computes its prompts
+            texts, names = runs[k]
+            start = time.perf_counter()
+            llm.generate(texts, params, adapters=names)
+            seconds[k].append(time.perf_counter() - start)
+    base, lora = seconds[0], seconds[args.adapters]
+    ratio = statistics.median(b / a for b, a in zip(base, lora, strict=True))
+    print(f"{model_dir.name}: base-only {[round(x, 2) for x in base]} s, {args.adapters} adapters "
+          f"{[round(x, 2) for x in lora]} s; {args.adapters} adapters / base (tok/s, median of the rounds' "
+          f"ratios): {ratio:.3f}", flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,12 +278,22 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     plan = [(s, 0 if s in ("transformers", "engine") else args.adapters) for s in SYSTEMS]
     plan = [(s, k) for s, k in plan if not (args.skip_peft and s.startswith("peft"))]
+    plan_text = (
+        f"one engine, base-only and {args.adapters} adapters alternated, {args.alternate} rounds"
+        if args.alternate
+        else f"{args.runs} runs x {args.rounds} rounds per system"
+    )
     print(
         f"real shapes {', '.join(args.shapes)}: {args.requests} requests x {args.new_tokens} new tokens, "
-        f"{args.dtype}, {args.threads} threads, {args.runs} runs x {args.rounds} rounds per system"
+        f"{args.dtype}, {args.threads} threads, {plan_text}"
         + (", engine without prefix caching" if args.no_prefix_caching else ""),
         flush=True,
     )
+    if args.alternate:
+        for shape in args.shapes:
+            model_dir = build_model(shape, args.cache, args.layers)
+            alternate(args, model_dir, build_adapters(model_dir, args.dtype, args.adapters))
+        return 0
     rows: list[Row] = []
     failed = 0
     for shape in args.shapes:

@@ -8,10 +8,13 @@ Both load the embedded SmolLM2 default as ``blora serve`` does, in ``--dtype`` (
 - async (``--async-engine``): the same prompts through ``AsyncLLM`` in a worker process, each request a
   ``generate`` stream read by an asyncio task: the server's engine thread and hand-off without HTTP, which
   splits the server's cost into the threaded engine's and the HTTP layer's;
-- server: ``python -m blora.server`` (uvicorn, one process) with the same adapters as ``--lora-modules``;
-  the load generator is this process (``serve_load.stream_chat``: a raw asyncio client, one connection per
-  request, that keeps the bytes and parses each stream once it has ended): every request streams ``/v1/chat/completions`` with the same prompt's user
-  message (the server applies the same template) to its adapter.
+- server: ``python -m blora.server`` (uvicorn; its engine in a child process) with the same adapters as
+  ``--lora-modules``; the load generator is this process (``serve_load.stream_chat``: a raw asyncio client,
+  one connection per request, that keeps the bytes and parses each stream once it has ended): every request
+  streams ``/v1/chat/completions`` with the same prompt's user message (the server applies the same
+  template) to its adapter;
+- server-inproc (``--in-process``): the same server with ``--no-engine-process`` (engine thread and HTTP in
+  one process), to compare the two designs in the same rounds.
 
 Every request generates exactly ``--new-tokens`` tokens (greedy, EOS ignored). For each setting (concurrent
 requests x distinct adapters) the engine and the server alternate within a round (the order flips each
@@ -22,12 +25,13 @@ content chunk from the request's send).
 
     .venv/bin/python benchmarks/serve_vs_engine.py                       # 32 and 128 streams, 0 and 16
     .venv/bin/python benchmarks/serve_vs_engine.py --rounds 5 --json bench_results/serve_vs_engine.json
+    .venv/bin/python benchmarks/serve_vs_engine.py --dtype bfloat16 --in-process  # + the one-process server
     .venv/bin/python benchmarks/serve_vs_engine.py --table bench_results/serve_vs_engine.json  # its table again
     .venv/bin/python benchmarks/serve_vs_engine.py --only server --profile /tmp/server.raw  # + py-spy
     git worktree add /tmp/before <commit>    # before/after: that checkout's server in the same rounds
     .venv/bin/python benchmarks/serve_vs_engine.py --before /tmp/before
 
-``--profile`` samples the server process with py-spy while the rounds run and prints the share of samples
+``--profile`` samples the server process and its engine process with py-spy while the rounds run and prints the share of samples
 per thread (the engine thread, the event loop) and per cause (the innermost frame naming a known module).
 """
 
@@ -244,7 +248,8 @@ def launch_server(
 def record(pid: int, out: Path, gil: bool) -> subprocess.Popen:
     """py-spy sampling ``pid`` (every thread, raw collapsed stacks) until stopped."""
     cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--format", "raw"]
-    cmd += ["--threads", "--nonblocking", "--rate", "50", "-o", str(out), *(["--gil"] if gil else [])]
+    cmd += ["--threads", "--subprocesses", "--nonblocking", "--rate", "50", "-o", str(out)]
+    cmd += ["--gil"] if gil else []
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 

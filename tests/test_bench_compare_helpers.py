@@ -242,20 +242,26 @@ def test_serve_vs_engine_table_gives_each_system_its_ratio_to_the_engine() -> No
             ("engine", 500.0, 100.0),  # round 0
             ("async", 450.0, 110.0),
             ("server", 500.0, 130.0),
+            ("server-inproc", 450.0, 150.0),
             ("engine", 700.0, 120.0),  # round 1
             ("async", 700.0, 110.0),
             ("server", 560.0, 130.0),
+            ("server-inproc", 630.0, 140.0),
         )
     ]
     args = SimpleNamespace(
         dtype="bfloat16", threads=2, new_tokens=64, rounds=2, requests=[32], adapters=[16],
-        async_engine=True, before=None,
+        async_engine=True, before=None, in_process=True,
     )  # fmt: skip
     md = sve.table(rows, args)
-    assert "| streams | adapters | engine tok/s | async tok/s | server tok/s | async / engine |" in md
-    assert "| 32 | 16 | 600.0 | 575.0 | 530.0 | 0.950 | 0.900 | 110 | 110 | 130 |" in md
-    engine_only = [r for r in rows if r.system != "async"]
-    assert "async" not in sve.table(engine_only, SimpleNamespace(**{**vars(args), "async_engine": False}))
+    head = "| streams | adapters | engine tok/s | async tok/s | server tok/s | server-inproc tok/s | async / engine |"
+    assert head in md
+    assert "| 32 | 16 | 600.0 | 575.0 | 530.0 | 540.0 | 0.950 | 0.900 | 0.900 | 110 | 110 | 130 | 145 |" in md
+    engine_only = [r for r in rows if r.system in ("engine", "server")]
+    only = sve.table(
+        engine_only, SimpleNamespace(**{**vars(args), "async_engine": False, "in_process": False})
+    )
+    assert "async" not in only and "inproc" not in only
     saved = [asdict(r) for r in rows]
     assert sve.table_of(saved, SimpleNamespace(dtype="bfloat16", threads=2, new_tokens=64)) == md
 
