@@ -218,3 +218,15 @@ def random_prompts(n: int, seed: int = 7) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     lengths = [3, 40, 1, 17, 66, 9][:n]
     return [torch.randint(3, len(tokenizer()), (k,), generator=gen).tolist() for k in lengths]
+
+
+async def consume(engine, prompt, params, adapter=None, request_id=None):
+    """One ``generate`` stream of an ``AsyncLLM`` or ``EngineProcess`` read to its end: (final output, text
+    from the deltas, token ids from the deltas, number of outputs)."""
+    text, ids, count, last = "", [], 0, None
+    async for out in engine.generate(prompt, params, adapter=adapter, request_id=request_id):
+        text += out.outputs[0].delta_text
+        ids += out.outputs[0].delta_token_ids
+        count += 1
+        last = out
+    return last, text, ids, count

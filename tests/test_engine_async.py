@@ -10,7 +10,7 @@ import time
 import pytest
 
 from blora.engine import LLM, AsyncLLM, SamplingParams
-from tests.helpers import make_adapter, targets, tiny_model, tokenizer
+from tests.helpers import consume, make_adapter, targets, tiny_model, tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -29,17 +29,6 @@ def adapters(tmp_path_factory):
 
 def new_llm(adapters=None, **kw) -> AsyncLLM:
     return AsyncLLM(tiny_model("llama"), tokenizer=tokenizer(), adapters=adapters, block_size=4, **kw)
-
-
-async def consume(llm: AsyncLLM, prompt, params, adapter=None, request_id=None):
-    """(final output, text from deltas, token ids from deltas, number of outputs)."""
-    text, ids, count, last = "", [], 0, None
-    async for out in llm.generate(prompt, params, adapter=adapter, request_id=request_id):
-        text += out.outputs[0].delta_text
-        ids += out.outputs[0].delta_token_ids
-        count += 1
-        last = out
-    return last, text, ids, count
 
 
 def test_concurrent_streams_match_offline_llm(adapters):

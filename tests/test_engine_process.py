@@ -18,7 +18,7 @@ from blora.engine.client import EngineClient
 from blora.engine.process import EngineDeadError, EngineProcess
 from blora.engine.sampling_params import SamplingParamError
 from blora.lora import AdapterError, AdapterInUseError
-from tests.helpers import make_adapter, save_tiny_model, targets, tiny_model, tokenizer
+from tests.helpers import consume, make_adapter, save_tiny_model, targets, tiny_model, tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -53,17 +53,6 @@ def engine(files):
     )
     yield llm
     llm.close()
-
-
-async def consume(llm, prompt, params, adapter=None, request_id=None):
-    """(final output, text from deltas, token ids from deltas, number of outputs)."""
-    text, ids, count, last = "", [], 0, None
-    async for out in llm.generate(prompt, params, adapter=adapter, request_id=request_id):
-        text += out.outputs[0].delta_text
-        ids += out.outputs[0].delta_token_ids
-        count += 1
-        last = out
-    return last, text, ids, count
 
 
 def test_is_an_engine_client_with_the_engines_limits(engine, files):

@@ -40,12 +40,13 @@ class _Stream:
     unbounded channel does not need, on every streamed token.
     """
 
-    __slots__ = ("loop", "items", "waiter")
+    __slots__ = ("loop", "items", "waiter", "finished")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.items: deque = deque()  # RequestOutput, or the exception that ends the stream
         self.waiter: asyncio.Future | None = None  # set while ``generate`` waits for an item
+        self.finished = False  # its last output was taken, or the exception that ended it raised
 
     def put(self, item) -> None:
         """Append ``item`` and wake the waiting consumer (on the event loop)."""
@@ -56,12 +57,20 @@ class _Stream:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def get(self):
-        """The next item (waiting for it): a ``RequestOutput`` or the exception that ends the stream."""
+    async def next(self) -> RequestOutput:
+        """The next output (waiting for it); raises the exception that ends the stream, or the output's
+        ``error``."""
         while not self.items:
             self.waiter = waiter = self.loop.create_future()
             await waiter
-        return self.items.popleft()
+        item = self.items.popleft()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        if item.error is not None:
+            raise item.error
+        return item
 
 
 class AsyncLLM:
@@ -179,21 +188,13 @@ class AsyncLLM:
                 raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
             self._streams[request_id] = stream
         self._submit(self._add, request_id, prompt, sampling_params, adapter, time.time())
-        finished = False
         try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                if item.error is not None:
-                    raise item.error
-                yield item
+            while not stream.finished:
+                yield await stream.next()
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
-            if not finished:
+            if not stream.finished:
                 self._submit(self.engine.abort_request, request_id, True)
 
     async def _lora_adapter(self, req: LoRARequest, adapter) -> str:

@@ -71,9 +71,8 @@ class EngineProcess:
         log_level: str = "INFO",
         **engine_kwargs: Any,
     ) -> None:
-        context = multiprocessing.get_context(
-            "spawn"
-        )  # a fresh interpreter: no inherited threads or CUDA state
+        # spawn: a fresh interpreter, with no threads or CUDA state inherited from this one
+        context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         kwargs = dict(model=model, adapters=adapters, **engine_kwargs)
         self._process = context.Process(
@@ -162,22 +161,14 @@ class EngineProcess:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
             self._streams[request_id] = (stream, Unpacker())
-        finished = False
         try:
             self._send(("add", request_id, prompt, sampling_params, adapter, time.time()))
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                if item.error is not None:
-                    raise item.error
-                yield item
+            while not stream.finished:
+                yield await stream.next()
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
-            if not finished and self._dead is None:
+            if not stream.finished and self._dead is None:
                 with contextlib.suppress(EngineDeadError):
                     self._send(("abort", request_id))
 
@@ -224,7 +215,7 @@ class EngineProcess:
         try:
             with self._send_lock:
                 self._conn.send(message)
-        except (OSError, ValueError):  # the child is gone (or the pipe closed): the reader reports it
+        except OSError:  # the child is gone (or the pipe closed): the reader reports it
             with self._lock:
                 dead = self._dead
             raise dead or EngineDeadError("the engine process is not running") from None
@@ -249,25 +240,31 @@ class EngineProcess:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
-            kind = message[0]
-            if kind == "out":  # one engine step: [(request id, packed output)], stats
-                self._stats = message[2]
-                self._outputs(message[1])
-            elif kind == "end":  # a request ended by an exception
-                with self._lock:
-                    entry = self._streams.get(message[1])
-                if entry is not None:
-                    _call_soon(entry[0].loop, _put_all, [(entry[0], _restore(message[2]))])
-            elif kind == "reply":
-                _, call_id, ok, value, registered = message
-                self._registered = registered
-                with self._lock:
-                    future = self._calls.pop(call_id, None)
-                if future is not None and ok:
-                    future.set_result(value)
-                elif future is not None:
-                    future.set_exception(_restore(value))
+            try:
+                self._handle(message)
+            except Exception:  # a bug here must not stop the reader: every other stream would hang
+                log.exception("handling a message from the engine process failed")
         self._lost()
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "out":  # one engine step: [(request id, packed output)], stats
+            self._stats = message[2]
+            self._outputs(message[1])
+        elif kind == "end":  # a request ended by an exception
+            with self._lock:
+                entry = self._streams.get(message[1])
+            if entry is not None:
+                _call_soon(entry[0].loop, _put_all, [(entry[0], _restore(message[2]))])
+        elif kind == "reply":
+            _, call_id, ok, value, registered = message
+            self._registered = registered
+            with self._lock:
+                future = self._calls.pop(call_id, None)
+            if future is not None and ok:
+                future.set_result(value)
+            elif future is not None:
+                future.set_exception(_restore(value))
 
     def _outputs(self, batch: list[tuple[str, Any]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
@@ -369,7 +366,17 @@ class _Core(AsyncLLM):
             batch.append((out.request_id, packer.pack(out)))
             if out.finished:
                 self._packers.pop(out.request_id, None)
-        self._send(("out", batch, self._stats))
+        try:
+            self._send(("out", batch, self._stats))
+        except OSError:
+            pass  # the parent is gone: the main thread sees the pipe close and stops the engine
+        except Exception as exc:  # an output that does not pickle: end those requests, not the engine
+            log.exception("sending a step's outputs to the server failed")
+            error = RuntimeError(f"the request's output could not be sent to the server: {exc!r}")
+            for request_id, _ in batch:
+                self._packers.pop(request_id, None)
+                self.engine.abort_request(request_id, True)
+                self._send(("end", request_id, _portable(error)))
 
     def _idle_stats(self) -> None:
         stats = self.engine.stats()
