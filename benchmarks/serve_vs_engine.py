@@ -8,13 +8,13 @@ Both load the embedded SmolLM2 default as ``blora serve`` does, in ``--dtype`` (
 - async (``--async-engine``): the same prompts through ``AsyncLLM`` in a worker process, each request a
   ``generate`` stream read by an asyncio task: the server's engine thread and hand-off without HTTP, which
   splits the server's cost into the threaded engine's and the HTTP layer's;
-- server: ``python -m blora.server`` (uvicorn; its engine in a child process) with the same adapters as
-  ``--lora-modules``; the load generator is this process (``serve_load.stream_chat``: a raw asyncio client,
+- server: ``python -m blora.server`` (uvicorn; ``--engine-process`` as its default picks it, ``on`` with
+  ``--in-process``) with the same adapters as ``--lora-modules``; the load generator is this process (``serve_load.stream_chat``: a raw asyncio client,
   one connection per request, that keeps the bytes and parses each stream once it has ended): every request
   streams ``/v1/chat/completions`` with the same prompt's user message (the server applies the same
   template) to its adapter;
-- server-inproc (``--in-process``): the same server with ``--no-engine-process`` (engine thread and HTTP in
-  one process), to compare the two designs in the same rounds.
+- server-inproc (``--in-process``): the same server with ``--engine-process off`` (engine thread and HTTP
+  in one process), to compare the two designs in the same rounds.
 
 Every request generates exactly ``--new-tokens`` tokens (greedy, EOS ignored). For each setting (concurrent
 requests x distinct adapters) the engine and the server alternate within a round (the order flips each
@@ -402,7 +402,7 @@ def main() -> None:
     p.add_argument(
         "--in-process",
         action="store_true",
-        help="also the server with --no-engine-process (engine thread and HTTP in one process)",
+        help="the server with --engine-process on, and beside it with off (engine thread and HTTP in one process)",
     )
     p.add_argument(
         "--async-engine",
@@ -434,11 +434,11 @@ def main() -> None:
             workers["async"] = EngineWorker(args, adapter_dir, "async")
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     if args.only != "engine":
-        roots = {"server": (REPO, ())}
+        roots = {"server": (REPO, ("--engine-process", "on") if args.in_process else ())}
         if args.before:
             roots["server-before"] = (args.before.resolve(), ())
         if args.in_process:
-            roots["server-inproc"] = (REPO, ("--no-engine-process",))
+            roots["server-inproc"] = (REPO, ("--engine-process", "off"))
         for name, (root, extra) in roots.items():
             log = Path(tempfile.gettempdir()) / f"blora-serve-vs-engine-{name}.log"
             servers[name] = launch_server(args, {q.name: str(q) for q in paths}, root, log, extra)

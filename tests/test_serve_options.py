@@ -46,7 +46,7 @@ def test_engine_args_build_the_engine_they_describe(tmp_path):
     assert llm.engine.config == expected and llm.max_model_len == 96
 
 
-def test_the_engine_runs_in_its_own_process_unless_told(tmp_path, monkeypatch):
+def test_the_engine_process_is_chosen_by_flag_or_by_spare_cores(tmp_path, monkeypatch):
     from blora.server import cli
 
     built = []
@@ -64,14 +64,27 @@ def test_the_engine_runs_in_its_own_process_unless_told(tmp_path, monkeypatch):
 
     monkeypatch.setattr("blora.engine.process.EngineProcess", EngineProcess)
     monkeypatch.setattr("blora.engine.AsyncLLM", AsyncLLM)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
     before = torch.get_num_threads()
     try:
-        cli.build_engine(parse("--threads", "1", "--max-loras", "3", "--lora-modules", "a=/x"))
+        cli.build_engine(
+            parse("--threads", "3", "--max-loras", "3", "--lora-modules", "a=/x", "--device", "cpu")
+        )
         assert torch.get_num_threads() == before  # the child sets its own threads
-        cli.build_engine(parse("--no-engine-process", "--threads", "1", "--log-level", "debug"))
+        cli.build_engine(parse("--threads", "4", "--device", "cpu", "--log-level", "debug"))  # every core
+        cli.build_engine(parse("--engine-process", "on", "--threads", "4", "--device", "cpu"))
+        cli.build_engine(parse("--engine-process", "off", "--threads", "1", "--device", "cpu"))
     finally:
         torch.set_num_threads(before)
-    assert built == [("EngineProcess", {"a": "/x"}, 1, "INFO", 3), ("AsyncLLM", None, 1, None, 16)]
+    assert built == [
+        ("EngineProcess", {"a": "/x"}, 3, "INFO", 3),
+        ("AsyncLLM", None, 4, None, 16),
+        ("EngineProcess", None, 4, "INFO", 16),
+        ("AsyncLLM", None, 1, None, 16),
+    ]
+    assert not cli.engine_in_process(parse("--device", "cuda"))  # a GPU: always its own process
+    with pytest.raises(SystemExit):
+        parse("--engine-process", "maybe")
 
 
 def test_server_config_and_generation_defaults(tmp_path):

@@ -188,6 +188,7 @@ def server(work):
         work,
         "--lora-modules", f"a={work['a']}", f"b={work['b']}",
         "--adapter-root", str(work["root"]), "--allow-runtime-adapters", "--api-key", KEY,
+        "--engine-process", "on",  # the engine in its own process (the small server keeps one process)
     )  # fmt: skip
     yield s
     s.stop()
@@ -477,8 +478,9 @@ def test_metrics_moved(server):
 @pytest.fixture(scope="module")
 def small(work):
     s = launch(
-        work, "--max-num-seqs", "1", "--max-queue", "1", "--drain-timeout", "2", "--stream-interval", "4"
-    )
+        work, "--max-num-seqs", "1", "--max-queue", "1", "--drain-timeout", "2", "--stream-interval", "4",
+        "--engine-process", "off",
+    )  # fmt: skip
     yield s
     s.stop()
 

@@ -244,10 +244,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
     a("--device", default=None, help="cpu | cuda | mps (default: best available)")
     a("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    a("--engine-process", action=argparse.BooleanOptionalAction, default=True,
-      help="run the engine in a process of its own, HTTP and streaming in this one, so they never wait for "
-           "each other's GIL (default); --no-engine-process keeps both in one process (Ray replicas are "
-           "processes of their own either way)")  # fmt: skip
+    a("--engine-process", choices=("auto", "on", "off"), default="auto",
+      help="run the engine in a process of its own (on), so HTTP and the engine never wait for each other's "
+           "GIL, or in the server's process (off); auto (default): its own process on a GPU or when "
+           "--threads leaves a CPU core for the server, else one process (with the engine on every core the "
+           "two measure the same under load, and one process is ~5% faster for a single stream and ~0.3 GB "
+           "smaller). Ray replicas are processes of their own either way")  # fmt: skip
     a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     a("--enable-log-requests", action="store_true", help="log one line per request (id, model, sizes)")
     a("--disable-log-requests", action="store_true", help="do not log requests (the default)")
