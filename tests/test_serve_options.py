@@ -85,6 +85,8 @@ def test_the_engine_process_is_chosen_by_flag_or_by_spare_cores(tmp_path, monkey
     assert not cli.engine_in_process(parse("--device", "cuda"))  # a GPU: always its own process
     with pytest.raises(SystemExit):
         parse("--engine-process", "maybe")
+    with pytest.raises(SystemExit, match="Ray replicas run their engines in processes of their own"):
+        parse("--ray", "--engine-process", "on")
 
 
 def test_server_config_and_generation_defaults(tmp_path):

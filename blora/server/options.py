@@ -330,6 +330,11 @@ def check_args(args: argparse.Namespace) -> None:
         given.append("--no-adapter-affinity")
     if given and not getattr(args, "ray", False):
         raise SystemExit(f"{', '.join(given)} only apply with --ray")
+    if getattr(args, "ray", False) and args.engine_process != "auto":
+        raise SystemExit(
+            f"--engine-process {args.engine_process}: Ray replicas run their engines in processes of their own; "
+            "the flag applies to a single server"
+        )
     if args.stream_interval < 1:
         raise SystemExit(
             f"--stream-interval must be >= 1 (new tokens per streamed chunk), got {args.stream_interval}"
