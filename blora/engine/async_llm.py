@@ -176,11 +176,7 @@ class AsyncLLM:
         if lora_request is not None:
             adapter = await self._lora_adapter(lora_request, adapter)
         sampling_params = sampling_params or SamplingParams()
-        if sampling_params.structured_outputs is not None or sampling_params.bad_words:
-            # a grammar compile (up to its time bound) or tokenizing bad_words: off the event loop
-            await asyncio.to_thread(self.engine.check_params, sampling_params)
-        else:
-            self.engine.check_params(sampling_params)  # cheap and thread-safe: refused here, not in a step
+        await self._check(sampling_params)
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
@@ -196,6 +192,15 @@ class AsyncLLM:
                 self._streams.pop(request_id, None)
             if not stream.finished:
                 self._submit(self.engine.abort_request, request_id, True)
+
+    async def _check(self, params: SamplingParams) -> None:
+        """Refuse invalid settings before the request is queued, not in a step (``LLMEngine.check_params``
+        is thread-safe): a grammar compile (up to its time bound) or tokenizing bad_words in a worker
+        thread, the cheap checks here."""
+        if params.structured_outputs is not None or params.bad_words:
+            await asyncio.to_thread(self.engine.check_params, params)
+        else:
+            self.engine.check_params(params)
 
     async def _lora_adapter(self, req: LoRARequest, adapter) -> str:
         if adapter is not None:

@@ -417,15 +417,7 @@ class _Core(AsyncLLM):
         if kind == "add":
             _, request_id, prompt, params, adapter, arrival = message
             self._packers[request_id] = Packer()
-            if params.structured_outputs is not None or params.bad_words:
-                self._spawn(self._add_checked(request_id, prompt, params, adapter, arrival))
-            else:  # cheap checks: here, as AsyncLLM.generate does them
-                try:
-                    self.engine.check_params(params)
-                except Exception as exc:
-                    self._deliver(request_id, exc)
-                    return
-                self._submit(self._add, request_id, prompt, params, adapter, arrival)
+            self._spawn(self._add_checked(request_id, prompt, params, adapter, arrival))
         elif kind == "abort":
             if self._packers.pop(message[1], None) is not None:
                 self._submit(self.engine.abort_request, message[1], True)
@@ -439,10 +431,10 @@ class _Core(AsyncLLM):
         task.add_done_callback(self._tasks.discard)
 
     async def _add_checked(self, request_id: str, prompt, params: SamplingParams, adapter, arrival) -> None:
-        """A request with a grammar or bad words: checked in a worker thread (a compile, up to its time
-        bound, stays off the engine thread), then queued."""
+        """Checked as ``AsyncLLM.generate`` checks a request (a grammar compile stays off the engine
+        thread), then queued unless aborted meanwhile."""
         try:
-            await asyncio.to_thread(self.engine.check_params, params)
+            await self._check(params)
         except Exception as exc:
             self._deliver(request_id, exc)
             return
