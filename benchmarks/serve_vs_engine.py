@@ -4,7 +4,8 @@ Both load the embedded SmolLM2 default as ``blora serve`` does, in ``--dtype`` (
 ``--threads`` torch threads, each in its own process, both kept warm for the whole run:
 
 - engine: a worker process running ``LLM.generate`` on the benchmark's chat prompts (``blora.bench``'s
-  workload: the prompts rendered with the chat template; ``k`` adapters assigned round-robin);
+  workload: the prompts rendered with the chat template; ``k`` adapters assigned round-robin); after its
+  warm-up it freezes its heap (``freeze_startup_heap``) as the server's processes do;
 - async (``--async-engine``): the same prompts through ``AsyncLLM`` in a worker process, each request a
   ``generate`` stream read by an asyncio task: the server's engine thread and hand-off without HTTP, which
   splits the server's cost into the threaded engine's and the HTTP layer's;
@@ -88,6 +89,7 @@ def engine_worker(args: argparse.Namespace) -> None:
     import torch
 
     from blora.engine import LLM, SamplingParams
+    from blora.engine.memory import freeze_startup_heap
     from blora.models import load_model
 
     torch.set_num_threads(args.threads)
@@ -95,6 +97,7 @@ def engine_worker(args: argparse.Namespace) -> None:
     llm = LLM(loaded, **engine_kwargs(args))
     warm = warm_adapters(args)
     llm.generate(["Hi"] * len(warm), SamplingParams(max_tokens=2, temperature=0), adapters=warm)
+    freeze_startup_heap()  # as the server's processes do: a full GC pass would stall this engine as well
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
 
     def timed(texts: list[str], names: list[str | None]) -> tuple[float, list[float], int]:
@@ -114,6 +117,7 @@ def async_engine_worker(args: argparse.Namespace) -> None:
     import uvloop
 
     from blora.engine import AsyncLLM, SamplingParams
+    from blora.engine.memory import freeze_startup_heap
 
     torch.set_num_threads(args.threads)
     # The model is loaded by the engine thread, as ``blora serve`` does: a parallel op in this thread would
@@ -135,6 +139,7 @@ def async_engine_worker(args: argparse.Namespace) -> None:
 
     warm = warm_adapters(args)
     uvloop.run(run(["Hi"] * len(warm), warm, SamplingParams(max_tokens=2, temperature=0)))
+    freeze_startup_heap()
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
 
     def timed(texts: list[str], names: list[str | None]) -> tuple[float, list[float], int]:

@@ -208,3 +208,24 @@ def _glibc() -> bool:
     import platform
 
     return platform.libc_ver()[0] == "glibc"
+
+
+def test_freeze_startup_heap_keeps_later_garbage_collectable():
+    import gc
+    import weakref
+
+    from blora.engine.memory import freeze_startup_heap
+
+    class Node:
+        pass
+
+    try:
+        assert freeze_startup_heap() == gc.get_freeze_count() > 0
+        cycle = Node()
+        cycle.self = cycle  # garbage only a collection finds
+        ref = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert ref() is None, "a cycle made after the freeze is still collected"
+    finally:
+        gc.unfreeze()  # the test process goes on as before

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from blora.engine.async_llm import AsyncLLM, _call_soon, _put_all, _Stream
 from blora.engine.client import EngineLimits
+from blora.engine.memory import freeze_startup_heap
 from blora.engine.outputs import RequestOutput
 from blora.engine.sampling_params import SamplingParams
 from blora.engine.structured import StructuredOutputs
@@ -321,6 +322,7 @@ def _core_main(conn: Any, kwargs: dict, threads: int | None, log_level: str) -> 
     except BaseException as exc:
         conn.send(("failed", _portable(exc)))
         return
+    freeze_startup_heap()
     conn.send(("ready", core.describe()))
     asyncio.run(core.serve())
 

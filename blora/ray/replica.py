@@ -28,6 +28,7 @@ from typing import Any
 
 from ray import serve
 
+from blora.engine.memory import freeze_startup_heap
 from blora.engine.wire import Packed, Packer
 
 logger = logging.getLogger("blora.ray")
@@ -74,6 +75,7 @@ class EngineReplica:
         if options.threads:
             torch.set_num_threads(options.threads)
         self.engine = AsyncLLM(**engine_kwargs)
+        freeze_startup_heap()
         self.registry = registry
         self.options = options
         self.name = f"{serve.get_replica_context().replica_tag}@{socket.gethostname()}:{os.getpid()}"

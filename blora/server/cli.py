@@ -69,6 +69,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Load the engine, then serve until SIGTERM/SIGINT (drains first; exits 0)."""
     import uvicorn
 
+    from blora.engine.memory import freeze_startup_heap
     from blora.server.app import create_app
     from blora.server.lifecycle import DrainingServer
 
@@ -84,6 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = server_config(args, sampling_defaults=sampling_defaults(args))
     name = config.served_model_name
     app = create_app(engine, config)
+    freeze_startup_heap()  # the startup heap out of the collector's full passes (a stall of every stream)
     uv_config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
         access_log=args.log_level == "debug", ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
