@@ -210,6 +210,57 @@ def _glibc() -> bool:
     return platform.libc_ver()[0] == "glibc"
 
 
+def _first_step_sizes(llm: AsyncLLM) -> list[int]:
+    """Records, before each engine step, how many requests the engine holds."""
+    sizes: list[int] = []
+    step = llm.engine.step
+
+    def counted():
+        sizes.append(len(llm.engine.requests))
+        return step()
+
+    llm.engine.step = counted
+    return sizes
+
+
+def _staggered(llm: AsyncLLM, count: int, spacing_s: float) -> None:
+    """``count`` requests submitted ``spacing_s`` apart."""
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def run():
+        tasks = []
+        for i in range(count):
+            tasks.append(asyncio.create_task(consume(llm, PROMPTS[i % len(PROMPTS)], params)))
+            await asyncio.sleep(spacing_s)
+        await asyncio.gather(*tasks)
+        await llm.shutdown()
+
+    asyncio.run(run())
+
+
+def test_admission_window_takes_requests_submitted_behind_the_first_into_its_step():
+    """An idle engine steps once no request has come for admit_quiet_s (at most admit_max_s after the first):
+    requests submitted close behind the first share its first step. With no window the first step holds the
+    first request alone."""
+    llm = new_llm()
+    llm.admit_quiet_s, llm.admit_max_s = 0.5, 5.0
+    sizes = _first_step_sizes(llm)
+    _staggered(llm, 4, 0.05)
+    assert sizes[0] == 4, sizes
+
+    llm = new_llm()
+    llm.admit_quiet_s, llm.admit_max_s = 0.5, 0.2  # requests keep coming: the cap starts the step
+    sizes = _first_step_sizes(llm)
+    _staggered(llm, 12, 0.05)
+    assert 1 < sizes[0] < 12, sizes
+
+    llm = new_llm()
+    llm.admit_quiet_s = 0.0
+    sizes = _first_step_sizes(llm)
+    _staggered(llm, 4, 0.2)
+    assert sizes[0] == 1, sizes
+
+
 def test_freeze_startup_heap_keeps_later_garbage_collectable():
     import gc
     import weakref

@@ -204,3 +204,54 @@ async def aenumerate(stream: Any) -> Any:
     async for item in stream:
         yield i, item
         i += 1
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_a_burst_at_an_idle_engine_is_submitted_together(tokenizer, monkeypatch, gather):
+    """Requests that arrive together at an idle server reach the engine together: the first that is ready
+    waits (``Arrivals``) until the ones received behind it are ready too. Without that (``gather=False``,
+    GATHER_MAX_S 0) the first is submitted while the rest are still being parsed: the engine would start its
+    first step with it alone."""
+    import blora.server.serving as serving
+
+    if not gather:
+        monkeypatch.setattr(serving, "GATHER_MAX_S", 0.0)
+        monkeypatch.setattr(serving, "GATHER_TURNS", 0)
+    client, engine = make_client(tokenizer, max_num_seqs=8, max_queue=8)
+    arrivals = client.app.state.serving.arrivals
+    entered, seen = [], []
+    enter = arrivals.enter
+    monkeypatch.setattr(arrivals, "enter", lambda: entered.append(1) or enter())
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: seen.append(len(entered)) or generate(*a, **k))
+    exchanges = [Exchange("/v1/chat/completions", chat(2)) for _ in range(6)]
+
+    async def burst():  # one request received per event-loop turn, as a server reads a burst's connections
+        tasks = []
+        for ex in exchanges:
+            tasks.append(asyncio.create_task(client.app(ex.scope, ex.receive, ex.send)))
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(burst())
+    assert all(ex.messages[0]["status"] == 200 for ex in exchanges)
+    assert arrivals.pending == 0 and client.app.state.lifecycle.tickets == {}
+    if gather:
+        assert seen == [6] * 6, seen  # every submission after the whole burst was in
+    else:
+        assert seen[0] < 6, seen
+
+
+def test_a_request_that_fails_before_submission_does_not_hold_the_burst(tokenizer):
+    """A request refused while being prepared counts as ready (the middleware's ``finally``): the one waiting
+    for it goes on without the full GATHER_MAX_S."""
+    client, engine = make_client(tokenizer, max_num_seqs=8, max_queue=8)
+    bad = Exchange("/v1/chat/completions", {**chat(2), "temperature": -1})
+    good = Exchange("/v1/chat/completions", chat(2))
+
+    async def burst():
+        await asyncio.gather(*(client.app(ex.scope, ex.receive, ex.send) for ex in (good, bad)))
+
+    asyncio.run(burst())
+    assert good.messages[0]["status"] == 200 and bad.messages[0]["status"] == 400
+    assert client.app.state.serving.arrivals.pending == 0

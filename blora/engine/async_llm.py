@@ -30,6 +30,12 @@ from blora.engine.structured import StructuredOutputs
 log = logging.getLogger(__name__)
 
 TRIM_INTERVAL_S = 1.0  # at most one heap trim per second, when the engine goes idle
+# An idle engine that receives a request takes in the requests submitted right behind it before its first
+# step: it steps once none has come for ADMIT_QUIET_S (at most ADMIT_MAX_S after the first). A burst the
+# server hands over together (``blora.server.serving.Arrivals``) is submitted over a few event-loop turns;
+# without the window the engine thread could start on the first few. A lone request pays ADMIT_QUIET_S.
+ADMIT_QUIET_S = 0.002
+ADMIT_MAX_S = 0.02
 
 
 class _Stream:
@@ -101,6 +107,7 @@ class AsyncLLM:
         self._accepting = True
         self._stopped = False
         self._lora_requests = LoRARequestRegistry()
+        self.admit_quiet_s, self.admit_max_s = ADMIT_QUIET_S, ADMIT_MAX_S  # the admission window
         # Build the engine (load the model) in the thread that runs it. Every thread that runs parallel torch
         # ops keeps its own OpenMP team; with two teams on a machine with few cores, GNU OpenMP stops its
         # workers spinning between parallel regions and each op pays a wake-up (measured, bf16, 2 threads:
@@ -295,22 +302,34 @@ class AsyncLLM:
         return await asyncio.wrap_future(self._submit(fn, *args))
 
     def _loop(self) -> None:
-        busy, trimmed_at = False, -TRIM_INTERVAL_S
+        busy, stepping, trimmed_at = False, False, -TRIM_INTERVAL_S  # busy: stepped since the last trim
         while not self._stopped:
             self._wakeup.clear()
             self._run_commands()
             if self._stopped:
                 break
             if self.engine.has_unfinished_requests():
+                if not stepping:
+                    stepping = True
+                    self._admit()
+                    continue  # what came in meanwhile (a shutdown, aborts) is checked again first
                 self._step()
                 busy = True
             else:
+                stepping = False
                 self._idle_stats()
                 if busy and time.monotonic() - trimmed_at >= TRIM_INTERVAL_S:
                     release_free_memory()  # idle now: RSS does not ratchet up to the largest step
                     busy, trimmed_at = False, time.monotonic()
                 self._wakeup.wait()
         self._run_commands()  # answer late callers
+
+    def _admit(self) -> None:
+        """Idle -> busy: the requests submitted right behind the first join its first step."""
+        deadline = time.monotonic() + self.admit_max_s
+        while not self._stopped and self._wakeup.wait(self.admit_quiet_s) and time.monotonic() < deadline:
+            self._wakeup.clear()
+            self._run_commands()
 
     def _run_commands(self) -> None:
         while self._commands:

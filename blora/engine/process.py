@@ -336,6 +336,9 @@ class _Core(AsyncLLM):
         self._send_lock = threading.Lock()  # the engine thread (outputs) and the main thread (replies)
         self._packers: dict[str, Packer] = {}  # requests whose outputs the parent reads
         super().__init__(**kwargs)
+        # a burst the server hands over together comes through the pipe and this loop's tasks one at a time:
+        # with 2 ms of quiet, 128 requests the server sent within 5 ms still started with one (measured)
+        self.admit_quiet_s = 0.005
 
     def describe(self) -> dict:
         return {

@@ -57,7 +57,7 @@ from blora.server.protocol import (
     ModelList,
     UnloadLoRAAdapterRequest,
 )
-from blora.server.serving import REQUEST_ID, Serving
+from blora.server.serving import ARRIVAL, REQUEST_ID, Arrivals, Serving
 from blora.server.tokenization import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -73,6 +73,7 @@ logger = logging.getLogger("blora.server")
 MAX_BODY_BYTES = 32 << 20
 MAX_DRAIN_BYTES = 64 << 20  # of an oversized body, read and dropped before the 413 (so clients see it)
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")  # counted by Arrivals until submitted
 TOKENIZER_PATHS = ("/tokenize", "/detokenize")  # behind the API key like /v1 (they cost tokenizer time)
 
 
@@ -120,7 +121,8 @@ class GateMiddleware:
     is then read here, counting the bytes actually received (a chunked body has no Content-Length, and a
     Content-Length can be wrong), and handed to the app only when it is within the limit. ``/metrics``
     stays open (monitoring must see a draining server); ``/health`` is open but reports 503 while
-    draining; the API docs need the key when one is set.
+    draining; the API docs need the key when one is set. A generation request it lets through is counted in
+    ``arrivals`` until the request is ready for the engine or ends (``Arrivals``).
     """
 
     def __init__(
@@ -129,10 +131,12 @@ class GateMiddleware:
         lifecycle: Lifecycle,
         api_key: str | None,
         metrics: ServerMetrics,
+        arrivals: Arrivals,
         max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.app = app
         self.lifecycle = lifecycle
+        self.arrivals = arrivals
         self.api_key = api_key
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -149,7 +153,15 @@ class GateMiddleware:
                 receive = _replay(messages, receive)
         if error is not None:
             return await error.to_response()(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if not scope.get("path", "").endswith(GENERATION_PATHS):
+            return await self.app(scope, receive, send)
+        ready = self.arrivals.enter()  # pending until Serving.start takes it (or it ends)
+        token = ARRIVAL.set(ready)
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            ready()
+            ARRIVAL.reset(token)
 
     def _refusal(self, scope: dict) -> APIError | None:
         path: str = scope.get("path", "")
@@ -338,6 +350,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         lifecycle=lifecycle,
         api_key=config.api_key,
         metrics=metrics,
+        arrivals=serving.arrivals,
         max_body_bytes=config.max_body_bytes,
     )
     app.add_middleware(RequestIdMiddleware)  # outermost but CORS: refusals carry the id too
