@@ -8,7 +8,7 @@ free memory. No library does this for us; it is a one-call wrapper, used only on
 
 A process that has imported torch, transformers and the server holds ~400,000 objects the cyclic garbage
 collector tracks, nearly all of them alive for good (modules, classes, the model, the tokenizer). Each
-full collection walks them all: 230-300 ms measured in ``blora serve`` on 2 cores, a stall of every stream
+full collection walks them all: 175-300 ms measured in ``blora serve`` on 2 cores, a stall of every stream
 (the collecting thread holds the GIL) that struck the first burst of requests after start-up.
 ``freeze_startup_heap`` moves what is alive once the engine is built into the permanent generation
 (``gc.freeze``, what vLLM's workers and SGLang's scheduler do after warm-up), after which a full collection
