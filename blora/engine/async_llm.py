@@ -84,6 +84,8 @@ class AsyncLLM:
 
     engine: LLMEngine  # built and assigned by the engine thread (``boot``) before ``__init__`` returns
 
+    admit_quiet_s, admit_max_s = ADMIT_QUIET_S, ADMIT_MAX_S  # the admission window (see ``_admit``)
+
     def __init__(
         self,
         model=None,
@@ -107,7 +109,6 @@ class AsyncLLM:
         self._accepting = True
         self._stopped = False
         self._lora_requests = LoRARequestRegistry()
-        self.admit_quiet_s, self.admit_max_s = ADMIT_QUIET_S, ADMIT_MAX_S  # the admission window
         # Build the engine (load the model) in the thread that runs it. Every thread that runs parallel torch
         # ops keeps its own OpenMP team; with two teams on a machine with few cores, GNU OpenMP stops its
         # workers spinning between parallel regions and each op pays a wake-up (measured, bf16, 2 threads:
